@@ -1,0 +1,65 @@
+"""Locust entry point for the `slora` model.
+
+    locust -f loadtest/locustfile.py                       # web UI on http://localhost:8089
+    locust -f loadtest/locustfile.py --scenario s1 --protocol http --host localhost
+    LOADTEST_SCENARIO=smoke locust -f loadtest/locustfile.py --headless -u 4 -t 20s
+
+Custom options (also in the web UI form): --scenario, --scenario-profile, --overrides,
+--protocol, --grpc-port, --http-port, --slo-ttft, --request-timeout, --raw-out. Headless runs
+with reports: `python -m loadtest.run` (see loadtest/run.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+try:
+    import loadtest  # noqa: F401  (installed editable, or run from the repo root)
+except ModuleNotFoundError:  # `locust -f loadtest/locustfile.py` puts only loadtest/ on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gevent  # noqa: E402
+from locust import events  # noqa: E402
+
+from loadtest import users  # noqa: E402
+from loadtest.users import GrpcStreamUser, HttpStreamUser  # noqa: E402, F401  (Locust finds them)
+
+log = logging.getLogger("loadtest")
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    users.add_arguments(parser)
+
+
+@events.init.add_listener
+def _on_init(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    if options is None:  # library use without our options
+        return
+    # gevent's timers count from the loop's cached clock, stale by the seconds spent importing
+    # before the loop first ran: refresh it, or --run-time ends the test that much early.
+    gevent.get_hub().loop.update_now()
+    # Fail fast on a bad scenario (an exception in an init listener ends Locust).
+    scenario = users.scenario_from_options(options)
+    users.resolve_adapters(scenario)
+    # Keep the users of the scenario's protocol, unless classes were named on the command line.
+    if not options.user_classes:
+        wanted = users.USER_CLASSES[scenario.protocol]
+        environment.user_classes[:] = [c for c in environment.user_classes if c in wanted]
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_kwargs) -> None:
+    users.start_run(environment)
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_kwargs) -> None:
+    run = getattr(environment, "slora_run", None)
+    if run is not None:
+        log.info("scenario %s: %d requests completed, %d failed", run.scenario.name,
+                 run.completed, run.failed)
+        run.close()

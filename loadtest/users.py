@@ -1,0 +1,509 @@
+"""Locust users for the `slora` model: gRPC streaming (tritonclient) and HTTP generate_stream.
+
+Open loop. The scenario's `Workload` is one seeded schedule of arrivals (Gamma inter-arrival
+times) shared by all users of the process. A Locust user is a *slot*: in its wait it claims the
+next unclaimed arrival and sleeps until that arrival's time, then its task sends the request
+and streams the answer. Arrival times never depend on responses; `--users` bounds how many
+requests can be in flight at once. When every slot is busy, an arrival waits in the client
+until a slot frees up: its latencies still count from its scheduled arrival time (no
+coordinated omission) and the wait is recorded as `queue_wait`, so a run whose users were too
+few shows it (the summary prints the p99 queue wait; raise --users).
+
+Every request reports to Locust, with name = adapter id ("base" for the base model):
+  TTFT  time to first token (arrival -> first token),
+  ITL   one entry per generated token after the first (gap between chunks / tokens in chunk),
+  E2E   arrival -> last response; response_length = output tokens; a failed request is an E2E
+        failure carrying the server's message.
+and appends one JSON line (see `RequestRecord`) to the raw file given by --raw-out.
+
+tritonclient.grpc runs the response stream in a thread and grpcio blocks in C: under Locust's
+gevent that would stall every greenlet, so `grpc.experimental.gevent.init_gevent()` is called
+before any channel exists (the threads are greenlets after Locust's monkey patching, and
+grpc's completion queue is polled cooperatively). Import this module only in a Locust process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import gevent
+import gevent.queue
+import numpy as np
+from geventhttpclient import HTTPClient
+from grpc.experimental import gevent as grpc_gevent
+from locust import User, task
+from locust.env import Environment
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
+
+from loadtest.scenarios import (
+    PROFILES,
+    PROTOCOLS,
+    RequestSpec,
+    Scenario,
+    Workload,
+    load_scenario,
+    parse_override,
+    resolve_adapters,
+)
+
+grpc_gevent.init_gevent()  # before tritonclient creates any channel
+
+import tritonclient.grpc as grpcclient  # noqa: E402
+
+log = logging.getLogger("loadtest")
+
+STOPPED_STATES = (STATE_CLEANUP, STATE_STOPPING, STATE_STOPPED)
+
+# Triton input name -> (datatype, numpy dtype) of the `slora` model's inputs that we send.
+INPUTS = {
+    "text_input": ("BYTES", np.object_),
+    "adapter_id": ("BYTES", np.object_),
+    "max_tokens": ("INT32", np.int32),
+    "temperature": ("FP32", np.float32),
+    "ignore_eos": ("BOOL", np.bool_),
+    "stream": ("BOOL", np.bool_),
+    "seed": ("UINT64", np.uint64),
+}
+
+
+class ServerError(Exception):
+    """The server refused or failed a request; the message is the server's."""
+
+
+def request_fields(spec: RequestSpec) -> dict[str, Any]:
+    """The inputs of one request (the JSON body of generate_stream; gRPC tensors of [1])."""
+    return {
+        "text_input": spec.prompt,
+        "adapter_id": spec.adapter_id,
+        "max_tokens": spec.max_tokens,
+        "temperature": spec.temperature,
+        "ignore_eos": spec.ignore_eos,
+        "stream": True,
+        "seed": spec.seed,
+    }
+
+
+@dataclass
+class Chunk:
+    """One streamed response, stamped when it reached the client."""
+
+    t: float  # time.perf_counter()
+    num_tokens: int  # tokens in this response (len of output_ids)
+    finish_reason: str = ""
+    num_input_tokens: int | None = None
+    num_output_tokens: int | None = None  # cumulative, as the server counts them
+
+
+@dataclass
+class RequestRecord:
+    """One line of requests.jsonl. Times in seconds; t_* relative to the start of the test."""
+
+    index: int
+    request_id: str
+    protocol: str
+    adapter: str  # "" = base model
+    t_arrival: float  # scheduled arrival
+    t_send: float
+    t_end: float
+    queue_wait: float  # t_send - t_arrival: waiting for a free user slot
+    ttft: float | None  # arrival -> first token
+    e2e: float  # arrival -> last response (or the error)
+    itl: list[float]  # per token after the first
+    input_tokens_target: int
+    num_input_tokens: int | None  # as counted by the server
+    max_tokens: int
+    output_tokens: int
+    finish_reason: str
+    ok: bool
+    error: str = ""
+    unfinished: bool = False  # still running when the test stopped (not a failure)
+
+    @property
+    def label(self) -> str:
+        return self.adapter or "base"
+
+
+def chunks_to_metrics(chunks: list[Chunk], t_arrival: float) -> tuple[float | None, list[float]]:
+    """(time to first token, inter-token latencies) from the stamped responses."""
+    ttft, itl, prev = None, [], None
+    for c in chunks:
+        if c.num_tokens <= 0:
+            continue
+        if prev is None:
+            ttft = c.t - t_arrival
+        else:
+            itl += [(c.t - prev) / c.num_tokens] * c.num_tokens
+        prev = c.t
+    return ttft, itl
+
+
+def _scalar(value: Any) -> Any:
+    """First element of a tensor-like value (SSE sends a one-element list as a scalar)."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1)[0] if value.size else None
+    return value
+
+
+def _text(value: Any) -> str:
+    value = _scalar(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def _int(value: Any) -> int | None:
+    value = _scalar(value)
+    return None if value is None else int(value)
+
+
+def _count(ids: Any) -> int:
+    if ids is None:
+        return 0
+    if isinstance(ids, np.ndarray):
+        return int(ids.size)
+    return len(ids) if isinstance(ids, (list, tuple)) else 1
+
+
+class GrpcTransport:
+    """One tritonclient gRPC client per user; one bidirectional stream per request."""
+
+    def __init__(self, url: str, model: str):
+        self.model = model
+        self.client = grpcclient.InferenceServerClient(url)
+
+    @staticmethod
+    def inputs(spec: RequestSpec) -> list[grpcclient.InferInput]:
+        tensors = []
+        for name, value in request_fields(spec).items():
+            datatype, dtype = INPUTS[name]
+            if dtype is np.object_:
+                value = value.encode("utf-8")
+            t = grpcclient.InferInput(name, [1], datatype)
+            t.set_data_from_numpy(np.array([value], dtype=dtype))
+            tensors.append(t)
+        return tensors
+
+    def stream(self, spec: RequestSpec, request_id: str, timeout: float,
+               chunks: list[Chunk]) -> None:
+        responses: gevent.queue.Queue = gevent.queue.Queue()
+
+        def on_response(result, error):
+            responses.put((time.perf_counter(), result, error))
+
+        finished = False
+        self.client.start_stream(callback=on_response)
+        try:
+            self.client.async_stream_infer(self.model, self.inputs(spec), request_id=request_id,
+                                           enable_empty_final_response=True)
+            deadline = time.perf_counter() + timeout
+            while not finished:
+                left = max(0.0, deadline - time.perf_counter())
+                try:
+                    t, result, error = responses.get(timeout=left)
+                except gevent.queue.Empty:
+                    raise TimeoutError(f"no final response within {timeout:g} s") from None
+                if error is not None:
+                    raise ServerError(error.message())
+                response = result.get_response()
+                final = response.parameters["triton_final_response"].bool_param
+                names = {o.name for o in response.outputs}
+                if names:
+                    chunks.append(Chunk(
+                        t=t, num_tokens=_count(result.as_numpy("output_ids")),
+                        finish_reason=_text(result.as_numpy("finish_reason")),
+                        num_input_tokens=_int(result.as_numpy("num_input_tokens")),
+                        num_output_tokens=_int(result.as_numpy("num_output_tokens"))))
+                finished = final
+        finally:
+            # Cancel on the server unless the request completed (error, timeout, test stop).
+            self.client.stop_stream(cancel_requests=not finished)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class HttpTransport:
+    """POST /v2/models/<model>/generate_stream, read the server-sent events as they come."""
+
+    def __init__(self, host: str, port: int, model: str, timeout: float):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.path = f"/v2/models/{model}/generate_stream"
+        self.client = self._connect()
+
+    def _connect(self) -> HTTPClient:
+        return HTTPClient(self.host, self.port, connection_timeout=10.0,
+                          network_timeout=self.timeout, concurrency=1)
+
+    def stream(self, spec: RequestSpec, request_id: str, timeout: float,
+               chunks: list[Chunk]) -> None:
+        body = json.dumps(request_fields(spec))
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        finished = False
+        try:
+            response = self.client.post(self.path, body=body, headers=headers)
+            if response.status_code != 200:
+                text = response.read().decode("utf-8", "replace")
+                try:
+                    text = json.loads(text).get("error", text)
+                except (ValueError, AttributeError):
+                    pass
+                finished = True
+                raise ServerError(f"HTTP {response.status_code}: {text}")
+            deadline = time.perf_counter() + timeout
+            while True:
+                line = response.readline(b"\n")
+                t = time.perf_counter()
+                if not line:
+                    break  # end of the event stream: the request is complete
+                if t > deadline:
+                    raise TimeoutError(f"no final response within {timeout:g} s")
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    finished = True
+                    raise ServerError(str(event["error"]))
+                chunks.append(Chunk(
+                    t=t, num_tokens=_count(event.get("output_ids")),
+                    finish_reason=_text(event.get("finish_reason")),
+                    num_input_tokens=_int(event.get("num_input_tokens")),
+                    num_output_tokens=_int(event.get("num_output_tokens"))))
+            finished = True
+        finally:
+            if not finished:
+                # Drop the connection mid-stream: the server sees the disconnect and cancels.
+                self.client.close()
+                self.client = self._connect()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# --- per-test state ---------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    """Locust custom arguments (also shown in the web UI; env vars give their defaults)."""
+    group = parser.add_argument_group("slora load test")
+    group.add_argument("--scenario", default="chat", env_var="LOADTEST_SCENARIO",
+                       help="scenario name (loadtest/scenarios/*.toml) or path")
+    group.add_argument("--scenario-profile", default="cpu", choices=PROFILES,
+                       env_var="LOADTEST_PROFILE",
+                       help="cpu: the scaled-down values; paper: the scenario's [paper] values")
+    group.add_argument("--overrides", default="", env_var="LOADTEST_OVERRIDES",
+                       help="scenario overrides, space-separated key=value (e.g. 'rate=2 cv=4')")
+    group.add_argument("--protocol", default="", choices=("", *PROTOCOLS),
+                       env_var="LOADTEST_PROTOCOL",
+                       help="grpc | http | both (default: the scenario's); selects the users "
+                            "at startup")
+    group.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
+    group.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
+    group.add_argument("--slo-ttft", type=float, default=0.0,
+                       help="TTFT SLO in seconds for the summary (default: the scenario's)")
+    group.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds before a request counts as failed")
+    group.add_argument("--raw-out", default="", env_var="LOADTEST_RAW_OUT",
+                       help="append one JSON line per request to this file")
+
+
+def scenario_from_options(options) -> Scenario:
+    overrides = dict(parse_override(o) for o in (options.overrides or "").split())
+    if options.protocol:
+        overrides["protocol"] = options.protocol
+    if options.slo_ttft:
+        overrides["slo_ttft"] = options.slo_ttft
+    return load_scenario(options.scenario, options.scenario_profile, overrides)
+
+
+def endpoints(host: str | None, options) -> tuple[str, int, int]:
+    """(hostname, http port, grpc port) from --host (`localhost`, `host:port`, `http://h:p`;
+    a port there is the HTTP port) and --http-port / --grpc-port."""
+    host = host or "localhost"
+    parts = urlsplit(host if "://" in host else f"//{host}")
+    return parts.hostname or "localhost", parts.port or options.http_port, options.grpc_port
+
+
+@dataclass
+class LoadRun:
+    """What the users of one test share: the schedule, where to send, where to record."""
+
+    scenario: Scenario
+    workload: Workload
+    hostname: str
+    http_port: int
+    grpc_port: int
+    request_timeout: float
+    raw: IO[str] | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    completed: int = 0
+    failed: int = 0
+
+    def record(self, rec: RequestRecord) -> None:
+        self.completed += rec.ok
+        self.failed += not (rec.ok or rec.unfinished)
+        if self.raw is not None:
+            self.raw.write(json.dumps(dataclasses.asdict(rec)) + "\n")
+            self.raw.flush()
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
+
+
+def start_run(environment: Environment) -> LoadRun:
+    """(Re)build the shared state at test start, from the current options (the web UI may have
+    changed them)."""
+    options = environment.parsed_options
+    scenario = scenario_from_options(options)
+    workload = Workload(scenario, resolve_adapters(scenario))
+    hostname, http_port, grpc_port = endpoints(environment.host, options)
+    raw = None
+    if options.raw_out:
+        Path(options.raw_out).parent.mkdir(parents=True, exist_ok=True)
+        raw = open(options.raw_out, "a")  # closed at test stop
+    run = LoadRun(scenario, workload, hostname, http_port, grpc_port,
+                  options.request_timeout, raw)
+    environment.slora_run = run
+    log.info("scenario %s: rate %.3g req/s, cv %g, %d adapters (%s), protocol %s, "
+             "http %s:%d, grpc %s:%d", scenario.name, scenario.rate, scenario.cv,
+             len(workload.adapter_ids), ", ".join(workload.adapter_ids[:8]) or "base only",
+             scenario.protocol, hostname, http_port, hostname, grpc_port)
+    return run
+
+
+def current_run(environment: Environment) -> LoadRun:
+    run = getattr(environment, "slora_run", None)
+    if run is None:
+        run = start_run(environment)
+    return run
+
+
+# --- users ------------------------------------------------------------------------------------
+
+class _SloraUser(User):
+    abstract = True
+    protocol = ""
+    host = "localhost"  # the web UI's default; --host overrides
+
+    def __init__(self, environment: Environment):
+        super().__init__(environment)
+        self._next: RequestSpec | None = None
+        self._transport = None
+
+    def wait_time(self) -> float:
+        # Claim the next arrival of the shared schedule and sleep until it is due. Locust may
+        # stop the user during this wait (the claimed arrival is then simply not sent).
+        run = current_run(self.environment)
+        self._next = run.workload.next()
+        return max(0.0, run.t0 + self._next.t_arrival - time.perf_counter())
+
+    @task
+    def send_next(self) -> None:
+        spec, self._next = self._next, None
+        # None on the very first iteration (wait_time claims first). Locust stops a waiting
+        # user asynchronously: one that wakes up after the test began stopping sends nothing.
+        runner = self.environment.runner
+        if spec is not None and (runner is None or runner.state not in STOPPED_STATES):
+            self.send(spec)
+
+    def make_transport(self, run: LoadRun):
+        raise NotImplementedError
+
+    def on_stop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def send(self, spec: RequestSpec) -> RequestRecord:
+        run = current_run(self.environment)
+        if self._transport is None:
+            self._transport = self.make_transport(run)
+        request_id = f"{spec.index}-{uuid.uuid4().hex[:8]}"
+        t_arrival = run.t0 + spec.t_arrival
+        t_send = time.perf_counter()
+        chunks: list[Chunk] = []
+        error, unfinished = "", False
+        try:
+            self._transport.stream(spec, request_id, run.request_timeout, chunks)
+        except ServerError as exc:
+            error = str(exc)
+        except Exception as exc:  # transport trouble: connection refused, timeout, ...
+            error = f"{type(exc).__name__}: {exc}"
+        except BaseException:  # GreenletExit: the test stopped with this request in flight
+            error, unfinished = "unfinished: the test stopped first", True
+            raise
+        finally:
+            rec = self._record(run, spec, request_id, t_arrival, t_send, chunks, error,
+                               unfinished)
+        return rec
+
+    def _record(self, run: LoadRun, spec: RequestSpec, request_id: str, t_arrival: float,
+                t_send: float, chunks: list[Chunk], error: str,
+                unfinished: bool) -> RequestRecord:
+        t_end = chunks[-1].t if chunks and not error else time.perf_counter()
+        ttft, itl = chunks_to_metrics(chunks, t_arrival)
+        counted = [c.num_output_tokens for c in chunks if c.num_output_tokens is not None]
+        input_counts = [c.num_input_tokens for c in chunks if c.num_input_tokens is not None]
+        rec = RequestRecord(
+            index=spec.index, request_id=request_id, protocol=self.protocol,
+            adapter=spec.adapter_id, t_arrival=t_arrival - run.t0, t_send=t_send - run.t0,
+            t_end=t_end - run.t0, queue_wait=max(0.0, t_send - t_arrival), ttft=ttft,
+            e2e=t_end - t_arrival, itl=itl, input_tokens_target=spec.input_len,
+            num_input_tokens=input_counts[-1] if input_counts else None,
+            max_tokens=spec.max_tokens,
+            output_tokens=counted[-1] if counted else sum(c.num_tokens for c in chunks),
+            finish_reason=next((c.finish_reason for c in reversed(chunks) if c.finish_reason),
+                               ""),
+            ok=not error, error=error, unfinished=unfinished)
+        run.record(rec)
+        if not unfinished:
+            self._report(rec)
+        return rec
+
+    def _report(self, rec: RequestRecord) -> None:
+        fire = self.environment.events.request.fire
+        context = {"protocol": self.protocol, "adapter": rec.label}
+        if rec.ttft is not None:
+            fire(request_type="TTFT", name=rec.label, response_time=rec.ttft * 1000.0,
+                 response_length=0, exception=None, context=context)
+        for gap in rec.itl:
+            fire(request_type="ITL", name=rec.label, response_time=gap * 1000.0,
+                 response_length=1, exception=None, context=context)
+        fire(request_type="E2E", name=rec.label, response_time=rec.e2e * 1000.0,
+             response_length=rec.output_tokens,
+             exception=ServerError(rec.error) if rec.error else None, context=context)
+
+
+class GrpcStreamUser(_SloraUser):
+    """Streams each request over a gRPC bidirectional stream (tritonclient.grpc)."""
+
+    protocol = "grpc"
+
+    def make_transport(self, run: LoadRun) -> GrpcTransport:
+        return GrpcTransport(f"{run.hostname}:{run.grpc_port}", run.scenario.model)
+
+
+class HttpStreamUser(_SloraUser):
+    """Streams each request over HTTP POST /v2/models/slora/generate_stream (SSE)."""
+
+    protocol = "http"
+
+    def make_transport(self, run: LoadRun) -> HttpTransport:
+        return HttpTransport(run.hostname, run.http_port, run.scenario.model,
+                             run.request_timeout)
+
+
+USER_CLASSES = {"grpc": [GrpcStreamUser], "http": [HttpStreamUser],
+                "both": [GrpcStreamUser, HttpStreamUser]}
