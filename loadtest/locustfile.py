@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # `locust -f loadtest/locustfile.py` puts only load
 
 import gevent  # noqa: E402
 from locust import events  # noqa: E402
+from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
 from loadtest import users  # noqa: E402
 from loadtest.users import GrpcStreamUser, HttpStreamUser  # noqa: E402, F401  (Locust finds them)
@@ -43,16 +44,12 @@ def _on_init(environment, **_kwargs) -> None:
     # before the loop first ran: refresh it, or --run-time ends the test that much early.
     gevent.get_hub().loop.update_now()
     # Fail fast on a bad scenario (an exception in an init listener ends Locust).
-    scenario = users.scenario_from_options(options)
-    users.resolve_adapters(scenario)
-    # Keep the users of the scenario's protocol, unless classes were named on the command line.
-    if not options.user_classes:
-        wanted = users.USER_CLASSES[scenario.protocol]
-        environment.user_classes[:] = [c for c in environment.user_classes if c in wanted]
+    users.resolve_adapters(users.scenario_from_options(options))
 
 
 @events.test_start.add_listener
 def _on_test_start(environment, **_kwargs) -> None:
+    # Before Locust picks the user classes to spawn: start_run keeps the protocol's ones.
     users.start_run(environment)
 
 
@@ -63,3 +60,12 @@ def _on_test_stop(environment, **_kwargs) -> None:
         log.info("scenario %s: %d requests completed, %d failed", run.scenario.name,
                  run.completed, run.failed)
         run.close()
+
+
+@events.quitting.add_listener
+def _on_quitting(environment, **_kwargs) -> None:
+    # Locust rewrites its CSV files once a second and not at exit: let it write once more, so
+    # the requests that finished while the test was stopping are in locust_stats.csv too.
+    options = environment.parsed_options
+    if options is not None and options.csv_prefix:
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)

@@ -364,7 +364,7 @@ class LoadRun:
 
 def start_run(environment: Environment) -> LoadRun:
     """(Re)build the shared state at test start, from the current options (the web UI may have
-    changed them)."""
+    changed them), and keep the user classes of the scenario's protocol."""
     options = environment.parsed_options
     scenario = scenario_from_options(options)
     workload = Workload(scenario, resolve_adapters(scenario))
@@ -373,6 +373,8 @@ def start_run(environment: Environment) -> LoadRun:
     if options.raw_out:
         Path(options.raw_out).parent.mkdir(parents=True, exist_ok=True)
         raw = open(options.raw_out, "a")  # closed at test stop
+    if not options.user_classes:  # classes named on the command line win over the protocol
+        environment.user_classes[:] = USER_CLASSES[scenario.protocol]
     run = LoadRun(scenario, workload, hostname, http_port, grpc_port,
                   options.request_timeout, raw)
     environment.slora_run = run
