@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one way to start tritonserver for this repo:  scripts/tritonserver.sh ARGS...
+#
+# Finds tritonserver (on PATH, e.g. in the NGC container, or the build inside the
+# nvidia-pytriton wheel, prepared in .cache/tritonserver by scripts/get_tritonserver.sh),
+# puts the venv's bin first on PATH (the Python backend stub runs the `python3` it finds
+# there), makes the repo importable (slora_backend, kernels, ...) for the stub, sets
+# LD_LIBRARY_PATH / --backend-directory as needed, and execs tritonserver with ARGS.
+#
+# Env: VENV (default <repo>/.venv), TRITON_HOME (default <repo>/.cache/tritonserver),
+#      TRITONSERVER (explicit path to a tritonserver binary, skips the search).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+TRITON_HOME="${TRITON_HOME:-$ROOT/.cache/tritonserver}"
+
+# Look for a system tritonserver before the venv's bin goes on PATH.
+SYSTEM_TRITON="${TRITONSERVER:-$(command -v tritonserver || true)}"
+
+if [[ -d "$VENV/bin" ]]; then
+    export PATH="$VENV/bin:$PATH"
+    export VIRTUAL_ENV="$VENV"
+fi
+# The repo is installed editable into the venv; PYTHONPATH also covers a python3 without it
+# (e.g. the container's system interpreter).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ -n "$SYSTEM_TRITON" ]]; then
+    exec "$SYSTEM_TRITON" "$@"
+fi
+
+"$ROOT/scripts/get_tritonserver.sh" >/dev/null
+
+# Shared libraries of the wheel's build (RPATH no longer points at them after the copy) and
+# the libpython of the venv's interpreter (the stub embeds Python: use the same build as
+# the venv, not whichever libpython3.x the system happens to have).
+LIBS="$("$VENV/bin/python" - <<'PYEOF'
+import importlib.util
+import pathlib
+import sysconfig
+
+paths = []
+spec = importlib.util.find_spec("pytriton")
+root = pathlib.Path(list(spec.submodule_search_locations)[0])
+for cand in (root.parent / "nvidia_pytriton.libs", root / "tritonserver" / "external_libs"):
+    if cand.is_dir():
+        paths.append(str(cand))
+libdir = sysconfig.get_config_var("LIBDIR")
+soname = sysconfig.get_config_var("INSTSONAME")
+if libdir and soname and (pathlib.Path(libdir) / soname).exists():
+    paths.append(libdir)
+print(":".join(paths))
+PYEOF
+)"
+export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+EXTRA=()
+has_opt() {
+    local opt="$1" a
+    for a in "${ARGS[@]}"; do
+        [[ "$a" == "$opt" || "$a" == "$opt="* ]] && return 0
+    done
+    return 1
+}
+ARGS=("$@")
+has_opt --backend-directory || EXTRA+=(--backend-directory "$TRITON_HOME/backends")
+if [[ -d "$TRITON_HOME/caches" ]]; then
+    has_opt --cache-directory || EXTRA+=(--cache-directory "$TRITON_HOME/caches")
+fi
+
+exec "$TRITON_HOME/bin/tritonserver" "${EXTRA[@]}" "$@"
