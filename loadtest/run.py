@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary["failures"] or not summary["ok"]:
         for error, count in sorted(summary["errors"].items(), key=lambda kv: -kv[1])[:5]:
             print(f"loadtest: {count} x {error}", file=sys.stderr)
+        if not summary["ok"]:
+            print(f"loadtest: no request completed ({summary['unfinished']} still running at "
+                  "the end: a longer --duration or --drain may help)", file=sys.stderr)
         return 1
     return 0
 
