@@ -256,7 +256,8 @@ def summarize(args, records: list[Record], t0: float, cpu_s: float, errors: list
     s = Summary(args.url, args.model, args.concurrency, args.procs, args.num_requests,
                 args.max_tokens, args.input_tokens, args.adapters)
     ok = [r for r in records if r.ok]
-    s.completed, s.failed = len(ok), len(records) - len(ok) + (args.num_requests - len(records))
+    s.completed = len(ok)
+    s.failed = args.num_requests - s.completed  # failed or never sent
     s.wrong_length = sum(1 for r in ok if r.output_tokens != args.max_tokens)
     end = max((r.end for r in records), default=t0)
     s.elapsed_s = max(end - t0, 1e-9)
@@ -270,8 +271,8 @@ def summarize(args, records: list[Record], t0: float, cpu_s: float, errors: list
         s.per_adapter[name or "<base>"] = {
             "completed": len(mine),
             "output_tokens": sum(r.output_tokens for r in mine),
-            "ttft_p50_s": percentiles([r.first - r.start for r in mine if r.first])
-            .get("p50"),
+            "ttft_p50_s": percentiles([r.first - r.start for r in mine
+                                       if r.first is not None]).get("p50"),
             "e2e_p50_s": percentiles([r.end - r.start for r in mine]).get("p50"),
         }
     s.client_cpu_s = cpu_s
