@@ -1,4 +1,4 @@
-"""Summary and plots from the raw per-request records (requests.jsonl, see users.RequestRecord).
+"""Summary and plots from the per-request records (requests.jsonl, records.RequestRecord).
 
     python -m loadtest.report loadtest/results/<run>/ [--slo-ttft 6]   # (re)write the report
 

@@ -14,7 +14,7 @@ Every request reports to Locust, with name = adapter id ("base" for the base mod
   ITL   one entry per generated token after the first (gap between chunks / tokens in chunk),
   E2E   arrival -> last response; response_length = output tokens; a failed request is an E2E
         failure carrying the server's message.
-and appends one JSON line (see `RequestRecord`) to the raw file given by --raw-out.
+and appends one JSON line (`loadtest.records.RequestRecord`) to the file given by --raw-out.
 
 tritonclient.grpc runs the response stream in a thread and grpcio blocks in C: under Locust's
 gevent that would stall every greenlet, so `grpc.experimental.gevent.init_gevent()` is called
@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import urlsplit
 
 import gevent
@@ -44,6 +44,18 @@ from locust import User, task
 from locust.env import Environment
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
+from loadtest.records import (
+    INPUTS,
+    Chunk,
+    RequestRecord,
+    ServerError,
+    build_record,
+    error_message,
+    parse_count,
+    parse_int,
+    parse_text,
+    request_fields,
+)
 from loadtest.scenarios import (
     PROFILES,
     PROTOCOLS,
@@ -62,118 +74,6 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 log = logging.getLogger("loadtest")
 
 STOPPED_STATES = (STATE_CLEANUP, STATE_STOPPING, STATE_STOPPED)
-
-# Triton input name -> (datatype, numpy dtype) of the `slora` model's inputs that we send.
-INPUTS = {
-    "text_input": ("BYTES", np.object_),
-    "adapter_id": ("BYTES", np.object_),
-    "max_tokens": ("INT32", np.int32),
-    "temperature": ("FP32", np.float32),
-    "ignore_eos": ("BOOL", np.bool_),
-    "stream": ("BOOL", np.bool_),
-    "seed": ("UINT64", np.uint64),
-}
-
-
-class ServerError(Exception):
-    """The server refused or failed a request; the message is the server's."""
-
-
-def request_fields(spec: RequestSpec) -> dict[str, Any]:
-    """The inputs of one request (the JSON body of generate_stream; gRPC tensors of [1])."""
-    return {
-        "text_input": spec.prompt,
-        "adapter_id": spec.adapter_id,
-        "max_tokens": spec.max_tokens,
-        "temperature": spec.temperature,
-        "ignore_eos": spec.ignore_eos,
-        "stream": True,
-        "seed": spec.seed,
-    }
-
-
-@dataclass
-class Chunk:
-    """One streamed response, stamped when it reached the client."""
-
-    t: float  # time.perf_counter()
-    num_tokens: int  # tokens in this response (len of output_ids)
-    finish_reason: str = ""
-    num_input_tokens: int | None = None
-    num_output_tokens: int | None = None  # cumulative, as the server counts them
-
-
-@dataclass
-class RequestRecord:
-    """One line of requests.jsonl. Times in seconds; t_* relative to the start of the test."""
-
-    index: int
-    request_id: str
-    protocol: str
-    adapter: str  # "" = base model
-    t_arrival: float  # scheduled arrival
-    t_send: float
-    t_end: float
-    queue_wait: float  # t_send - t_arrival: waiting for a free user slot
-    ttft: float | None  # arrival -> first token
-    e2e: float  # arrival -> last response (or the error)
-    itl: list[float]  # per token after the first
-    input_tokens_target: int
-    num_input_tokens: int | None  # as counted by the server
-    max_tokens: int
-    output_tokens: int
-    finish_reason: str
-    ok: bool
-    error: str = ""
-    unfinished: bool = False  # still running when the test stopped (not a failure)
-
-    @property
-    def label(self) -> str:
-        return self.adapter or "base"
-
-
-def chunks_to_metrics(chunks: list[Chunk], t_arrival: float) -> tuple[float | None, list[float]]:
-    """(time to first token, inter-token latencies) from the stamped responses."""
-    ttft, itl, prev = None, [], None
-    for c in chunks:
-        if c.num_tokens <= 0:
-            continue
-        if prev is None:
-            ttft = c.t - t_arrival
-        else:
-            itl += [(c.t - prev) / c.num_tokens] * c.num_tokens
-        prev = c.t
-    return ttft, itl
-
-
-def _scalar(value: Any) -> Any:
-    """First element of a tensor-like value (SSE sends a one-element list as a scalar)."""
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    if isinstance(value, np.ndarray):
-        return value.reshape(-1)[0] if value.size else None
-    return value
-
-
-def _text(value: Any) -> str:
-    value = _scalar(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return "" if value is None else str(value)
-
-
-def _int(value: Any) -> int | None:
-    value = _scalar(value)
-    return None if value is None else int(value)
-
-
-def _count(ids: Any) -> int:
-    if ids is None:
-        return 0
-    if isinstance(ids, np.ndarray):
-        return int(ids.size)
-    return len(ids) if isinstance(ids, (list, tuple)) else 1
-
 
 class GrpcTransport:
     """One tritonclient gRPC client per user; one bidirectional stream per request."""
@@ -220,10 +120,10 @@ class GrpcTransport:
                 names = {o.name for o in response.outputs}
                 if names:
                     chunks.append(Chunk(
-                        t=t, num_tokens=_count(result.as_numpy("output_ids")),
-                        finish_reason=_text(result.as_numpy("finish_reason")),
-                        num_input_tokens=_int(result.as_numpy("num_input_tokens")),
-                        num_output_tokens=_int(result.as_numpy("num_output_tokens"))))
+                        t=t, num_tokens=parse_count(result.as_numpy("output_ids")),
+                        finish_reason=parse_text(result.as_numpy("finish_reason")),
+                        num_input_tokens=parse_int(result.as_numpy("num_input_tokens")),
+                        num_output_tokens=parse_int(result.as_numpy("num_output_tokens"))))
                 finished = final
         finally:
             # Cancel on the server unless the request completed (error, timeout, test stop).
@@ -253,14 +153,11 @@ class HttpTransport:
         try:
             response = self.client.post(self.path, body=body, headers=headers)
             if response.status_code != 200:
-                text = response.read().decode("utf-8", "replace")
-                try:
-                    text = json.loads(text).get("error", text)
-                except (ValueError, AttributeError):
-                    pass
-                finished = True
-                raise ServerError(f"HTTP {response.status_code}: {text}")
+                finished = True  # the body is read to its end: the connection is reusable
+                raise ServerError(f"HTTP {response.status_code}: "
+                                  f"{error_message(response.read().decode('utf-8', 'replace'))}")
             deadline = time.perf_counter() + timeout
+            error = None
             while True:
                 line = response.readline(b"\n")
                 t = time.perf_counter()
@@ -273,14 +170,16 @@ class HttpTransport:
                     continue
                 event = json.loads(line[5:])
                 if "error" in event:
-                    finished = True
-                    raise ServerError(str(event["error"]))
+                    error = str(event["error"])  # the last event: read on to the stream's end
+                    continue
                 chunks.append(Chunk(
-                    t=t, num_tokens=_count(event.get("output_ids")),
-                    finish_reason=_text(event.get("finish_reason")),
-                    num_input_tokens=_int(event.get("num_input_tokens")),
-                    num_output_tokens=_int(event.get("num_output_tokens"))))
+                    t=t, num_tokens=parse_count(event.get("output_ids")),
+                    finish_reason=parse_text(event.get("finish_reason")),
+                    num_input_tokens=parse_int(event.get("num_input_tokens")),
+                    num_output_tokens=parse_int(event.get("num_output_tokens"))))
             finished = True
+            if error is not None:
+                raise ServerError(error)
         finally:
             if not finished:
                 # Drop the connection mid-stream: the server sees the disconnect and cancels.
@@ -455,20 +354,9 @@ class _SloraUser(User):
                 t_send: float, chunks: list[Chunk], error: str,
                 unfinished: bool) -> RequestRecord:
         t_end = chunks[-1].t if chunks and not error else time.perf_counter()
-        ttft, itl = chunks_to_metrics(chunks, t_arrival)
-        counted = [c.num_output_tokens for c in chunks if c.num_output_tokens is not None]
-        input_counts = [c.num_input_tokens for c in chunks if c.num_input_tokens is not None]
-        rec = RequestRecord(
-            index=spec.index, request_id=request_id, protocol=self.protocol,
-            adapter=spec.adapter_id, t_arrival=t_arrival - run.t0, t_send=t_send - run.t0,
-            t_end=t_end - run.t0, queue_wait=max(0.0, t_send - t_arrival), ttft=ttft,
-            e2e=t_end - t_arrival, itl=itl, input_tokens_target=spec.input_len,
-            num_input_tokens=input_counts[-1] if input_counts else None,
-            max_tokens=spec.max_tokens,
-            output_tokens=counted[-1] if counted else sum(c.num_tokens for c in chunks),
-            finish_reason=next((c.finish_reason for c in reversed(chunks) if c.finish_reason),
-                               ""),
-            ok=not error, error=error, unfinished=unfinished)
+        rec = build_record(spec, request_id, self.protocol, chunks, t0=run.t0,
+                           t_arrival=t_arrival, t_send=t_send, t_end=t_end, error=error,
+                           unfinished=unfinished)
         run.record(rec)
         if not unfinished:
             self._report(rec)
