@@ -266,7 +266,10 @@ def start_run(environment: Environment) -> LoadRun:
     changed them), and keep the user classes of the scenario's protocol."""
     options = environment.parsed_options
     scenario = scenario_from_options(options)
-    workload = Workload(scenario, resolve_adapters(scenario))
+    # Distributed Locust: each worker runs its own schedule (the offered load is workers x
+    # rate); distinct seeds keep the workers' arrivals independent.
+    worker = getattr(environment.runner, "worker_index", 0) or 0
+    workload = Workload(scenario, resolve_adapters(scenario), seed=scenario.seed + 1000 * worker)
     hostname, http_port, grpc_port = endpoints(environment.host, options)
     raw = None
     if options.raw_out:
