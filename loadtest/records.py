@@ -83,13 +83,16 @@ class RequestRecord:
 
 
 def chunks_to_metrics(chunks: list[Chunk], t_arrival: float) -> tuple[float | None, list[float]]:
-    """(time to first token, inter-token latencies) from the stamped responses."""
+    """(time to first token, inter-token latencies) from the stamped responses: one latency
+    per token after the first, a response of k tokens splitting its gap k ways (tokens that
+    came with the first one count 0)."""
     ttft, itl, prev = None, [], None
     for c in chunks:
         if c.num_tokens <= 0:
             continue
         if prev is None:
             ttft = c.t - t_arrival
+            itl += [0.0] * (c.num_tokens - 1)
         else:
             itl += [(c.t - prev) / c.num_tokens] * c.num_tokens
         prev = c.t

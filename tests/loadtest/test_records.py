@@ -28,6 +28,7 @@ def test_ttft_and_itl_from_chunks():
     # one gap per token after the first; a chunk of 2 tokens splits its gap
     assert itl == pytest.approx([0.2, 0.3, 0.3])
     assert chunks_to_metrics([Chunk(1.0, 0)], 0.0) == (None, [])
+    assert chunks_to_metrics([Chunk(1.0, 3), Chunk(2.0, 1)], 0.5) == (0.5, [0.0, 0.0, 1.0])
 
 
 def test_build_record_counts_from_the_server_and_times_from_the_arrival():
