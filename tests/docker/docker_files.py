@@ -8,6 +8,7 @@ import importlib.util
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -180,6 +181,20 @@ def tool(name: str) -> str | None:
     """An executable from the venv of this interpreter, else PATH."""
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.is_file() else shutil.which(name)
+
+
+# --- running things -----------------------------------------------------------------------
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_adapters() -> list[str]:
+    """Adapter ids in the repo's adapters/ (folders with an adapter_config.json)."""
+    return sorted(p.parent.name for p in (REPO / "adapters").glob("*/adapter_config.json"))
 
 
 # --- Makefile ------------------------------------------------------------------------------

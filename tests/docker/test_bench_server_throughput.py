@@ -9,15 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from docker_files import REPO
+from docker_files import REPO, demo_adapters
 
 BENCH = REPO / "bench" / "bench_server_throughput.py"
 pytestmark = pytest.mark.server
-
-
-def _adapters() -> list[str]:
-    demo = sorted(p.parent.name for p in (REPO / "adapters").glob("*/adapter_config.json"))
-    return demo[:2] + [""]  # two demo adapters (when present) and the base model
 
 
 def _bench(triton_server, out, *args: str) -> subprocess.CompletedProcess:
@@ -27,7 +22,7 @@ def _bench(triton_server, out, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_short_run(triton_server, tmp_path):
-    adapters = _adapters()
+    adapters = demo_adapters()[:2] + [""]  # two demo adapters (when present) + base
     out = tmp_path / "bench.json"
     res = _bench(triton_server, out, "--concurrency", "3", "--procs", "2",
                  "--num-requests", "6", "--max-tokens", "5", "--input-tokens", "16",

@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from docker_files import COMPOSE, REPO, load_compose
+from docker_files import COMPOSE, REPO, free_port, load_compose
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _locust_services() -> tuple[list[str], list[str]]:
@@ -38,7 +31,7 @@ def _replace_value(argv: list[str], flag: str, value: str) -> list[str]:
 def test_compose_locust_master_and_worker_run_the_suite(triton_server, tmp_path):
     master, worker = _locust_services()
     bin_dir = Path(sys.executable).parent
-    port = str(_free_port())
+    port = str(free_port())
     master = _replace_value(master, "--host", "localhost") + [
         "--master-bind-host", "127.0.0.1", "--master-bind-port", port, "--headless",
         "--expect-workers", "1", "-u", "2", "-r", "2", "-t", "12s", "--stop-timeout", "120",

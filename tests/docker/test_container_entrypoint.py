@@ -5,12 +5,11 @@ must tell a ready server from a missing one."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-from docker_files import DOCKER, REPO, make_serve_command
+from docker_files import DOCKER, REPO, free_port, make_serve_command
 
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 HEALTHCHECK = DOCKER / "healthcheck.py"
@@ -55,11 +54,8 @@ def test_entrypoint_appends_options_and_runs_other_commands():
 
 
 def test_healthcheck_fails_without_a_server():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     res = subprocess.run([sys.executable, str(HEALTHCHECK)], capture_output=True, text=True,
-                         timeout=30, env={**os.environ, "HTTP_PORT": str(port)})
+                         timeout=30, env={**os.environ, "HTTP_PORT": str(free_port())})
     assert res.returncode == 1 and "/v2/health/ready" in res.stderr
 
 

@@ -9,26 +9,19 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from docker_files import NGINX_CONF, REPO, tool
+from docker_files import NGINX_CONF, demo_adapters, free_port, tool
 
 NGINX = tool("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx not installed "
                                 "(apt-get install nginx-light)")
 
 REPLICA_ADDRESSES = {"replica-0": "127.0.0.1", "replica-1": "127.0.0.2"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rewrite(text: str, upstream_ports: dict[str, int], listen: dict[str, int]) -> str:
@@ -63,7 +56,7 @@ def balancer(triton_server, tmp_path_factory):
     """nginx with docker/lb/nginx.conf in front of the session's server (as two replicas)."""
     http_port = int(triton_server.http_url.rsplit(":", 1)[1])
     grpc_port = int(triton_server.grpc_url.rsplit(":", 1)[1])
-    lb_http, lb_grpc = _free_port(), _free_port()
+    lb_http, lb_grpc = free_port(), free_port()
     prefix = tmp_path_factory.mktemp("nginx")
     conf = prefix / "nginx.conf"
     conf.write_text(_rewrite(NGINX_CONF.read_text(), {"8000": http_port, "8001": grpc_port},
@@ -97,8 +90,8 @@ def _upstream(http: str, adapter: str | None) -> str:
 
 
 def _demo_adapter() -> str:
-    found = sorted(p.parent.name for p in (REPO / "adapters").glob("*/adapter_config.json"))
-    return found[0] if found else ""
+    """A demo adapter when the repo has one, else the base model."""
+    return (demo_adapters() or [""])[0]
 
 
 @pytest.mark.server
