@@ -117,8 +117,7 @@ class GrpcTransport:
                     raise ServerError(error.message())
                 response = result.get_response()
                 final = response.parameters["triton_final_response"].bool_param
-                names = {o.name for o in response.outputs}
-                if names:
+                if response.outputs:  # the empty final response has none
                     chunks.append(Chunk(
                         t=t, num_tokens=parse_count(result.as_numpy("output_ids")),
                         finish_reason=parse_text(result.as_numpy("finish_reason")),
