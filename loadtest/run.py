@@ -13,7 +13,8 @@ loadtest/results/<scenario>-<YYYYmmdd-HHMMSS>/ (or --out):
   scenario.json    the scenario as run (profile and --set applied; loadable with --scenario)
   run.json         the arguments, the adapters and the Locust command line; locust.log
 and prints the one-line SUMMARY. Exit status: 0 when requests completed and none failed, 1 when
-some failed or none completed, 2 for a bad scenario or arguments, 3 when the server is not ready.
+some failed or none completed, 2 for a bad scenario or arguments, 3 when the server is not ready,
+124 when Locust had to be killed (still running long after duration + drain).
 Arguments after `--` go to Locust unchanged.
 """
 
@@ -179,7 +180,17 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    locust_rc = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    # Locust ends by itself after duration + drain; a wedged one is killed past a margin.
+    limit = args.duration + args.drain + 60
+    with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env) as proc:
+        try:
+            locust_rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            locust_rc = 124
+            print(f"loadtest: locust did not finish within {limit:g} s and was killed",
+                  file=sys.stderr)
 
     summary = report.write_report(out, scenario.slo_ttft, scenario.name)
     print(f"loadtest: results in {out}")

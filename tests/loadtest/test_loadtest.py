@@ -76,6 +76,28 @@ def test_headless_run_streams_adapters_over_grpc_and_http(triton_server, tmp_pat
     assert saved["ok"] == summary["ok"] and saved["slo_ttft_s"] == 6.0
 
 
+def max_in_flight(records) -> int:
+    events = sorted([(r["t_send"], 1) for r in records] + [(r["t_end"], -1) for r in records])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_grpc_streams_run_concurrently_under_gevent(triton_server, tmp_path):
+    # tritonclient's stream thread blocks in grpcio's C core: without grpc's gevent support one
+    # stream would stall the others (or hang); with it 4 users keep 4 streams in flight.
+    out = tmp_path / "burst"
+    proc = run_loadtest(triton_server, out, "--scenario", "smoke", "--protocol", "grpc",
+                        "--duration", "3s", "--users", "4", "--set", "rate=20",
+                        "--set", "output_len=[8,8]")
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    records = [r for r in load_records(out) if not r["unfinished"]]
+    assert len(records) >= 4 and all(r["ok"] and r["protocol"] == "grpc" for r in records)
+    assert max_in_flight(records) == 4
+
+
 def test_server_errors_are_locust_failures_with_the_server_message(triton_server, tmp_path):
     out = tmp_path / "errors"
     proc = run_loadtest(triton_server, out, "--scenario", "smoke", "--duration", "5s",
