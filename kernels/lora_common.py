@@ -1,0 +1,193 @@
+"""Shared pieces of the LoRA kernels: batch metadata (segments) and launcher checks.
+
+Pool layout (docs/DESIGN.md, "The unified pool"): ``flat = storage[l].view(-1)``; row j of
+module m of the adapter in slot s starts at element ``a_ptr[s, m, j]`` (A row, ``in_m`` long)
+and ``b_ptr[s, m, j]`` (B^T row, ``out_m`` long); ``ranks[s, m]`` is the true rank (0 = module
+not targeted); ``scales[s]`` the LoRA scale. A token with ``lora_slot == -1`` gets no LoRA.
+
+Two batch shapes:
+- MBGMV (decode): one token per request, each with its own slot: pass ``lora_slots`` [T].
+- MBGMM (prefill): tokens grouped in segments of one adapter: pass a :class:`LoraSegments`
+  (built once per engine step by :func:`make_lora_segments`, reused by every layer/module).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+NUM_MODULES = 7  # MODULE_ORDER = (q, k, v, o, gate, up, down)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class LoraSegments:
+    """Tokens grouped by adapter for the MBGMM kernels.
+
+    ``token_idx`` int32 [n]: token ids in segment order (None: identity, then segment s covers
+    tokens ``seg_start[s]:seg_start[s+1]`` of the batch directly). ``seg_start`` int32 [S+1]
+    offsets into ``token_idx``; ``seg_slot`` int32 [S] the adapter slot of each segment (a -1
+    segment, a run of base-model tokens, is skipped by the kernels at once).
+    ``max_seg_len`` (host int) sizes the grid.
+    """
+
+    token_idx: torch.Tensor | None
+    seg_start: torch.Tensor
+    seg_slot: torch.Tensor
+    max_seg_len: int
+    num_tokens: int
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_slot.shape[0])
+
+
+def make_lora_segments(
+    lora_slots: torch.Tensor | Sequence[int],
+    *,
+    sort: bool = True,
+    device: torch.device | str | None = None,
+) -> LoraSegments:
+    """Build MBGMM segments from per-token slots (host work; call once per engine step).
+
+    sort=True: all tokens of one adapter form one segment (stable order inside), so an adapter
+    used by several sequences is read once per M-tile instead of once per sequence.
+    sort=False: segments are maximal runs of consecutive tokens with the same slot (no index
+    indirection; runs of -1 tokens become segments that the kernels skip). With sort=True
+    tokens with slot -1 are left out. A CUDA ``lora_slots`` is
+    copied to the host (one sync): pass the host copy the engine already has.
+    """
+    if isinstance(lora_slots, torch.Tensor):
+        if lora_slots.dim() != 1:
+            raise ValueError(f"lora_slots must be 1-D, got shape {tuple(lora_slots.shape)}")
+        if device is None:
+            device = lora_slots.device
+        slots = lora_slots.detach().to("cpu", torch.int64)
+    else:
+        slots = torch.tensor(list(lora_slots), dtype=torch.int64)
+        if device is None:
+            device = "cpu"
+    num_tokens = int(slots.shape[0])
+    if sort:
+        tok = torch.nonzero(slots >= 0).flatten()
+        order = torch.argsort(slots[tok], stable=True)
+        tok = tok[order]
+        sel = slots[tok]
+    else:
+        tok = None
+        sel = slots
+    if sel.numel() == 0:
+        starts = torch.zeros(1, dtype=torch.int64)
+        seg_slot = torch.zeros(0, dtype=torch.int64)
+    else:
+        change = torch.ones(sel.shape[0], dtype=torch.bool)
+        change[1:] = sel[1:] != sel[:-1]
+        starts = torch.nonzero(change).flatten()
+        seg_slot = sel[starts]
+        starts = torch.cat([starts, torch.tensor([sel.shape[0]])])
+    lens = (starts[1:] - starts[:-1])[seg_slot >= 0]
+    max_len = int(lens.max()) if lens.numel() else 0
+    dev = torch.device(device)
+    return LoraSegments(
+        token_idx=None if tok is None else tok.to(dev, torch.int32),
+        seg_start=starts.to(dev, torch.int32),
+        seg_slot=seg_slot.to(dev, torch.int32),
+        max_seg_len=max_len,
+        num_tokens=num_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# checks shared by the launchers
+
+
+def check_tables(flat, ptr, ranks, modules, name="a_ptr"):
+    """Shape/dtype/device checks of the pool slice and the slot tables; returns modules as ints."""
+    if not isinstance(flat, torch.Tensor) or flat.dim() != 1:
+        raise ValueError("flat must be the 1-D pool layer slice storage[l].view(-1)")
+    if flat.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"flat dtype must be fp16/bf16/fp32, got {flat.dtype}")
+    if not flat.is_contiguous():
+        raise ValueError("flat must be contiguous")
+    if ptr.dtype != torch.int64 or ptr.dim() != 3 or ptr.shape[1] != NUM_MODULES:
+        raise ValueError(
+            f"{name} must be int64 [slots, 7, max_rank], got {ptr.dtype} {tuple(ptr.shape)}"
+        )
+    if ranks.dtype != torch.int32 or tuple(ranks.shape) != tuple(ptr.shape[:2]):
+        raise ValueError(
+            f"ranks must be int32 {tuple(ptr.shape[:2])}, got {ranks.dtype} {tuple(ranks.shape)}"
+        )
+    if ptr.stride(2) != 1 or ranks.stride(1) != 1:
+        raise ValueError(f"{name} and ranks must be contiguous in their last dimension")
+    for t, n in ((ptr, name), (ranks, "ranks")):
+        if t.device != flat.device:
+            raise ValueError(f"{n} is on {t.device} but flat is on {flat.device}")
+    mods = [int(m) for m in modules]
+    if not 1 <= len(mods) <= 3:
+        raise ValueError(f"1 to 3 modules per launch (q/k/v or gate/up fused), got {mods}")
+    if any(not 0 <= m < NUM_MODULES for m in mods):
+        raise ValueError(f"module indices must be in 0..6, got {mods}")
+    return mods
+
+
+def check_batch(lora_slots, segments, num_tokens, device):
+    """Exactly one of lora_slots (MBGMV) / segments (MBGMM); returns 'gemv' or 'gemm'."""
+    if (lora_slots is None) == (segments is None):
+        raise ValueError(
+            "pass exactly one of lora_slots (MBGMV, decode) or segments (MBGMM, prefill)"
+        )
+    if lora_slots is not None:
+        if (
+            lora_slots.dtype != torch.int32
+            or lora_slots.dim() != 1
+            or lora_slots.shape[0] != num_tokens
+        ):
+            raise ValueError(
+                f"lora_slots must be int32 [{num_tokens}], "
+                f"got {lora_slots.dtype} {tuple(lora_slots.shape)}"
+            )
+        if lora_slots.device != device or not lora_slots.is_contiguous():
+            raise ValueError(f"lora_slots must be contiguous on {device}")
+        return "gemv"
+    if segments.num_tokens != num_tokens:
+        raise ValueError(
+            f"segments were built for {segments.num_tokens} tokens, the batch has {num_tokens}"
+        )
+    for t in (segments.seg_start, segments.seg_slot) + (
+        () if segments.token_idx is None else (segments.token_idx,)
+    ):
+        if t.device != device or t.dtype != torch.int32 or not t.is_contiguous():
+            raise ValueError(f"segment tensors must be contiguous int32 on {device}")
+    return "gemm"
+
+
+_ALIGN_CACHE: dict[int, tuple] = {}
+
+
+def rows_aligned(flat: torch.Tensor, ptr: torch.Tensor, align: int = 8) -> bool:
+    """True when every row pointer and the pool slice base are multiples of ``align`` elements.
+
+    Lets the kernels promise 16-byte aligned rows to the compiler (vector loads). The device
+    reduction runs once per version of the table (torch bumps ``_version`` on in-place writes),
+    so the hot path does not synchronise unless the adapter manager changed the tables.
+    """
+    if (flat.data_ptr() % (align * flat.element_size())) != 0:
+        return False
+    key = id(ptr)
+    hit = _ALIGN_CACHE.get(key)
+    if hit is not None and hit[0]() is ptr and hit[1] == ptr._version and hit[2] == align:
+        return hit[3]
+    ok = bool((ptr % align == 0).all())
+    if len(_ALIGN_CACHE) > 64:
+        _ALIGN_CACHE.clear()
+    _ALIGN_CACHE[key] = (weakref.ref(ptr), ptr._version, align, ok)
+    return ok
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs is fastest

@@ -1,0 +1,285 @@
+"""LoRA expand: ``y[t, off:off+out] += scale_s * v[t, :r] @ B^T_s`` read in place from the pool.
+
+``v`` is the fp32 partial-sum buffer of :func:`kernels.lora_shrink.lora_shrink`
+(``[n_modules, split_k, T, max_rank]``); the split partials are summed here while loading.
+The loop over the rank stops at each adapter's TRUE rank (tiles of BLOCK_R, last one masked).
+Up to three modules in one launch, each adding into its own column range of ``y`` (fused
+q/k/v or gate/up output). Tokens with slot -1 (and modules with rank 0) leave ``y`` untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora_common import LoraSegments, check_batch, check_tables, rows_aligned
+from .lora_shrink import gather_rows
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr,
+    v_ptr,
+    flat_ptr,
+    bptr_ptr,
+    ranks_ptr,
+    scales_ptr,
+    slots_ptr,
+    seg_start_ptr,
+    tok_idx_ptr,
+    n_mtiles,
+    split_k,
+    stride_yt,
+    stride_ps,
+    stride_pm,
+    stride_rs,
+    stride_vm,
+    stride_vk,
+    stride_vt,
+    mod0,
+    mod1,
+    mod2,
+    out0,
+    out1,
+    out2,
+    yoff0,
+    yoff1,
+    yoff2,
+    GEMM: tl.constexpr,
+    HAS_TOK_IDX: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    pid2 = tl.program_id(2)
+    if GEMM:
+        mod_i = pid2 // n_mtiles
+        mt = pid2 % n_mtiles
+    else:
+        mod_i = pid2
+    mod = tl.where(mod_i == 0, mod0, tl.where(mod_i == 1, mod1, mod2))
+    out_dim = tl.where(mod_i == 0, out0, tl.where(mod_i == 1, out1, out2))
+    y_off = tl.where(mod_i == 0, yoff0, tl.where(mod_i == 1, yoff1, yoff2))
+    n_begin = pid_n * BLOCK_N
+    if n_begin >= out_dim:
+        return
+
+    if GEMM:
+        slot = tl.load(slots_ptr + pid1)
+        m_begin = tl.load(seg_start_ptr + pid1) + mt * BLOCK_M
+        m_end = tl.load(seg_start_ptr + pid1 + 1)
+        if (slot < 0) | (m_begin >= m_end):
+            return
+        offs_m = m_begin + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        if HAS_TOK_IDX:
+            tok = tl.load(tok_idx_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        else:
+            tok = offs_m.to(tl.int64)
+    else:
+        tok = pid1.to(tl.int64)
+        slot = tl.load(slots_ptr + pid1)
+        if slot < 0:
+            return
+    rank = tl.load(ranks_ptr + slot * stride_rs + mod)
+    if rank == 0:
+        return
+    scale = tl.load(scales_ptr + slot)
+
+    offs_n = n_begin + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_dim
+    offs_r0 = tl.arange(0, BLOCK_R)
+    p_base = bptr_ptr + slot * stride_ps + mod * stride_pm
+    v_base = v_ptr + mod_i * stride_vm
+    if GEMM:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for r in range(0, rank, BLOCK_R):
+        offs_r = r + offs_r0
+        r_mask = offs_r < rank
+        rows = tl.load(p_base + offs_r, mask=r_mask, other=0)
+        if ALIGNED:
+            rows = tl.multiple_of(rows, 8)
+        bt = tl.load(
+            flat_ptr + rows[:, None] + offs_n[None, :],
+            mask=r_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        if GEMM:
+            vm = m_mask[:, None] & r_mask[None, :]
+            vp = v_base + tok[:, None] * stride_vt + offs_r[None, :]
+            v = tl.load(vp, mask=vm, other=0.0)
+            for s in range(1, split_k):
+                v += tl.load(vp + s * stride_vk, mask=vm, other=0.0)
+            if FP32:
+                acc += tl.dot(v, bt, input_precision="ieee")
+            else:
+                acc += tl.dot(v.to(bt.dtype), bt)
+        else:
+            vp = v_base + tok * stride_vt + offs_r
+            v = tl.load(vp, mask=r_mask, other=0.0)
+            for s in range(1, split_k):
+                v += tl.load(vp + s * stride_vk, mask=r_mask, other=0.0)
+            acc += bt.to(tl.float32) * v[:, None]
+
+    if GEMM:
+        yp = y_ptr + tok[:, None] * stride_yt + y_off + offs_n[None, :]
+        ym = m_mask[:, None] & n_mask[None, :]
+        y = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+        tl.store(yp, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=ym)
+    else:
+        yp = y_ptr + tok * stride_yt + y_off + offs_n
+        y = tl.load(yp, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(yp, (y + tl.sum(acc, axis=0) * scale).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+# Launch configurations (a benchmark sweep may override them). GEMV: BLOCK_N is block_n_small
+# for batches under 16 tokens (more programs for few tokens).
+GEMV_CONFIG = {"block_r": 16, "block_n": 256, "block_n_small": 128, "warps": 4, "stages": 2}
+GEMM_CONFIG = {"block_r": 32, "block_n": 128, "warps": 4, "stages": 2}
+
+
+def lora_expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    flat: torch.Tensor,
+    b_ptr: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    modules: Sequence[int],
+    out_dims: Sequence[int],
+    y_offsets: Sequence[int] | None = None,
+    *,
+    lora_slots: torch.Tensor | None = None,
+    segments: LoraSegments | None = None,
+    aligned: bool | None = None,
+) -> torch.Tensor:
+    """Add the LoRA delta into ``y`` [T, N] in place (and return it).
+
+    Module ``modules[i]`` writes columns ``y_offsets[i] : y_offsets[i] + out_dims[i]``
+    (default offsets: out_dims packed from column 0, i.e. the fused q|k|v layout). ``v`` is the
+    buffer returned by ``lora_shrink`` for the same modules and the same batch description
+    (``lora_slots`` or ``segments``).
+    """
+    mods = check_tables(flat, b_ptr, ranks, modules, name="b_ptr")
+    out_dims = [int(d) for d in out_dims]
+    if len(out_dims) != len(mods):
+        raise ValueError(f"{len(mods)} modules but {len(out_dims)} out_dims")
+    if y_offsets is None:
+        y_offsets = [sum(out_dims[:i]) for i in range(len(out_dims))]
+    y_offsets = [int(o) for o in y_offsets]
+    if len(y_offsets) != len(mods):
+        raise ValueError(f"{len(mods)} modules but {len(y_offsets)} y_offsets")
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError(f"y must be 2-D [T, N] with unit last stride, got {tuple(y.shape)}")
+    if y.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"y dtype must be fp16/bf16/fp32, got {y.dtype}")
+    T, N = y.shape
+    if any(o < 0 or o + d > N for o, d in zip(y_offsets, out_dims)):
+        raise ValueError(
+            f"module column ranges {list(zip(y_offsets, out_dims))} exceed y's {N} columns"
+        )
+    if y.device != flat.device or v.device != flat.device:
+        raise ValueError("y, v and the pool must be on the same device")
+    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.shape[0] != b_ptr.shape[0]:
+        raise ValueError(
+            f"scales must be fp32 [{b_ptr.shape[0]}], got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if scales.device != flat.device:
+        raise ValueError("scales must be on the pool's device")
+    if (
+        v.dtype != torch.float32
+        or v.dim() != 4
+        or v.shape[0] != len(mods)
+        or v.shape[2] != T
+        or v.shape[3] != b_ptr.shape[2]
+        or not v.is_contiguous()
+    ):
+        raise ValueError(
+            f"v must be the contiguous fp32 buffer [{len(mods)}, split_k, {T}, {b_ptr.shape[2]}] "
+            f"from lora_shrink, got {v.dtype} {tuple(v.shape)}"
+        )
+    mode = check_batch(lora_slots, segments, T, y.device)
+    if T == 0:
+        return y
+    gemm = mode == "gemm"
+    split_k = v.shape[1]
+    max_out = max(out_dims)
+    if gemm:
+        if segments.num_segments == 0:
+            return y
+        cfg = GEMM_CONFIG
+        block_m = 64 if segments.max_seg_len > 32 else (32 if segments.max_seg_len > 16 else 16)
+        block_n = cfg["block_n"]
+        n_mtiles = triton.cdiv(max(segments.max_seg_len, 1), block_m)
+        n_rows = segments.num_segments
+        slots_t, seg_start = segments.seg_slot, segments.seg_start
+        tok_idx = segments.token_idx if segments.token_idx is not None else seg_start
+    else:
+        cfg = GEMV_CONFIG
+        block_m, n_mtiles, n_rows = 1, 1, T
+        block_n = cfg["block_n_small"] if T < 16 else cfg["block_n"]
+        slots_t, seg_start, tok_idx = lora_slots, lora_slots, lora_slots
+    block_n = min(block_n, max(16, triton.next_power_of_2(max_out)))
+    grid = (triton.cdiv(max_out, block_n), n_rows, len(mods) * n_mtiles)
+    if aligned is None:
+        aligned = all(d % 8 == 0 for d in out_dims) and rows_aligned(flat, b_ptr)
+    m3 = mods + [mods[-1]] * (3 - len(mods))
+    d3 = out_dims + [out_dims[-1]] * (3 - len(mods))
+    o3 = y_offsets + [y_offsets[-1]] * (3 - len(mods))
+    _lora_expand_kernel[grid](
+        y, v, flat, b_ptr, ranks, scales,
+        slots_t, seg_start, tok_idx,
+        n_mtiles, split_k,
+        y.stride(0), b_ptr.stride(0), b_ptr.stride(1), ranks.stride(0),
+        v.stride(0), v.stride(1), v.stride(2),
+        m3[0], m3[1], m3[2], d3[0], d3[1], d3[2], o3[0], o3[1], o3[2],
+        GEMM=gemm,
+        HAS_TOK_IDX=gemm and segments.token_idx is not None,
+        ALIGNED=bool(aligned),
+        FP32=y.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=cfg["block_r"],
+        num_warps=cfg["warps"],
+        num_stages=cfg["stages"],
+    )  # fmt: skip
+    return y
+
+
+def lora_expand_ref(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    flat: torch.Tensor,
+    b_ptr: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    modules: Sequence[int],
+    out_dims: Sequence[int],
+    y_offsets: Sequence[int] | None,
+    lora_slots: torch.Tensor,
+) -> torch.Tensor:
+    """float64 reference; ``v`` [n_mod, T, max_rank] (summed over splits). Returns a new y."""
+    if y_offsets is None:
+        y_offsets = [sum(out_dims[:i]) for i in range(len(out_dims))]
+    out = y.double().clone()
+    slots = lora_slots.to(torch.int64)
+    for s in torch.unique(slots).tolist():
+        if s < 0:
+            continue
+        toks = torch.nonzero(slots == s).flatten()
+        for i, (m, d, o) in enumerate(zip(modules, out_dims, y_offsets)):
+            r = int(ranks[s, m])
+            if r == 0:
+                continue
+            bt = gather_rows(flat, b_ptr[s, m, :r], d).double()
+            out[toks, o : o + d] += float(scales[s]) * (v[i, toks, :r].double() @ bt)
+    return out

@@ -1,0 +1,292 @@
+"""LoRA shrink/expand kernels (MBGMV decode, MBGMM prefill) against the float64 reference.
+
+CPU: Triton interpreter, fp32, SmolLM2 dims (hidden 576), few tokens. CUDA: fp16/bf16, SmolLM2
+and Llama-7B dims, real batch sizes. Pools are random everywhere (never zeros) with the adapters'
+pages shuffled; ranks 4..128 are mixed in every batch, with tokens that have no adapter.
+"""
+
+import pytest
+import torch
+
+from kernels import (
+    add_lora,
+    add_lora_ref,
+    lora_expand,
+    lora_shrink,
+    lora_shrink_ref,
+    make_lora_segments,
+    rows_aligned,
+)
+from kernels.testing import make_lora_pool
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if ON_CUDA else [torch.float32]
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+# (hidden, kv_out, intermediate, page_elems)
+SMOL = (576, 192, 1536, 2 * 16 * 3 * 64)
+LLAMA7B = (4096, 4096, 11008, 2 * 16 * 32 * 128)
+MODELS = [SMOL, LLAMA7B] if ON_CUDA else [SMOL]
+SLOT_RANKS = [4, 128, 16, 8, 64, 32, 12, 128, 4, 24]
+
+
+def module_dims(model):
+    hidden, kv, inter, _ = model
+    return [
+        (hidden, hidden),
+        (hidden, kv),
+        (hidden, kv),
+        (hidden, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
+
+
+def slot_table(rank_list):
+    """Per slot: its rank on a varying subset of the 7 modules (some slots skip some modules)."""
+    out = []
+    for i, r in enumerate(rank_list):
+        out.append([0 if (i + m) % 4 == 3 else r for m in range(7)])
+    return out
+
+
+def build(model, dtype, seed, row_pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    dims = module_dims(model)
+    pool = make_lora_pool(
+        slot_table(SLOT_RANKS),
+        dims,
+        page_elems=model[3],
+        dtype=dtype,
+        device=DEVICE,
+        gen=gen,
+        row_pad=row_pad,
+    )
+    return gen, dims, pool
+
+
+def random_slots(gen, n, module, with_base=True):
+    """Random adapter slots; a fifth of the tokens without adapter; token 0 uses ``module``."""
+    num_slots = len(SLOT_RANKS)
+    slots = torch.randint(0, num_slots, (n,), generator=gen, dtype=torch.int32)
+    if with_base and n > 1:
+        slots[1 + torch.randperm(n - 1, generator=gen)[: max(1, n // 5)]] = -1
+    table = slot_table(SLOT_RANKS)
+    slots[0] = next(s for s in range(num_slots) if table[s][module] > 0)
+    return slots
+
+
+def check_delta(y_out, y_in, ref, slots, dtype):
+    delta = (ref - y_in.double()).norm()
+    assert delta > 0, "the test drew no LoRA work"
+    assert torch.isfinite(y_out).all()
+    err = ((y_out.double() - ref).norm() / delta).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    base = slots.to(y_in.device) < 0
+    assert torch.equal(y_out[base], y_in[base]), "tokens without adapter were modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: f"h{m[0]}")
+@pytest.mark.parametrize(
+    "modules", [(0,), (0, 1, 2), (4, 5), (6,)], ids=["q", "qkv", "gate_up", "down"]
+)
+@pytest.mark.parametrize("batch", [1, 256] if ON_CUDA else [1, 9])
+def test_mbgmv_decode(dtype, model, modules, batch):
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(
+        model, dtype, seed=batch * 10 + len(modules)
+    )
+    in_dim = dims[modules[0]][0]
+    out_dims = [dims[m][1] for m in modules]
+    slots = random_slots(gen, batch, modules[0])
+    x = torch.randn(batch, in_dim, generator=gen).to(DEVICE, dtype)
+    y = torch.randn(batch, sum(out_dims), generator=gen).to(DEVICE, dtype)
+    slots_d = slots.to(DEVICE)
+    ref = add_lora_ref(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, None, slots_d)
+    y_out = add_lora(
+        y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, lora_slots=slots_d
+    )
+    check_delta(y_out, y, ref, slots, dtype)
+
+
+def prefill_lengths():
+    if ON_CUDA:
+        return [300, 1, 77, 512, 64, 129, 16, 200]
+    return [5, 1, 17, 3, 8]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: f"h{m[0]}")
+@pytest.mark.parametrize(
+    "modules,sort,split_k",
+    [((0, 1, 2), True, None), ((0, 1, 2), False, 2), ((6,), True, 3), ((3,), False, None)],
+    ids=["qkv-sorted", "qkv-runs-split2", "down-sorted-split3", "o-runs"],
+)
+def test_mbgmm_prefill(dtype, model, modules, sort, split_k):
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(model, dtype, seed=7 + len(modules))
+    in_dim = dims[modules[0]][0]
+    out_dims = [dims[m][1] for m in modules]
+    lens = prefill_lengths()
+    seq_slots = [3, -1, 1, 3, 0, 6, 2, 9][: len(lens)]  # slot 3 twice, one base-model sequence
+    slots = torch.cat([torch.full((n,), s, dtype=torch.int32) for n, s in zip(lens, seq_slots)])
+    T = int(slots.shape[0])
+    x = torch.randn(T, in_dim, generator=gen).to(DEVICE, dtype)
+    y = torch.randn(T, sum(out_dims), generator=gen).to(DEVICE, dtype)
+    seg = make_lora_segments(slots, sort=sort, device=DEVICE)
+    ref = add_lora_ref(
+        y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, None, slots.to(DEVICE)
+    )
+    y_out = add_lora(
+        y.clone(),
+        x,
+        flat,
+        a_ptr,
+        b_ptr,
+        ranks,
+        scales,
+        modules,
+        out_dims,
+        segments=seg,
+        split_k=split_k,
+    )
+    check_delta(y_out, y, ref, slots, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shrink_buffer_and_column_offsets(dtype):
+    """The split partials sum to x @ A^T on every entry below the rank; expand honours y_offsets."""
+    model = MODELS[-1]
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(model, dtype, seed=3)
+    modules = (1, 2)
+    in_dim = dims[1][0]
+    slots = random_slots(gen, 6, 1)
+    slots_d = slots.to(DEVICE)
+    x = torch.randn(6, in_dim, generator=gen).to(DEVICE, dtype)
+    v = lora_shrink(x, flat, a_ptr, ranks, modules, lora_slots=slots_d, split_k=3)
+    assert v.shape[1] == 3
+    v_ref = lora_shrink_ref(x, flat, a_ptr, ranks, modules, slots_d)
+    v_sum = v.sum(1).double()
+    for i, m in enumerate(modules):
+        for t in range(6):
+            s = int(slots[t])
+            if s < 0:
+                continue
+            r = int(ranks[s, m])
+            got, want = v_sum[i, t, :r], v_ref[i, t, :r]
+            if r:
+                assert ((got - want).norm() / want.norm()).item() < TOL[dtype]
+    # v and k written into columns [kv_out*2 + 8, ...) of a wider y
+    out_dims = [dims[m][1] for m in modules]
+    offs = [2 * out_dims[0] + 8, 8]
+    y = torch.randn(6, 3 * out_dims[0] + 8, generator=gen).to(DEVICE, dtype)
+    ref = add_lora_ref(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, offs, slots_d)
+    y_out = lora_expand(
+        y.clone(), v, flat, b_ptr, ranks, scales, modules, out_dims, offs, lora_slots=slots_d
+    )
+    check_delta(y_out, y, ref, slots, dtype)
+    untouched = torch.ones(y.shape[1], dtype=torch.bool)
+    for o, d in zip(offs, out_dims):
+        untouched[o : o + d] = False
+    assert torch.equal(y_out[:, untouched.to(DEVICE)], y[:, untouched.to(DEVICE)])
+
+
+@pytest.mark.parametrize("mode", ["gemv", "gemm"])
+def test_unaligned_rows(mode):
+    """Rows at odd element offsets: the launcher must detect it and still be right."""
+    dtype = DTYPES[0]
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(MODELS[0], dtype, seed=11, row_pad=1)
+    assert not rows_aligned(flat, a_ptr) and not rows_aligned(flat, b_ptr)
+    modules = (0,)
+    slots = random_slots(gen, 5, 0)
+    x = torch.randn(5, dims[0][0], generator=gen).to(DEVICE, dtype)
+    y = torch.randn(5, dims[0][1], generator=gen).to(DEVICE, dtype)
+    kw = (
+        {"lora_slots": slots.to(DEVICE)}
+        if mode == "gemv"
+        else {"segments": make_lora_segments(slots, device=DEVICE)}
+    )
+    ref = add_lora_ref(
+        y, x, flat, a_ptr, b_ptr, ranks, scales, modules, [dims[0][1]], None, slots.to(DEVICE)
+    )
+    y_out = add_lora(y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, [dims[0][1]], **kw)
+    check_delta(y_out, y, ref, slots, dtype)
+
+
+def test_all_tokens_without_adapter_is_a_no_op():
+    dtype = DTYPES[0]
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(MODELS[0], dtype, seed=5)
+    slots = torch.full((4,), -1, dtype=torch.int32)
+    x = torch.randn(4, dims[0][0], generator=gen).to(DEVICE, dtype)
+    y = torch.randn(4, dims[0][1], generator=gen).to(DEVICE, dtype)
+    for kw in (
+        {"lora_slots": slots.to(DEVICE)},
+        {"segments": make_lora_segments(slots, device=DEVICE)},
+    ):
+        y_out = add_lora(y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, (0,), [dims[0][1]], **kw)
+        assert torch.equal(y_out, y)
+
+
+def test_make_lora_segments():
+    slots = torch.tensor([2, 2, -1, 0, 2, 2, 2, -1, -1, 0], dtype=torch.int32)
+    seg = make_lora_segments(slots, sort=True)
+    assert seg.token_idx.tolist() == [3, 9, 0, 1, 4, 5, 6]
+    assert seg.seg_start.tolist() == [0, 2, 7]
+    assert seg.seg_slot.tolist() == [0, 2]
+    assert seg.max_seg_len == 5 and seg.num_tokens == 10
+    runs = make_lora_segments(slots, sort=False)
+    assert runs.token_idx is None
+    assert runs.seg_start.tolist() == [0, 2, 3, 4, 7, 9, 10]
+    assert runs.seg_slot.tolist() == [2, -1, 0, 2, -1, 0]
+    assert runs.max_seg_len == 3
+    empty = make_lora_segments([-1, -1])
+    assert empty.num_segments == 0 and empty.max_seg_len == 0
+
+
+def test_rows_aligned_follows_table_updates():
+    flat = torch.randn(4096)
+    ptr = torch.zeros(2, 7, 8, dtype=torch.int64)
+    ptr[0, 0, :4] = torch.tensor([0, 64, 128, 1024])
+    assert rows_aligned(flat, ptr)
+    ptr[1, 3, 0] = 13  # in-place write by the adapter manager
+    assert not rows_aligned(flat, ptr)
+    ptr[1, 3, 0] = 16
+    assert rows_aligned(flat, ptr)
+
+
+def test_launcher_errors():
+    dtype = DTYPES[0]
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(MODELS[0], dtype, seed=1)
+    x = torch.randn(3, dims[0][0], generator=gen).to(DEVICE, dtype)
+    slots = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    seg = make_lora_segments(slots.cpu(), device=DEVICE)
+    with pytest.raises(ValueError, match="exactly one"):
+        lora_shrink(x, flat, a_ptr, ranks, (0,))
+    with pytest.raises(ValueError, match="exactly one"):
+        lora_shrink(x, flat, a_ptr, ranks, (0,), lora_slots=slots, segments=seg)
+    with pytest.raises(ValueError, match="lora_slots must be int32"):
+        lora_shrink(x, flat, a_ptr, ranks, (0,), lora_slots=slots.long())
+    with pytest.raises(TypeError, match="must match the pool dtype"):
+        other = torch.float16 if dtype != torch.float16 else torch.float32
+        lora_shrink(x.to(other), flat, a_ptr, ranks, (0,), lora_slots=slots)
+    with pytest.raises(ValueError, match="a_ptr must be int64"):
+        lora_shrink(x, flat, a_ptr.int(), ranks, (0,), lora_slots=slots)
+    with pytest.raises(ValueError, match="ranks must be int32"):
+        lora_shrink(x, flat, a_ptr, ranks.long(), (0,), lora_slots=slots)
+    with pytest.raises(ValueError, match="1 to 3 modules"):
+        lora_shrink(x, flat, a_ptr, ranks, (0, 1, 2, 3), lora_slots=slots)
+    with pytest.raises(ValueError, match="0..6"):
+        lora_shrink(x, flat, a_ptr, ranks, (7,), lora_slots=slots)
+    with pytest.raises(ValueError, match="flat must be the 1-D"):
+        lora_shrink(x, flat.view(2, -1), a_ptr, ranks, (0,), lora_slots=slots)
+    with pytest.raises(ValueError, match="segments were built for"):
+        lora_shrink(x[:2], flat, a_ptr, ranks, (0,), segments=seg)
+    v = lora_shrink(x, flat, a_ptr, ranks, (0,), lora_slots=slots, split_k=1)
+    y = torch.randn(3, dims[0][1], generator=gen).to(DEVICE, dtype)
+    with pytest.raises(ValueError, match="v must be the contiguous fp32 buffer"):
+        lora_expand(y, v.half(), flat, b_ptr, ranks, scales, (0,), [dims[0][1]], lora_slots=slots)
+    with pytest.raises(ValueError, match="exceed"):
+        lora_expand(y, v, flat, b_ptr, ranks, scales, (0,), [dims[0][1] + 1], lora_slots=slots)
+    with pytest.raises(ValueError, match="scales must be fp32"):
+        lora_expand(y, v, flat, b_ptr, ranks, scales.double(), (0,), [dims[0][1]], lora_slots=slots)
