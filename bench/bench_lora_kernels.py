@@ -252,20 +252,22 @@ def sweep(pool, hidden, device, dtype, gen, timer):
     n_ad = ranks.shape[0]
     cases = [("gemv", torch.arange(M, dtype=torch.int32) % n_ad) for M in (8, 32, 256)]
     cases.append(("gemm", torch.arange(8, dtype=torch.int32).repeat_interleave(256)))
+    prod = itertools.product
     spaces = {
         ("shrink", "gemv"): [
-            dict(block_r=r, block_k=k, waves=w)
-            for r, k, w in itertools.product((16, 32), (128, 256, 512), (2, 4))
+            dict(block_r=r, block_k=k, k_stages=st, waves=w)
+            for r, k, st, w in prod((16, 32), (128, 256), (1, 3), (4, 8))
         ],
         ("expand", "gemv"): [
-            dict(block_r=r, block_n=n, block_n_small=n)
-            for r, n in itertools.product((16, 32), (64, 128, 256))
+            dict(block_r=r, block_n=n, block_n_small=n, warps=w)
+            for r, n, w in prod((32, 64), (128, 256), (4, 8))
         ],
         ("shrink", "gemm"): [
-            dict(block_r=r, block_k=k) for r, k in itertools.product((16, 32, 64), (64, 128))
+            dict(block_r=r, block_k=k, k_stages=st)
+            for r, k, st in prod((16, 32), (64, 128), (2, 3))
         ],
         ("expand", "gemm"): [
-            dict(block_r=r, block_n=n) for r, n in itertools.product((16, 32), (64, 128, 256))
+            dict(block_r=r, block_n=n, warps=w) for r, n, w in prod((16, 32), (128, 256), (4, 8))
         ],
     }
     mods = {"shrink": SHRINK_MOD, "expand": EXPAND_MOD}
@@ -382,7 +384,13 @@ def main():
     sweep_table = None
     if args.sweep:
         timer = (lambda fn: gpu_time_us(fn, reps=40)) if cuda else (lambda fn: (fn(), 0.0)[1])
-        sweep_table = sweep(pool, hidden, device, dtype, gen, timer)
+        try:
+            sweep_table = sweep(pool, hidden, device, dtype, gen, timer)
+        except Exception:  # keep the main results even if a configuration breaks
+            import traceback
+
+            traceback.print_exc()
+            sweep_table = "sweep failed"
         print(sweep_table, flush=True)
     results = []
     for M in decode_ms:

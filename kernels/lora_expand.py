@@ -3,6 +3,7 @@
 ``v`` is the fp32 partial-sum buffer of :func:`kernels.lora_shrink.lora_shrink`
 (``[n_modules, split_k, T, max_rank]``); the split partials are summed here while loading.
 The loop over the rank stops at each adapter's TRUE rank (tiles of BLOCK_R, last one masked).
+All split partials of a rank chunk are loaded at once (no serial chain of loads).
 Up to three modules in one launch, each adding into its own column range of ``y`` (fused
 q/k/v or gate/up output). Tokens with slot -1 (and modules with rank 0) leave ``y`` untouched.
 """
@@ -20,6 +21,49 @@ from .lora_shrink import gather_rows
 
 
 @triton.jit
+def _v_chunk(v_base, tok, offs_r, load_mask, m_mask, split_k, stride_vk, stride_vt,
+             GEMM: tl.constexpr, SPLIT_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_R: tl.constexpr):  # fmt: skip
+    """Sum of the shrink's split partials for rank rows ``offs_r``: all splits in flight at once."""
+    if GEMM:
+        vp = v_base + tok[:, None] * stride_vt + offs_r[None, :]
+        vm = m_mask[:, None] & load_mask[None, :]
+        v = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_PAD):
+            s_ok = (offs_r * 0 + s) < split_k  # the split exists (as a tensor: a mask operand)
+            v += tl.load(vp + s * stride_vk, mask=vm & s_ok[None, :], other=0.0)
+    else:
+        offs_s = tl.arange(0, SPLIT_PAD)
+        vp = v_base + tok * stride_vt + offs_s[:, None] * stride_vk + offs_r[None, :]
+        vm = (offs_s < split_k)[:, None] & load_mask[None, :]
+        v = tl.sum(tl.load(vp, mask=vm, other=0.0), axis=0)
+    return v
+
+
+@triton.jit
+def _b_chunk(acc, flat_ptr, rows, r_mask, v, offs_n, n_mask,
+             GEMM: tl.constexpr, ALIGNED: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+    """acc += v[:, r] @ Bt[r, n] for the rank rows of one chunk (rows past the rank masked)."""
+    if ALIGNED:
+        rows = tl.multiple_of(rows, 8)
+    bt = tl.load(
+        flat_ptr + rows[:, None] + offs_n[None, :],
+        mask=r_mask[:, None] & n_mask[None, :],
+        other=0.0,
+    )
+    if GEMM:
+        v = tl.where(r_mask[None, :], v, 0.0)
+        if FP32:
+            acc += tl.dot(v, bt, input_precision="ieee")
+        else:
+            acc += tl.dot(v.to(bt.dtype), bt)
+    else:
+        v = tl.where(r_mask, v, 0.0)
+        acc += tl.sum(bt.to(tl.float32) * v[:, None], axis=0)
+    return acc
+
+
+@triton.jit
 def _lora_expand_kernel(
     y_ptr,
     v_ptr,
@@ -32,6 +76,7 @@ def _lora_expand_kernel(
     tok_idx_ptr,
     n_mtiles,
     split_k,
+    max_rank,
     stride_yt,
     stride_ps,
     stride_pm,
@@ -52,6 +97,7 @@ def _lora_expand_kernel(
     HAS_TOK_IDX: tl.constexpr,
     ALIGNED: tl.constexpr,
     FP32: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -70,6 +116,8 @@ def _lora_expand_kernel(
     n_begin = pid_n * BLOCK_N
     if n_begin >= out_dim:
         return
+    offs_n = n_begin + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_dim
 
     if GEMM:
         slot = tl.load(slots_ptr + pid1)
@@ -85,50 +133,40 @@ def _lora_expand_kernel(
             tok = offs_m.to(tl.int64)
     else:
         tok = pid1.to(tl.int64)
+        m_mask = tok >= 0  # unused
+        # y does not depend on the adapter: its load overlaps the table lookups
+        yp = y_ptr + tok * stride_yt + y_off + offs_n
+        y = tl.load(yp, mask=n_mask, other=0.0).to(tl.float32)
         slot = tl.load(slots_ptr + pid1)
         if slot < 0:
             return
-    rank = tl.load(ranks_ptr + slot * stride_rs + mod)
-    if rank == 0:
-        return
-    scale = tl.load(scales_ptr + slot)
 
-    offs_n = n_begin + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < out_dim
-    offs_r0 = tl.arange(0, BLOCK_R)
+    # the first rank chunk's row pointers and v are fetched before the rank is known (masked by
+    # the table size only; rows past the rank are masked below), so the rank lookup is not one
+    # more latency in the chain slot -> rank -> pointers -> B
     p_base = bptr_ptr + slot * stride_ps + mod * stride_pm
     v_base = v_ptr + mod_i * stride_vm
+    offs_r = tl.arange(0, BLOCK_R)
+    pre_mask = offs_r < max_rank
+    rows = tl.load(p_base + offs_r, mask=pre_mask, other=0)
+    v = _v_chunk(v_base, tok, offs_r, pre_mask, m_mask, split_k, stride_vk, stride_vt,
+                 GEMM, SPLIT_PAD, BLOCK_M, BLOCK_R)  # fmt: skip
+    rank = tl.load(ranks_ptr + slot * stride_rs + mod)
+    scale = tl.load(scales_ptr + slot)
+    if rank == 0:
+        return
     if GEMM:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for r in range(0, rank, BLOCK_R):
-        offs_r = r + offs_r0
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = _b_chunk(acc, flat_ptr, rows, offs_r < rank, v, offs_n, n_mask, GEMM, ALIGNED, FP32)
+    for r in range(BLOCK_R, rank, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
         rows = tl.load(p_base + offs_r, mask=r_mask, other=0)
-        if ALIGNED:
-            rows = tl.multiple_of(rows, 8)
-        bt = tl.load(
-            flat_ptr + rows[:, None] + offs_n[None, :],
-            mask=r_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
-        if GEMM:
-            vm = m_mask[:, None] & r_mask[None, :]
-            vp = v_base + tok[:, None] * stride_vt + offs_r[None, :]
-            v = tl.load(vp, mask=vm, other=0.0)
-            for s in range(1, split_k):
-                v += tl.load(vp + s * stride_vk, mask=vm, other=0.0)
-            if FP32:
-                acc += tl.dot(v, bt, input_precision="ieee")
-            else:
-                acc += tl.dot(v.to(bt.dtype), bt)
-        else:
-            vp = v_base + tok * stride_vt + offs_r
-            v = tl.load(vp, mask=r_mask, other=0.0)
-            for s in range(1, split_k):
-                v += tl.load(vp + s * stride_vk, mask=r_mask, other=0.0)
-            acc += bt.to(tl.float32) * v[:, None]
+        v = _v_chunk(v_base, tok, offs_r, r_mask, m_mask, split_k, stride_vk, stride_vt,
+                     GEMM, SPLIT_PAD, BLOCK_M, BLOCK_R)  # fmt: skip
+        acc = _b_chunk(acc, flat_ptr, rows, r_mask, v, offs_n, n_mask, GEMM, ALIGNED, FP32)
 
     if GEMM:
         yp = y_ptr + tok[:, None] * stride_yt + y_off + offs_n[None, :]
@@ -136,15 +174,13 @@ def _lora_expand_kernel(
         y = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
         tl.store(yp, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=ym)
     else:
-        yp = y_ptr + tok * stride_yt + y_off + offs_n
-        y = tl.load(yp, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(yp, (y + tl.sum(acc, axis=0) * scale).to(y_ptr.dtype.element_ty), mask=n_mask)
+        tl.store(yp, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 # Launch configurations (a benchmark sweep may override them). GEMV: BLOCK_N is block_n_small
 # for batches under 16 tokens (more programs for few tokens).
-GEMV_CONFIG = {"block_r": 16, "block_n": 256, "block_n_small": 128, "warps": 4, "stages": 2}
-GEMM_CONFIG = {"block_r": 32, "block_n": 128, "warps": 4, "stages": 2}
+GEMV_CONFIG = {"block_r": 32, "block_n": 256, "block_n_small": 256, "warps": 4, "stages": 2}
+GEMM_CONFIG = {"block_r": 16, "block_n": 256, "warps": 4, "stages": 2}
 
 
 def lora_expand(
@@ -238,7 +274,7 @@ def lora_expand(
     _lora_expand_kernel[grid](
         y, v, flat, b_ptr, ranks, scales,
         slots_t, seg_start, tok_idx,
-        n_mtiles, split_k,
+        n_mtiles, split_k, b_ptr.shape[2],
         y.stride(0), b_ptr.stride(0), b_ptr.stride(1), ranks.stride(0),
         v.stride(0), v.stride(1), v.stride(2),
         m3[0], m3[1], m3[2], d3[0], d3[1], d3[2], o3[0], o3[1], o3[2],
@@ -246,6 +282,7 @@ def lora_expand(
         HAS_TOK_IDX=gemm and segments.token_idx is not None,
         ALIGNED=bool(aligned),
         FP32=y.dtype == torch.float32,
+        SPLIT_PAD=triton.next_power_of_2(split_k),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=cfg["block_r"],

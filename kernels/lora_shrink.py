@@ -37,6 +37,7 @@ def _lora_shrink_kernel(
     k_per_split,
     split_k,
     n_rtiles,
+    max_rank,
     stride_xt,
     stride_ps,
     stride_pm,
@@ -54,6 +55,7 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_STAGES: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -83,13 +85,16 @@ def _lora_shrink_kernel(
         if slot < 0:
             return
 
-    rank = tl.load(ranks_ptr + slot * stride_rs + mod)
+    # the row pointers are fetched before the rank is known (masked by the table size only;
+    # rows past the rank are masked below): the rank lookup adds no latency to the chain
     r_begin = rt * BLOCK_R
+    offs_r = r_begin + tl.arange(0, BLOCK_R)
+    p_row = aptr_ptr + slot * stride_ps + mod * stride_pm
+    rows = tl.load(p_row + offs_r, mask=offs_r < max_rank, other=0)
+    rank = tl.load(ranks_ptr + slot * stride_rs + mod)
     if r_begin >= rank:  # tile past this adapter's true rank (or module not targeted)
         return
-    offs_r = r_begin + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    rows = tl.load(aptr_ptr + slot * stride_ps + mod * stride_pm + offs_r, mask=r_mask, other=0)
     if ALIGNED:
         rows = tl.multiple_of(rows, 8)
 
@@ -99,7 +104,7 @@ def _lora_shrink_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k in range(k_begin, k_begin + k_per_split, BLOCK_K):
+    for k in tl.range(k_begin, k_begin + k_per_split, BLOCK_K, num_stages=K_STAGES):
         offs_k = k + offs_k0
         k_mask = offs_k < in_dim
         a = tl.load(
@@ -135,8 +140,9 @@ def _lora_shrink_kernel(
 # Launch configurations (a benchmark sweep may override them). ``programs`` below estimates the
 # working programs as 2 rank tiles per token/segment tile and module; ``waves`` is how many
 # programs per multiprocessor the split of the in_dim reduction aims for.
-GEMV_CONFIG = {"block_r": 16, "block_k": 256, "warps": 4, "stages": 2, "waves": 2}
-GEMM_CONFIG = {"block_r": 32, "block_k": 64, "warps": 4, "stages": 3, "waves": 2}
+# k_stages: software-pipelining depth of the in_dim loop (1 = none).
+GEMV_CONFIG = {"block_r": 16, "block_k": 128, "warps": 4, "stages": 2, "waves": 4, "k_stages": 1}
+GEMM_CONFIG = {"block_r": 32, "block_k": 128, "warps": 4, "stages": 3, "waves": 2, "k_stages": 3}
 
 
 def _pick_split_k(
@@ -220,7 +226,7 @@ def lora_shrink(
     _lora_shrink_kernel[grid](
         x, flat, a_ptr, ranks, out,
         slots_t, seg_start, tok_idx,
-        in_dim, k_per_split, split_k, n_rtiles,
+        in_dim, k_per_split, split_k, n_rtiles, max_rank,
         x.stride(0), a_ptr.stride(0), a_ptr.stride(1), ranks.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         m3[0], m3[1], m3[2],
@@ -231,6 +237,7 @@ def lora_shrink(
         BLOCK_M=block_m,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
+        K_STAGES=cfg["k_stages"],
         num_warps=cfg["warps"],
         num_stages=cfg["stages"],
     )  # fmt: skip

@@ -276,6 +276,13 @@ def _decode_reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers
 
+# Launch configurations on CUDA (a benchmark sweep may override them). Prefill: query tile,
+# key tile, warps (for tiles of 64+ queries), pipelining depth. Decode: key tile, warps, depth;
+# split-K until about ``waves`` programs per SM, each split at least ``min_blocks_per_split``
+# key tiles long.
+PREFILL_CONFIG = {"block_m": 64, "block_n": 64, "warps": 8, "stages": 2}
+DECODE_CONFIG = {"block_n": 64, "warps": 4, "stages": 3, "waves": 2, "min_blocks_per_split": 4}
+
 
 def _check_common(q, kv_cache, context_lens, block_tables, out):
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
@@ -349,9 +356,10 @@ def paged_attention_prefill(
     block_d = triton.next_power_of_2(d)
     fp32 = q.dtype == torch.float32
     if q.device.type == "cuda":
-        block_m = 64 if max_query_len > 32 else (32 if max_query_len > 16 else 16)
-        block_n = 32 if (fp32 or block_d > 128) else 64
-        warps, stages = (8 if block_m == 64 and block_d >= 128 else 4), 2
+        cfg = PREFILL_CONFIG
+        block_m = min(cfg["block_m"], max(16, triton.next_power_of_2(max_query_len)))
+        block_n = 32 if (fp32 or block_d > 128) else cfg["block_n"]
+        warps, stages = (cfg["warps"] if block_m >= 64 else 4), cfg["stages"]
     else:
         block_m, block_n, warps, stages = 16, 32, 4, 1
     grid = (triton.cdiv(max_query_len, block_m), S, h)
@@ -399,9 +407,8 @@ def paged_attention_decode(
     group = h // hkv
     block_d = triton.next_power_of_2(d)
     fp32 = q.dtype == torch.float32
-    block_n = 32 if (fp32 or block_d > 128) else 64
-    if q.device.type != "cuda":
-        block_n = 32
+    cfg = DECODE_CONFIG
+    block_n = 32 if (fp32 or block_d > 128 or q.device.type != "cuda") else cfg["block_n"]
     max_blocks_tokens = block_tables.shape[1] * page
     if max_context_len is None:
         max_context_len = max_blocks_tokens if num_splits is not None else int(context_lens.max())
@@ -409,9 +416,10 @@ def paged_attention_decode(
     if num_splits is None:
         if q.device.type == "cuda":
             sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            want = triton.cdiv(2 * sms, S * hkv)
+            want = triton.cdiv(cfg["waves"] * sms, S * hkv)
             # each split keeps at least 4 key blocks of work
-            num_splits = max(1, min(want, triton.cdiv(max_context_len, 4 * block_n), 64))
+            min_tokens = cfg["min_blocks_per_split"] * block_n
+            num_splits = max(1, min(want, triton.cdiv(max_context_len, min_tokens), 64))
         else:
             num_splits = 1
     tokens_per_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
@@ -431,7 +439,7 @@ def paged_attention_decode(
         h * num_splits, num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE=page,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=num_splits, FP32=fp32,
-        num_warps=4, num_stages=3 if q.device.type == "cuda" else 1,
+        num_warps=cfg["warps"], num_stages=cfg["stages"] if q.device.type == "cuda" else 1,
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(S, h)](
