@@ -255,20 +255,14 @@ def sweep(pool, hidden, device, dtype, gen, timer):
     prod = itertools.product
     spaces = {
         ("shrink", "gemv"): [
-            dict(block_r=r, block_k=k, k_stages=st, waves=w)
-            for r, k, st, w in prod((16, 32), (128, 256), (1, 3), (4, 8))
+            dict(block_r=r, block_k=256, k_stages=3, waves=w, r_loop=rl)
+            for rl, w, r in prod((False, True), (4, 8), (16, 32))
         ],
         ("expand", "gemv"): [
-            dict(block_r=r, block_n=n, block_n_small=n, warps=w)
-            for r, n, w in prod((32, 64), (128, 256), (4, 8))
+            dict(block_r=r, block_n=128, block_n_small=128, n_iters=n)
+            for r, n in prod((32, 64), (1, 2, 4))
         ],
-        ("shrink", "gemm"): [
-            dict(block_r=r, block_k=k, k_stages=st)
-            for r, k, st in prod((16, 32), (64, 128), (2, 3))
-        ],
-        ("expand", "gemm"): [
-            dict(block_r=r, block_n=n, warps=w) for r, n, w in prod((16, 32), (128, 256), (4, 8))
-        ],
+        ("expand", "gemm"): [dict(warps=w) for w in (4, 8)],
     }
     mods = {"shrink": SHRINK_MOD, "expand": EXPAND_MOD}
     lines = [

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_common import next_pow2
+
 
 @triton.jit
 def _kv_write_kernel(
@@ -92,7 +94,7 @@ def kv_write(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_KV_HEADS=hkv, HEAD_DIM=d,
-        BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d), PAGE=page,
+        BLOCK_H=next_pow2(hkv), BLOCK_D=next_pow2(d), PAGE=page,
         num_warps=4,
     )  # fmt: skip
 

@@ -191,3 +191,13 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: few programs is fastest
+
+
+# plain-Python helpers for the launchers (triton.cdiv / next_power_of_2 are constexpr functions
+# with a few microseconds of wrapping per call, paid on every launch)
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

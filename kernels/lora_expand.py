@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_common import LoraSegments, check_batch, check_tables, rows_aligned
+from .lora_common import LoraSegments, cdiv, check_batch, check_tables, next_pow2, rows_aligned
 from .lora_shrink import gather_rows
 
 
@@ -101,6 +101,7 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    N_ITERS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -113,11 +114,9 @@ def _lora_expand_kernel(
     mod = tl.where(mod_i == 0, mod0, tl.where(mod_i == 1, mod1, mod2))
     out_dim = tl.where(mod_i == 0, out0, tl.where(mod_i == 1, out1, out2))
     y_off = tl.where(mod_i == 0, yoff0, tl.where(mod_i == 1, yoff1, yoff2))
-    n_begin = pid_n * BLOCK_N
+    n_begin = pid_n * (BLOCK_N * N_ITERS)
     if n_begin >= out_dim:
         return
-    offs_n = n_begin + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < out_dim
 
     if GEMM:
         slot = tl.load(slots_ptr + pid1)
@@ -134,53 +133,55 @@ def _lora_expand_kernel(
     else:
         tok = pid1.to(tl.int64)
         m_mask = tok >= 0  # unused
-        # y does not depend on the adapter: its load overlaps the table lookups
-        yp = y_ptr + tok * stride_yt + y_off + offs_n
-        y = tl.load(yp, mask=n_mask, other=0.0).to(tl.float32)
         slot = tl.load(slots_ptr + pid1)
         if slot < 0:
             return
 
     # the first rank chunk's row pointers and v are fetched before the rank is known (masked by
     # the table size only; rows past the rank are masked below), so the rank lookup is not one
-    # more latency in the chain slot -> rank -> pointers -> B
+    # more latency in the chain slot -> rank -> pointers -> B. They serve all N_ITERS tiles.
     p_base = bptr_ptr + slot * stride_ps + mod * stride_pm
     v_base = v_ptr + mod_i * stride_vm
     offs_r = tl.arange(0, BLOCK_R)
     pre_mask = offs_r < max_rank
-    rows = tl.load(p_base + offs_r, mask=pre_mask, other=0)
-    v = _v_chunk(v_base, tok, offs_r, pre_mask, m_mask, split_k, stride_vk, stride_vt,
-                 GEMM, SPLIT_PAD, BLOCK_M, BLOCK_R)  # fmt: skip
+    rows0 = tl.load(p_base + offs_r, mask=pre_mask, other=0)
+    v0 = _v_chunk(v_base, tok, offs_r, pre_mask, m_mask, split_k, stride_vk, stride_vt,
+                  GEMM, SPLIT_PAD, BLOCK_M, BLOCK_R)  # fmt: skip
     rank = tl.load(ranks_ptr + slot * stride_rs + mod)
     scale = tl.load(scales_ptr + slot)
     if rank == 0:
         return
-    if GEMM:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc = _b_chunk(acc, flat_ptr, rows, offs_r < rank, v, offs_n, n_mask, GEMM, ALIGNED, FP32)
-    for r in range(BLOCK_R, rank, BLOCK_R):
-        offs_r = r + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        rows = tl.load(p_base + offs_r, mask=r_mask, other=0)
-        v = _v_chunk(v_base, tok, offs_r, r_mask, m_mask, split_k, stride_vk, stride_vt,
-                     GEMM, SPLIT_PAD, BLOCK_M, BLOCK_R)  # fmt: skip
-        acc = _b_chunk(acc, flat_ptr, rows, r_mask, v, offs_n, n_mask, GEMM, ALIGNED, FP32)
-
-    if GEMM:
-        yp = y_ptr + tok[:, None] * stride_yt + y_off + offs_n[None, :]
-        ym = m_mask[:, None] & n_mask[None, :]
-        y = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+    r_mask0 = offs_r < rank
+    for nt in tl.static_range(N_ITERS):
+        offs_n = n_begin + nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < out_dim
+        if GEMM:
+            yp = y_ptr + tok[:, None] * stride_yt + y_off + offs_n[None, :]
+            ym = m_mask[:, None] & n_mask[None, :]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            yp = y_ptr + tok * stride_yt + y_off + offs_n
+            ym = n_mask
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        y = tl.load(yp, mask=ym, other=0.0).to(tl.float32)  # independent of B: loads overlap
+        acc = _b_chunk(acc, flat_ptr, rows0, r_mask0, v0, offs_n, n_mask, GEMM, ALIGNED, FP32)
+        for r in range(BLOCK_R, rank, BLOCK_R):
+            offs_r = r + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            rows = tl.load(p_base + offs_r, mask=r_mask, other=0)
+            v = _v_chunk(v_base, tok, offs_r, r_mask, m_mask, split_k, stride_vk, stride_vt,
+                         GEMM, SPLIT_PAD, BLOCK_M, BLOCK_R)  # fmt: skip
+            acc = _b_chunk(acc, flat_ptr, rows, r_mask, v, offs_n, n_mask, GEMM, ALIGNED, FP32)
         tl.store(yp, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=ym)
-    else:
-        tl.store(yp, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 # Launch configurations (a benchmark sweep may override them). GEMV: BLOCK_N is block_n_small
 # for batches under 16 tokens (more programs for few tokens).
-GEMV_CONFIG = {"block_r": 32, "block_n": 256, "block_n_small": 256, "warps": 4, "stages": 2}
-GEMM_CONFIG = {"block_r": 16, "block_n": 256, "warps": 4, "stages": 2}
+# n_iters (GEMV): output tiles per program, sharing the program's table lookups.
+GEMV_CONFIG = {
+    "block_r": 32, "block_n": 128, "block_n_small": 128, "n_iters": 1, "warps": 4, "stages": 2
+}  # fmt: skip
+GEMM_CONFIG = {"block_r": 32, "block_n": 256, "warps": 4, "stages": 2}
 
 
 def lora_expand(
@@ -255,7 +256,7 @@ def lora_expand(
         cfg = GEMM_CONFIG
         block_m = 64 if segments.max_seg_len > 32 else (32 if segments.max_seg_len > 16 else 16)
         block_n = cfg["block_n"]
-        n_mtiles = triton.cdiv(max(segments.max_seg_len, 1), block_m)
+        n_mtiles = cdiv(max(segments.max_seg_len, 1), block_m)
         n_rows = segments.num_segments
         slots_t, seg_start = segments.seg_slot, segments.seg_start
         tok_idx = segments.token_idx if segments.token_idx is not None else seg_start
@@ -264,8 +265,9 @@ def lora_expand(
         block_m, n_mtiles, n_rows = 1, 1, T
         block_n = cfg["block_n_small"] if T < 16 else cfg["block_n"]
         slots_t, seg_start, tok_idx = lora_slots, lora_slots, lora_slots
-    block_n = min(block_n, max(16, triton.next_power_of_2(max_out)))
-    grid = (triton.cdiv(max_out, block_n), n_rows, len(mods) * n_mtiles)
+    block_n = min(block_n, max(16, next_pow2(max_out)))
+    n_iters = 1 if gemm else cfg["n_iters"]
+    grid = (cdiv(max_out, block_n * n_iters), n_rows, len(mods) * n_mtiles)
     if aligned is None:
         aligned = all(d % 8 == 0 for d in out_dims) and rows_aligned(flat, b_ptr)
     m3 = mods + [mods[-1]] * (3 - len(mods))
@@ -282,10 +284,11 @@ def lora_expand(
         HAS_TOK_IDX=gemm and segments.token_idx is not None,
         ALIGNED=bool(aligned),
         FP32=y.dtype == torch.float32,
-        SPLIT_PAD=triton.next_power_of_2(split_k),
+        SPLIT_PAD=next_pow2(split_k),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=cfg["block_r"],
+        N_ITERS=n_iters,
         num_warps=cfg["warps"],
         num_stages=cfg["stages"],
     )  # fmt: skip

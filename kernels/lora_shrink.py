@@ -20,7 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_common import LoraSegments, check_batch, check_tables, num_sms, rows_aligned
+from .lora_common import (
+    LoraSegments,
+    cdiv,
+    check_batch,
+    check_tables,
+    next_pow2,
+    num_sms,
+    rows_aligned,
+)
 
 
 @triton.jit
@@ -56,6 +64,7 @@ def _lora_shrink_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_STAGES: tl.constexpr,
+    R_LOOP: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -80,6 +89,7 @@ def _lora_shrink_kernel(
             tok = offs_m.to(tl.int64)
     else:
         tok = pid0.to(tl.int64)
+        m_mask = tok >= 0  # unused
         rt = pid1
         slot = tl.load(slots_ptr + pid0)
         if slot < 0:
@@ -94,12 +104,31 @@ def _lora_shrink_kernel(
     rank = tl.load(ranks_ptr + slot * stride_rs + mod)
     if r_begin >= rank:  # tile past this adapter's true rank (or module not targeted)
         return
-    r_mask = offs_r < rank
+    o_base = out_ptr + mod_i * stride_om + split * stride_ok
+    k_begin = split * k_per_split
+    _shrink_tile(x_ptr, flat_ptr, o_base, rows, offs_r, offs_r < rank, tok, m_mask, k_begin,
+                 k_per_split, in_dim, stride_xt, stride_ot,
+                 GEMM, ALIGNED, FP32, BLOCK_M, BLOCK_R, BLOCK_K, K_STAGES)  # fmt: skip
+    if R_LOOP:  # one program walks all rank tiles of its token (grid without a rank axis)
+        for r in range(BLOCK_R, rank, BLOCK_R):
+            offs_r = r + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            rows = tl.load(p_row + offs_r, mask=r_mask, other=0)
+            _shrink_tile(x_ptr, flat_ptr, o_base, rows, offs_r, r_mask, tok, m_mask, k_begin,
+                         k_per_split, in_dim, stride_xt, stride_ot,
+                         GEMM, ALIGNED, FP32, BLOCK_M, BLOCK_R, BLOCK_K, K_STAGES)  # fmt: skip
+
+
+@triton.jit
+def _shrink_tile(x_ptr, flat_ptr, o_base, rows, offs_r, r_mask, tok, m_mask, k_begin,
+                 k_per_split, in_dim, stride_xt, stride_ot,
+                 GEMM: tl.constexpr, ALIGNED: tl.constexpr, FP32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 K_STAGES: tl.constexpr):  # fmt: skip
+    """Partial sums over this split's in_dim range for one tile of rank rows; stores them."""
     if ALIGNED:
         rows = tl.multiple_of(rows, 8)
-
     offs_k0 = tl.arange(0, BLOCK_K)
-    k_begin = split * k_per_split
     if GEMM:
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     else:
@@ -125,8 +154,6 @@ def _lora_shrink_kernel(
         else:
             xv = tl.load(x_ptr + tok * stride_xt + offs_k, mask=k_mask, other=0.0)
             acc += a.to(tl.float32) * xv.to(tl.float32)[None, :]
-
-    o_base = out_ptr + mod_i * stride_om + split * stride_ok
     if GEMM:
         tl.store(
             o_base + tok[:, None] * stride_ot + offs_r[None, :],
@@ -141,16 +168,20 @@ def _lora_shrink_kernel(
 # working programs as 2 rank tiles per token/segment tile and module; ``waves`` is how many
 # programs per multiprocessor the split of the in_dim reduction aims for.
 # k_stages: software-pipelining depth of the in_dim loop (1 = none).
-GEMV_CONFIG = {"block_r": 16, "block_k": 128, "warps": 4, "stages": 2, "waves": 4, "k_stages": 1}
-GEMM_CONFIG = {"block_r": 32, "block_k": 128, "warps": 4, "stages": 3, "waves": 2, "k_stages": 3}
+# r_loop (GEMV): one program per token and split walks all its rank tiles (no rank grid axis).
+GEMV_CONFIG = {
+    "block_r": 16, "block_k": 256, "warps": 4, "stages": 2, "waves": 4, "k_stages": 3,
+    "r_loop": False,
+}  # fmt: skip
+GEMM_CONFIG = {"block_r": 32, "block_k": 128, "warps": 4, "stages": 3, "waves": 2, "k_stages": 2}
 
 
 def _pick_split_k(
     in_dim: int, block_k: int, programs: int, waves: int, device: torch.device
 ) -> int:
     """Split the in_dim reduction until about ``waves`` programs per SM are in flight."""
-    max_split = triton.cdiv(in_dim, block_k)
-    want = triton.cdiv(waves * num_sms(device), max(programs, 1))
+    max_split = cdiv(in_dim, block_k)
+    want = cdiv(waves * num_sms(device), max(programs, 1))
     split = 1
     while split < want and split * 2 <= max_split and split < 32:
         split *= 2
@@ -192,19 +223,20 @@ def lora_shrink(
     if gemm:
         cfg = GEMM_CONFIG
         block_m = 64 if segments.max_seg_len > 32 else (32 if segments.max_seg_len > 16 else 16)
-        m_tiles = triton.cdiv(max(segments.max_seg_len, 1), block_m)
+        m_tiles = cdiv(max(segments.max_seg_len, 1), block_m)
         programs = segments.num_segments * m_tiles * len(mods) * 2
     else:
         cfg = GEMV_CONFIG
         block_m = 1
-        programs = T * len(mods) * 2
+        programs = T * len(mods) * (1 if cfg.get("r_loop") else 2)
     block_r, block_k = cfg["block_r"], cfg["block_k"]
-    block_k = min(block_k, max(16, triton.next_power_of_2(in_dim)))
+    block_k = min(block_k, max(16, next_pow2(in_dim)))
     if split_k is None:
         split_k = _pick_split_k(in_dim, block_k, programs, cfg["waves"], x.device)
-    k_per_split = triton.cdiv(triton.cdiv(in_dim, split_k), block_k) * block_k
-    split_k = triton.cdiv(in_dim, k_per_split)  # no empty splits
-    n_rtiles = triton.cdiv(max_rank, block_r)
+    k_per_split = cdiv(cdiv(in_dim, split_k), block_k) * block_k
+    split_k = cdiv(in_dim, k_per_split)  # no empty splits
+    r_loop = (not gemm) and cfg.get("r_loop", False)
+    n_rtiles = 1 if r_loop else cdiv(max_rank, block_r)
 
     shape = (len(mods), split_k, T, max_rank)
     if out is None:
@@ -238,6 +270,7 @@ def lora_shrink(
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         K_STAGES=cfg["k_stages"],
+        R_LOOP=r_loop,
         num_warps=cfg["warps"],
         num_stages=cfg["stages"],
     )  # fmt: skip

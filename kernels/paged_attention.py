@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_common import cdiv, next_pow2
+
 _LOG2E = 1.4426950408889634
 
 
@@ -280,8 +282,9 @@ def _decode_reduce_kernel(
 # key tile, warps (for tiles of 64+ queries), pipelining depth. Decode: key tile, warps, depth;
 # split-K until about ``waves`` programs per SM, each split at least ``min_blocks_per_split``
 # key tiles long.
-PREFILL_CONFIG = {"block_m": 64, "block_n": 64, "warps": 8, "stages": 2}
-DECODE_CONFIG = {"block_n": 64, "warps": 4, "stages": 3, "waves": 2, "min_blocks_per_split": 4}
+# (defaults: the fastest of bench_attention.py --sweep on an H100, docs/BENCHMARKS.md)
+PREFILL_CONFIG = {"block_m": 64, "block_n": 64, "warps": 4, "stages": 3}
+DECODE_CONFIG = {"block_n": 128, "warps": 4, "stages": 3, "waves": 4, "min_blocks_per_split": 2}
 
 
 def _check_common(q, kv_cache, context_lens, block_tables, out):
@@ -353,16 +356,16 @@ def paged_attention_prefill(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     fp32 = q.dtype == torch.float32
     if q.device.type == "cuda":
         cfg = PREFILL_CONFIG
-        block_m = min(cfg["block_m"], max(16, triton.next_power_of_2(max_query_len)))
+        block_m = min(cfg["block_m"], max(16, next_pow2(max_query_len)))
         block_n = 32 if (fp32 or block_d > 128) else cfg["block_n"]
         warps, stages = (cfg["warps"] if block_m >= 64 else 4), cfg["stages"]
     else:
         block_m, block_n, warps, stages = 16, 32, 4, 1
-    grid = (triton.cdiv(max_query_len, block_m), S, h)
+    grid = (cdiv(max_query_len, block_m), S, h)
     _prefill_kernel[grid](
         q, kv_cache, out, query_start_loc, context_lens, block_tables,
         scale * _LOG2E,
@@ -405,7 +408,7 @@ def paged_attention_decode(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     group = h // hkv
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     fp32 = q.dtype == torch.float32
     cfg = DECODE_CONFIG
     block_n = 32 if (fp32 or block_d > 128 or q.device.type != "cuda") else cfg["block_n"]
@@ -416,14 +419,14 @@ def paged_attention_decode(
     if num_splits is None:
         if q.device.type == "cuda":
             sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            want = triton.cdiv(cfg["waves"] * sms, S * hkv)
+            want = cdiv(cfg["waves"] * sms, S * hkv)
             # each split keeps at least 4 key blocks of work
             min_tokens = cfg["min_blocks_per_split"] * block_n
-            num_splits = max(1, min(want, triton.cdiv(max_context_len, min_tokens), 64))
+            num_splits = max(1, min(want, cdiv(max_context_len, min_tokens), 64))
         else:
             num_splits = 1
-    tokens_per_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_context_len, tokens_per_split)
+    tokens_per_split = cdiv(cdiv(max_context_len, num_splits), block_n) * block_n
+    num_splits = cdiv(max_context_len, tokens_per_split)
     if num_splits > 1:
         po = torch.empty(S, h, num_splits, block_d, dtype=torch.float32, device=q.device)
         pml = torch.empty(S, h, num_splits, 2, dtype=torch.float32, device=q.device)
@@ -437,7 +440,7 @@ def paged_attention_decode(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         h * num_splits, num_splits,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE=page,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), PAGE=page,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=num_splits, FP32=fp32,
         num_warps=cfg["warps"], num_stages=cfg["stages"] if q.device.type == "cuda" else 1,
     )  # fmt: skip
@@ -446,7 +449,7 @@ def paged_attention_decode(
             out, po, pml, context_lens, tokens_per_split,
             out.stride(0), out.stride(1), h * num_splits, num_splits,
             HEAD_DIM=d, BLOCK_D=block_d, SPLITS=num_splits,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            SPLITS_PAD=max(2, next_pow2(num_splits)),
             num_warps=4,
         )  # fmt: skip
     return out

@@ -81,10 +81,10 @@ def measure_copy_rate(device: str | torch.device = "cuda", nbytes: int = 1 << 30
     return 2 * nbytes / (ms * 1e-3)
 
 
-def gpu_time_us(fn, reps: int = 100, warmup: int = 10, sleep_cycles: int = 200_000) -> float:
+def gpu_time_us(fn, reps: int = 100, warmup: int = 10, sleep_cycles: int = 2_000_000) -> float:
     """Median device time of ``fn`` in us, L2 flushed before each run (cold cache).
 
-    Before each timed region the stream gets a 256 MB memset and a ~0.1 ms sleep, so the host
+    Before each timed region the stream gets a 256 MB memset and a ~1 ms sleep, so the host
     (Python launchers) runs ahead and its launch overhead does not show in the events: this
     measures the kernels. Use :func:`call_time_us` for the cost of back-to-back eager calls.
     """

@@ -5,6 +5,8 @@ and Llama-7B dims, real batch sizes. Pools are random everywhere (never zeros) w
 pages shuffled; ranks 4..128 are mixed in every batch, with tokens that have no adapter.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -102,6 +104,35 @@ def test_mbgmv_decode(dtype, model, modules, batch):
     out_dims = [dims[m][1] for m in modules]
     slots = random_slots(gen, batch, modules[0])
     x = torch.randn(batch, in_dim, generator=gen).to(DEVICE, dtype)
+    y = torch.randn(batch, sum(out_dims), generator=gen).to(DEVICE, dtype)
+    slots_d = slots.to(DEVICE)
+    ref = add_lora_ref(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, None, slots_d)
+    y_out = add_lora(
+        y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, lora_slots=slots_d
+    )
+    check_delta(y_out, y, ref, slots, dtype)
+
+
+@pytest.mark.parametrize(
+    "shrink_cfg,expand_cfg",
+    [
+        ({"r_loop": True, "block_r": 16}, {"n_iters": 2, "block_r": 64}),
+        ({"r_loop": True, "block_r": 32, "k_stages": 1}, {"n_iters": 4, "block_n": 64}),
+    ],
+    ids=["rloop16-n2", "rloop32-n4"],
+)
+def test_mbgmv_other_launch_configs(shrink_cfg, expand_cfg, monkeypatch):
+    """The launch variants a benchmark sweep may pick compute the same function."""
+    shrink_mod = sys.modules["kernels.lora_shrink"]
+    expand_mod = sys.modules["kernels.lora_expand"]
+    monkeypatch.setattr(shrink_mod, "GEMV_CONFIG", {**shrink_mod.GEMV_CONFIG, **shrink_cfg})
+    monkeypatch.setattr(expand_mod, "GEMV_CONFIG", {**expand_mod.GEMV_CONFIG, **expand_cfg})
+    dtype, model, modules = DTYPES[0], MODELS[-1], (0, 1, 2)
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(model, dtype, seed=21)
+    out_dims = [dims[m][1] for m in modules]
+    batch = 37 if ON_CUDA else 6
+    slots = random_slots(gen, batch, 0)
+    x = torch.randn(batch, dims[0][0], generator=gen).to(DEVICE, dtype)
     y = torch.randn(batch, sum(out_dims), generator=gen).to(DEVICE, dtype)
     slots_d = slots.to(DEVICE)
     ref = add_lora_ref(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, None, slots_d)
