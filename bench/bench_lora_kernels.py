@@ -352,6 +352,12 @@ def main():
     ap.add_argument(
         "--sweep", action="store_true", help="time launch configurations first, keep the fastest"
     )
+    ap.add_argument(
+        "--profile-decode",
+        type=int,
+        metavar="M",
+        help="only run shrink + expand of the decode case with M tokens a few times (for ncu)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,6 +381,17 @@ def main():
         decode_ms, prefill = [1, 5, 12], (3, 6)
         rate = None
     gen, pool = build_pool(n_ad, hidden, page_elems, dtype, device)
+    if args.profile_decode:
+        flat, a_ptr, b_ptr, ranks, scales = pool
+        M = args.profile_decode
+        slots = (torch.arange(M, dtype=torch.int32) % n_ad).to(device)
+        x = torch.randn(M, hidden, generator=gen).to(device, dtype)
+        y = torch.randn(M, hidden, generator=gen).to(device, dtype)
+        for _ in range(3):
+            add_lora(y, x, flat, a_ptr, b_ptr, ranks, scales, (0,), [hidden], lora_slots=slots)
+        if cuda:
+            torch.cuda.synchronize()
+        return
     sweep_table = None
     if args.sweep:
         timer = (lambda fn: gpu_time_us(fn, reps=40)) if cuda else (lambda fn: (fn(), 0.0)[1])
