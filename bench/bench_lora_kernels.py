@@ -246,24 +246,27 @@ def sweep(pool, hidden, device, dtype, gen, timer):
     """Time launch configurations of each kernel (decode M in {8, 32, 256}, the prefill).
 
     The fastest configuration (sum over the cases) of each kernel and mode is kept."""
-    import itertools
-
     flat, a_ptr, b_ptr, ranks, scales = pool
     n_ad = ranks.shape[0]
     cases = [("gemv", torch.arange(M, dtype=torch.int32) % n_ad) for M in (8, 32, 256)]
     cases.append(("gemm", torch.arange(8, dtype=torch.int32).repeat_interleave(256)))
-    prod = itertools.product
     spaces = {
         ("shrink", "gemv"): [
-            dict(block_r=r, block_k=256, k_stages=3, waves=w, r_loop=rl)
-            for rl, w, r in prod((False, True), (4, 8), (16, 32))
+            dict(block_r=r, block_k=k, k_stages=st, warps=w)
+            for r, k, st, w in (
+                (16, 256, 3, 4), (16, 256, 3, 8), (16, 128, 3, 4),
+                (16, 128, 1, 4), (16, 512, 2, 8), (16, 256, 1, 8),
+            )
         ],
         ("expand", "gemv"): [
-            dict(block_r=r, block_n=128, block_n_small=128, n_iters=n)
-            for r, n in prod((32, 64), (1, 2, 4))
+            dict(block_r=r, block_n=n, block_n_small=n, warps=w)
+            for r, n, w in ((32, 128, 4), (32, 128, 8), (32, 256, 8), (16, 128, 4), (32, 64, 4))
         ],
-        ("expand", "gemm"): [dict(warps=w) for w in (4, 8)],
-    }
+        ("shrink", "gemm"): [
+            dict(block_r=r, block_k=k, warps=w)
+            for r, k, w in ((32, 128, 4), (32, 128, 8), (16, 128, 4))
+        ],
+    }  # fmt: skip
     mods = {"shrink": SHRINK_MOD, "expand": EXPAND_MOD}
     lines = [
         "| kernel | mode | config | " + " | ".join(f"{m} M={len(s)} (us)" for m, s in cases) + " |"

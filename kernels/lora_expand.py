@@ -181,7 +181,7 @@ def _lora_expand_kernel(
 GEMV_CONFIG = {
     "block_r": 32, "block_n": 128, "block_n_small": 128, "n_iters": 1, "warps": 4, "stages": 2
 }  # fmt: skip
-GEMM_CONFIG = {"block_r": 32, "block_n": 256, "warps": 4, "stages": 2}
+GEMM_CONFIG = {"block_r": 32, "block_n": 256, "warps": 8, "stages": 2}
 
 
 def lora_expand(
