@@ -178,8 +178,9 @@ def _lora_expand_kernel(
 # Launch configurations (a benchmark sweep may override them). GEMV: BLOCK_N is block_n_small
 # for batches under 16 tokens (more programs for few tokens).
 # n_iters (GEMV): output tiles per program, sharing the program's table lookups.
+# (defaults: the fastest of bench_lora_kernels.py --sweep on an H100, docs/BENCHMARKS.md)
 GEMV_CONFIG = {
-    "block_r": 32, "block_n": 128, "block_n_small": 128, "n_iters": 1, "warps": 4, "stages": 2
+    "block_r": 16, "block_n": 128, "block_n_small": 128, "n_iters": 1, "warps": 4, "stages": 2
 }  # fmt: skip
 GEMM_CONFIG = {"block_r": 32, "block_n": 256, "warps": 8, "stages": 2}
 

@@ -169,11 +169,12 @@ def _shrink_tile(x_ptr, flat_ptr, o_base, rows, offs_r, r_mask, tok, m_mask, k_b
 # programs per multiprocessor the split of the in_dim reduction aims for.
 # k_stages: software-pipelining depth of the in_dim loop (1 = none).
 # r_loop (GEMV): one program per token and split walks all its rank tiles (no rank grid axis).
+# (defaults: the fastest of bench_lora_kernels.py --sweep on an H100, docs/BENCHMARKS.md)
 GEMV_CONFIG = {
     "block_r": 16, "block_k": 256, "warps": 4, "stages": 2, "waves": 4, "k_stages": 3,
     "r_loop": False,
 }  # fmt: skip
-GEMM_CONFIG = {"block_r": 32, "block_k": 128, "warps": 4, "stages": 3, "waves": 2, "k_stages": 2}
+GEMM_CONFIG = {"block_r": 16, "block_k": 128, "warps": 4, "stages": 3, "waves": 2, "k_stages": 2}
 
 
 def _pick_split_k(
