@@ -31,10 +31,15 @@ def add_lora(
     lora_slots: torch.Tensor | None = None,
     segments: LoraSegments | None = None,
     split_k: int | None = None,
+    aligned: bool | None = None,
 ) -> torch.Tensor:
-    """MBGMV with ``lora_slots`` (decode), MBGMM with ``segments`` (prefill); returns ``y``."""
+    """MBGMV with ``lora_slots`` (decode), MBGMM with ``segments`` (prefill); returns ``y``.
+
+    ``aligned``: every row offset is a multiple of 8 elements (None: checked on the device once
+    per table version, a sync that CUDA-graph capture cannot have)."""
     v = lora_shrink(
-        x, flat, a_ptr, ranks, modules, lora_slots=lora_slots, segments=segments, split_k=split_k
+        x, flat, a_ptr, ranks, modules, lora_slots=lora_slots, segments=segments,
+        split_k=split_k, aligned=aligned,
     )
     return lora_expand(
         y,
@@ -48,6 +53,7 @@ def add_lora(
         y_offsets,
         lora_slots=lora_slots,
         segments=segments,
+        aligned=aligned,
     )
 
 

@@ -175,6 +175,10 @@ GEMV_CONFIG = {
     "r_loop": False,
 }  # fmt: skip
 GEMM_CONFIG = {"block_r": 16, "block_k": 128, "warps": 4, "stages": 3, "waves": 2, "k_stages": 2}
+# MBGMM: the expand kernel holds a [split_k, BLOCK_M, BLOCK_R] fp32 tile of the partial sums in
+# shared memory, so split_k * BLOCK_M is capped (at BLOCK_M 64, split 16 needed 276 KiB on an
+# H200, whose limit is 227 KiB: a few short prefill segments asked for that much split)
+GEMM_MAX_SPLIT_ROWS = 256
 
 
 def _pick_split_k(
@@ -234,6 +238,8 @@ def lora_shrink(
     block_k = min(block_k, max(16, next_pow2(in_dim)))
     if split_k is None:
         split_k = _pick_split_k(in_dim, block_k, programs, cfg["waves"], x.device)
+    if gemm:
+        split_k = min(split_k, max(1, GEMM_MAX_SPLIT_ROWS // block_m))
     k_per_split = cdiv(cdiv(in_dim, split_k), block_k) * block_k
     split_k = cdiv(in_dim, k_per_split)  # no empty splits
     r_loop = (not gemm) and cfg.get("r_loop", False)

@@ -1,0 +1,209 @@
+"""End-to-end engine throughput on the GPU at the paper's scale: LoRA vs base only.
+
+A Llama-7B-shaped model (hidden 4096, 32 layers, 32 heads, mlp 11008, vocab 32000) with random
+fp16 weights made on the GPU (no download), --num-adapters synthetic PEFT adapters on disk
+(q,k,v,o; ranks cycled from --ranks), --num-requests requests with input and output lengths
+uniform in --lengths, EOS ignored, greedy, all queued at once. The same requests run twice
+through one engine: every request with its (random) adapter, and every request on the base
+model. Reports requests/s and output tokens/s of each and the LoRA cost.
+
+Adapters of one rank share their weights (hard links of one file per rank): writing 100
+distinct 7B-shaped adapters (~6 GB of random numbers) would take most of a device lease. Each
+adapter id is still validated, read, cached, and paged into the pool on its own.
+
+    python bench/bench_engine_gpu.py --tokenizer DIR        # full run (CUDA)
+    python bench/bench_engine_gpu.py --tokenizer DIR --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from slora_backend.adapters.source import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
+from slora_backend.adapters.synthetic import (  # noqa: E402
+    AdapterRecipe,
+    adapter_config,
+    adapter_tensors,
+    write_adapter,
+)
+from slora_backend.model.llama import LlamaModel  # noqa: E402
+from slora_backend.model.spec import ModelSpec  # noqa: E402
+
+LLAMA7B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
+}  # fmt: skip
+# --tiny: the same run on a small model (a smoke test of this script, CPU included)
+TINY_CONFIG = dict(LLAMA7B_CONFIG, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+FIRST_TOKEN_ID = 3  # random prompts skip special tokens
+HBM_BYTES_PER_S = 4.8e12  # H200 spec sheet; the decode floor reads every weight once per step
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokenizer", type=Path, required=True,
+                   help="folder with tokenizer.json (any Llama-family tokenizer; ids < 32000)")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--num-adapters", type=int, default=100)
+    p.add_argument("--ranks", default="8,16,32,64")
+    p.add_argument("--lengths", default="8,512", help="min,max input and output tokens")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--pool-fraction", type=float, default=0.8, help="of free GPU memory")
+    p.add_argument("--pool-bytes", type=int, default=None, help="instead of --pool-fraction")
+    p.add_argument("--cuda-graph-max-batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine_gpu.json")
+    p.add_argument("--quick", action="store_true", help="20 requests, 8 adapters")
+    p.add_argument("--tiny", action="store_true", help="a small model instead of Llama-7B")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    if args.quick:
+        args.num_requests, args.num_adapters = 20, 8
+    return args
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_model_dir(root: Path, tokenizer: Path, config: dict) -> Path:
+    d = root / "model"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(config))
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, d / name)
+    return d
+
+
+def make_adapters(root: Path, spec: ModelSpec, count: int, ranks: list[int]) -> list[str]:
+    """One real PEFT folder per rank; the other ids hard-link its weights file."""
+    first: dict[int, Path] = {}
+    names = []
+    for i in tqdm(range(count), desc="adapters"):
+        rank = ranks[i % len(ranks)]
+        name = f"a{i:03d}-r{rank}"
+        recipe = AdapterRecipe(rank, ATTN_MODULES, float(2 * rank), False, "list", seed=rank)
+        if rank not in first:
+            first[rank] = write_adapter(root / name, adapter_config(recipe),
+                                        adapter_tensors(recipe, spec, torch.float16))
+        else:
+            (root / name).mkdir()
+            shutil.copy(first[rank] / CONFIG_FILE, root / name / CONFIG_FILE)
+            os.link(first[rank] / WEIGHTS_FILE, root / name / WEIGHTS_FILE)
+        names.append(name)
+    return names
+
+
+def make_requests(args: argparse.Namespace, adapters: list[str], vocab: int) -> list[dict]:
+    rng = random.Random(args.seed)
+    lo, hi = (int(v) for v in args.lengths.split(","))
+    return [{"prompt": [rng.randrange(FIRST_TOKEN_ID, vocab) for _ in range(rng.randint(lo, hi))],
+             "max_tokens": rng.randint(lo, hi), "adapter": rng.choice(adapters)}
+            for _ in range(args.num_requests)]
+
+
+def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str) -> dict:
+    """All requests queued at once; wall time until the last one finishes."""
+    sync(engine.config.device)
+    t0 = time.perf_counter()
+    for i, r in enumerate(requests):
+        params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0)
+        engine.add_request(f"{tag}-{i}", prompt_token_ids=r["prompt"], params=params,
+                           adapter_id=r["adapter"] if with_adapters else None)
+    tokens = finished = steps = 0
+    with tqdm(total=len(requests), desc=tag) as bar:
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += len(out.new_token_ids)
+                if out.finished:
+                    if out.error is not None:
+                        raise RuntimeError(f"{out.request_id}: {out.error}")
+                    finished += 1
+                    bar.update(1)
+            steps += 1
+    sync(engine.config.device)
+    wall = time.perf_counter() - t0
+    return {"requests": finished, "output_tokens": tokens, "wall_s": round(wall, 2),
+            "steps": steps, "requests_per_s": round(finished / wall, 3),
+            "output_tokens_per_s": round(tokens / wall, 1),
+            "preemptions": engine.scheduler.num_preemptions}
+
+
+def main() -> None:
+    args = parse_args()
+    dev = args.device
+    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+    model_config = TINY_CONFIG if args.tiny else LLAMA7B_CONFIG
+    ranks = [int(r) for r in args.ranks.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-engine-gpu-") as tmp:
+        model_dir = make_model_dir(Path(tmp), args.tokenizer, model_config)
+        spec = ModelSpec.from_hf_config(model_config)
+        adapters = make_adapters(Path(tmp) / "adapters", spec, args.num_adapters, ranks)
+        t0 = time.perf_counter()
+        model = LlamaModel.random(spec, dtype, dev, seed=args.seed)
+        sync(dev)
+        build_s = time.perf_counter() - t0
+        config = EngineConfig(
+            model=str(model_dir), adapter_dir=str(Path(tmp) / "adapters"),
+            dtype=str(dtype).removeprefix("torch."), device=dev, pool_bytes=args.pool_bytes,
+            pool_fraction=args.pool_fraction, max_rank=max(ranks),
+            max_loaded_adapters=args.num_adapters + 1, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=4 * args.num_requests,
+            host_cache_bytes=64 << 30, cuda_graph_max_batch=args.cuda_graph_max_batch)
+        t0 = time.perf_counter()
+        engine = LLMEngine(config, model=(spec, model))
+        init_s = time.perf_counter() - t0
+        requests = make_requests(args, adapters, spec.vocab_size)
+        warm = [dict(r, max_tokens=4, prompt=r["prompt"][:64]) for r in requests[:32]]
+        run(engine, warm, True, "warm-up")  # Triton compiles prefill shapes, adapters load
+        results = {
+            "device": torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
+            "model_build_s": round(build_s, 2), "engine_init_s": round(init_s, 2),
+            "pool_pages": engine.pool.num_pages, "args": {k: str(v) for k, v in vars(args).items()},
+            "base": run(engine, requests, False, "base"),
+            "lora": run(engine, requests, True, "lora"),
+        }
+        engine.close()
+    base, lora = results["base"]["output_tokens_per_s"], results["lora"]["output_tokens_per_s"]
+    results["lora_cost_pct"] = round(100 * (1 - lora / base), 1)
+    weight_bytes = sum(t.numel() * t.element_size() for t in _weights(model))
+    results["decode_step_floor_ms"] = round(1e3 * weight_bytes / HBM_BYTES_PER_S, 2)
+    print(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+def _weights(model: LlamaModel) -> list[torch.Tensor]:
+    out = [model.embed, model.norm] + ([] if model.lm_head is model.embed else [model.lm_head])
+    for layer in model.layers:
+        out += [layer.attn_norm, layer.w_qkv, layer.w_o, layer.mlp_norm, layer.w_gate_up,
+                layer.w_down]
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything measured on the GPU machine in one go (docs/BENCHMARKS.md records its output):
+#   bench/run_gpu_suite.sh OUT_DIR TOKENIZER_DIR
+# 1. the engine end to end at Llama-7B scale, LoRA vs base (bench_engine_gpu.py);
+# 2. the kernel and CUDA tests at real shapes (tests/kernels, tests/model/test_model_cuda.py);
+# 3. the LoRA kernel, attention and adapter-load benchmarks.
+# Each step has its own time limit so that one stuck step leaves the others' results.
+set -u
+out=${1:?OUT_DIR}
+tok=${2:?TOKENIZER_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() {  # step SECONDS NAME CMD...
+    local limit=$1 name=$2
+    shift 2
+    echo "=== $name ($(date +%T), limit ${limit}s): $*"
+    timeout "$limit" "$@"
+    echo "=== $name: exit $?"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+step 220 engine python bench/bench_engine_gpu.py --tokenizer "$tok" --out "$out/engine_gpu.json"
+step 130 tests python -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model_cuda.py
+step 70 lora_kernels python bench/bench_lora_kernels.py --out "$out"
+step 50 attention python bench/bench_attention.py --out "$out"
+step 50 adapter_load python bench/bench_adapter_load.py --llama7b --no-ttft \
+    --out "$out/adapter_load.json"

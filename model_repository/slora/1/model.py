@@ -1,0 +1,304 @@
+"""Triton Python-backend model `slora`: a thin adapter over slora_backend's EngineLoop.
+
+Like Triton's vllm_backend: `initialize` builds the engine from config.pbtxt parameters and
+starts the engine loop, a response thread (fed by a queue, stopped by a marker) and a watcher
+thread (cancellation polling + metrics); `execute` validates each request and hands it to the
+engine (errors go back as a final error response) and returns None (decoupled); `finalize`
+shuts down in order. Request parsing lives in slora_backend/triton_io.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+if str(REPO_ROOT) not in sys.path:
+    # normally the repo is installed (editable) in the venv; this keeps a bare checkout working
+    sys.path.append(str(REPO_ROOT))
+
+from slora_backend import EngineConfig, EngineError, EngineLoop, ErrorCode, LLMEngine  # noqa: E402
+from slora_backend.triton_io import (  # noqa: E402
+    COMMAND_LIST_ADAPTERS,
+    ParsedRequest,
+    parse_command,
+    parse_request,
+)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+WATCH_INTERVAL_S = 0.05  # cancellation polling and gauge refresh period
+SHUTDOWN = object()  # response-queue marker
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+SUCCESS_REASONS = ("stop", "length")
+# EngineStats attribute -> gauge label (slora_pool_pages{kind=...})
+POOL_STATS = {"pool_pages_total": "total", "pool_pages_free": "free",
+              "pool_pages_kv": "kv", "pool_pages_lora": "lora"}
+# EngineStats.adapter_cache keys: host-RAM cache events, then pool (device) residency events
+CACHE_COUNTERS = ("hits", "misses", "loads", "evictions", "pool_loads", "pool_evictions")
+
+
+@dataclass
+class _Active:
+    """Per-request state owned by the model (the engine keeps its own)."""
+
+    sender: Any
+    req: ParsedRequest
+    arrival: float
+    last_token_at: float | None = None
+    text: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    echoed: bool = False
+
+
+class _Metrics:
+    """Custom metrics on Triton's metrics port (names prefixed `slora_`)."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        fam = pb_utils.MetricFamily
+        self._families = [
+            fam("slora_requests_total", "Finished requests by outcome", fam.COUNTER),
+            fam("slora_time_to_first_token_seconds", "Time to first token", fam.HISTOGRAM),
+            fam("slora_inter_token_latency_seconds", "Time between tokens", fam.HISTOGRAM),
+            fam("slora_generated_tokens_total", "Generated tokens", fam.COUNTER),
+            fam("slora_requests", "Requests in the engine by state", fam.GAUGE),
+            fam("slora_pool_pages", "Unified pool pages by use", fam.GAUGE),
+            fam("slora_adapters_resident", "Adapters resident in the pool", fam.GAUGE),
+            fam("slora_adapter_cache_events_total", "Adapter cache events (host RAM, pool)",
+                fam.COUNTER),
+            fam("slora_preemptions_total", "Requests preempted (KV recomputed)", fam.COUNTER),
+        ]
+        outcomes, ttft, itl, tokens, reqs, pool, resident, cache, preempt = self._families
+        self.outcome = {o: outcomes.Metric(labels={**labels, "outcome": o})
+                        for o in ("success", "error", "cancelled")}
+        self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
+        self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
+        self.tokens = tokens.Metric(labels=labels)
+        self.gauges = {
+            "num_running": reqs.Metric(labels={**labels, "state": "running"}),
+            "num_waiting": reqs.Metric(labels={**labels, "state": "waiting"}),
+            "adapters_resident": resident.Metric(labels=labels),
+        }
+        for attr, kind in POOL_STATS.items():
+            self.gauges[attr] = pool.Metric(labels={**labels, "kind": kind})
+        self.counters = {c: cache.Metric(labels={**labels, "event": c}) for c in CACHE_COUNTERS}
+        self.preemptions = preempt.Metric(labels=labels)
+        self._last: dict[str, float] = {}
+
+    def refresh(self, stats: Any) -> None:
+        """Copy engine stats into gauges/counters; only values that changed cost an IPC call."""
+        for attr, gauge in self.gauges.items():
+            value = getattr(stats, attr, None)
+            if value is not None and self._last.get(attr) != value:
+                gauge.set(float(value))
+                self._last[attr] = value
+        totals = {**(getattr(stats, "adapter_cache", None) or {}),
+                  "num_preemptions": getattr(stats, "num_preemptions", None)}
+        metrics = {**self.counters, "num_preemptions": self.preemptions}
+        for name, metric in metrics.items():
+            value, key = totals.get(name), "total_" + name
+            if value is not None and value > self._last.get(key, 0):
+                # the engine keeps running totals; Prometheus counters take increments
+                metric.increment(float(value - self._last.get(key, 0)))
+                self._last[key] = value
+
+
+class TritonPythonModel:
+    """The Triton entry points; see the module docstring."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.logger = pb_utils.Logger
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("the slora model must be decoupled")
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        if args.get("model_instance_kind") == "GPU":
+            # one instance per GPU: pin this instance's engine to its device
+            params["device"] = f"cuda:{args['model_instance_device_id']}"
+        config = EngineConfig.from_parameters(params)
+        self.logger.log_info(f"[slora] {args['model_instance_name']}: {config}")
+        self._engine = LLMEngine(config)
+        # GPU instances of one group share a name: the device label keeps their series apart
+        device = f"{args['model_instance_kind'].lower()}:{args['model_instance_device_id']}"
+        self._metrics = _Metrics({"model": args["model_name"],
+                                  "instance": args["model_instance_name"], "device": device})
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._responses: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._loop = EngineLoop(self._engine, self._responses.put)
+        self._loop.start()
+        self._response_thread = threading.Thread(target=self._response_loop, name="slora-resp")
+        self._watch_thread = threading.Thread(target=self._watch_loop, name="slora-watch")
+        self._response_thread.start()
+        self._watch_thread.start()
+
+    # ---------------------------------------------------------------- requests
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            self._admit(request)
+        return None
+
+    def _admit(self, request: Any) -> None:
+        sender = request.get_response_sender()
+
+        def get(name: str) -> np.ndarray | None:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        rid = f"{request.request_id() or 'req'}-{next(self._ids)}"
+        try:
+            command = parse_command(get)
+            if command is not None:
+                self._run_command(command.command, sender)
+                return
+            parsed = parse_request(get)
+            with self._lock:
+                self._active[rid] = _Active(sender, parsed, time.monotonic())
+            self._loop.add_request(
+                rid, prompt=parsed.prompt, prompt_token_ids=parsed.prompt_token_ids,
+                params=parsed.params, adapter_id=parsed.adapter_id,
+            )
+        except EngineError as exc:
+            self._fail(rid, sender, exc)
+        except Exception as exc:  # a bug must not take the server down: report it
+            self.logger.log_error(f"[slora] {rid}: {traceback.format_exc()}")
+            self._fail(rid, sender, EngineError(ErrorCode.INTERNAL, repr(exc)))
+
+    def _fail(self, rid: str, sender: Any, exc: EngineError) -> None:
+        with self._lock:
+            self._active.pop(rid, None)
+        self._metrics.outcome["error"].increment(1.0)
+        self._send_error(sender, exc)
+
+    def _run_command(self, command: str, sender: Any) -> None:
+        if command == COMMAND_LIST_ADAPTERS:
+            body = {"available": self._engine.list_adapters(),
+                    "resident": self._engine.resident_adapters()}
+            out = pb_utils.Tensor("text_output", np.array([json.dumps(body).encode()], np.object_))
+            self._send(sender, pb_utils.InferenceResponse(output_tensors=[out]), FINAL)
+
+    # ---------------------------------------------------------------- responses
+    def _response_loop(self) -> None:
+        while True:
+            item = self._responses.get()
+            if item is SHUTDOWN:
+                return
+            try:
+                self._on_output(item)
+            except Exception:  # keep serving the other requests
+                self.logger.log_error(f"[slora] response thread: {traceback.format_exc()}")
+
+    def _on_output(self, out: Any) -> None:
+        with self._lock:
+            state = self._active.get(out.request_id)
+            if state is not None and out.finished:
+                del self._active[out.request_id]
+        if state is None:
+            return
+        if out.error is not None:
+            self._metrics.outcome["error"].increment(1.0)
+            self._send_error(state.sender, out.error)
+            return
+        self._observe_tokens(state, len(out.new_token_ids))
+        if state.req.stream:
+            self._stream_response(state, out)
+        else:
+            state.text.append(out.new_text)
+            state.ids.extend(out.new_token_ids)
+            if out.finished:
+                text = state.req.echo_text + "".join(state.text)
+                self._send(state.sender, self._response(text, state.ids, out), FINAL)
+        if out.finished:
+            outcome = "success" if out.finish_reason in SUCCESS_REASONS else "cancelled"
+            self._metrics.outcome[outcome].increment(1.0)
+
+    def _stream_response(self, state: _Active, out: Any) -> None:
+        text = out.new_text
+        if not state.echoed:
+            text = state.req.echo_text + text
+        if not (text or out.new_token_ids or out.finished):
+            return  # nothing new yet (e.g. half a UTF-8 character held back)
+        state.echoed = True
+        self._send(state.sender, self._response(text, out.new_token_ids, out),
+                   FINAL if out.finished else 0)
+
+    def _observe_tokens(self, state: _Active, n: int) -> None:
+        if n == 0:
+            return
+        now = time.monotonic()
+        if state.last_token_at is None:
+            self._metrics.ttft.observe(now - state.arrival)
+        else:
+            self._metrics.itl.observe((now - state.last_token_at) / n)
+        state.last_token_at = now
+        self._metrics.tokens.increment(float(n))
+
+    @staticmethod
+    def _response(text: str, ids: list[int], out: Any) -> Any:
+        tensors = [
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32)),
+            pb_utils.Tensor("num_input_tokens", np.array([out.num_input_tokens], np.uint32)),
+            pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], np.uint32)),
+        ]
+        if out.finished:
+            reason = (out.finish_reason or "").encode()
+            tensors.append(pb_utils.Tensor("finish_reason", np.array([reason], np.object_)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _send_error(self, sender: Any, exc: EngineError) -> None:
+        """A final error response; the message keeps the code (gRPC streams lose the status)."""
+        # ErrorCode values are TritonError code names (TritonError exists only after import)
+        code = getattr(pb_utils.TritonError, exc.code.value, pb_utils.TritonError.INTERNAL)
+        error = pb_utils.TritonError(str(exc), code)
+        self._send(sender, pb_utils.InferenceResponse(output_tensors=[], error=error), FINAL)
+
+    def _send(self, sender: Any, response: Any, flags: int) -> None:
+        try:
+            sender.send(response, flags=flags)
+        except Exception as exc:  # the client went away (cancelled): nothing to deliver to
+            self.logger.log_verbose(f"[slora] send failed: {exc}")
+
+    # ---------------------------------------------------------------- watcher
+    def _watch_loop(self) -> None:
+        """Abort requests whose client cancelled / disconnected; refresh gauges."""
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            try:
+                with self._lock:
+                    active = list(self._active.items())
+                for rid, state in active:
+                    if state.sender.is_cancelled():
+                        self._loop.abort(rid)
+                self._metrics.refresh(self._engine.stats())
+            except Exception:
+                self.logger.log_error(f"[slora] watcher: {traceback.format_exc()}")
+
+    # ---------------------------------------------------------------- shutdown
+    def finalize(self) -> None:
+        """Ordered: stop the engine (aborts all, delivers 'cancelled'), drain, join threads."""
+        self.logger.log_info("[slora] finalize: shutting down the engine")
+        self._loop.shutdown()
+        self._stop.set()
+        self._watch_thread.join()
+        self._responses.put(SHUTDOWN)
+        self._response_thread.join()
+        with self._lock:
+            leftover = list(self._active.values())
+            self._active.clear()
+        shutting_down = EngineError(ErrorCode.UNAVAILABLE, "server shutting down")
+        for state in leftover:
+            self._send_error(state.sender, shutting_down)
+        self.logger.log_info("[slora] finalize: done")

@@ -1,0 +1,249 @@
+"""Host-RAM tier: an LRU of HostAdapters bounded in bytes, filled by background loads.
+
+Byte accounting: resident bytes + bytes reserved by loads in flight never exceed the capacity.
+A load first validates the adapter and reserves its size (evicting LRU entries, or waiting for
+other loads to finish), then reads it, so the bound holds even while loads run in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from slora_backend.adapters.source import AdapterSource, Fingerprint, HostAdapter
+from slora_backend.adapters.validation import refuse
+from slora_backend.errors import EngineError, ErrorCode
+
+LATENCY_WINDOW = 1024  # recent load latencies kept for the max / mean in stats()
+
+
+@dataclass
+class _Failure:
+    error: EngineError
+    fingerprint: Fingerprint | None  # the files when it failed: a rewrite clears the failure
+
+
+class HostCache:
+    """LRU (by bytes) of adapters in host memory, loaded by `workers` background threads.
+
+    `prefetch` returns at once; `get` returns the adapter or None while it is not ready (and
+    starts a load if none is running); `error` reports a failed load. Thread-safe.
+    """
+
+    def __init__(self, source: AdapterSource, capacity_bytes: int, workers: int = 1,
+                 pin_memory: bool | None = None) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) \
+                or capacity_bytes < 1:
+            raise EngineError.invalid("host_cache_bytes", f"must be an integer >= 1, "
+                                                          f"got {capacity_bytes!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise EngineError.invalid("host_cache_workers", f"must be an integer >= 1, "
+                                                            f"got {workers!r}")
+        self.source = source
+        self.capacity_bytes = capacity_bytes
+        # pinned host memory makes host -> GPU copies async and ~2x faster; useless on CPU
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._entries: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU first
+        self._inflight: set[str] = set()
+        self._failures: dict[str, _Failure] = {}
+        self._bytes = 0
+        self._reserved = 0
+        self._counters = {"hits": 0, "misses": 0, "loads": 0, "load_errors": 0, "evictions": 0}
+        self._latency_total = 0.0
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._cond = threading.Condition()
+        self._executor = ThreadPoolExecutor(max_workers=workers,
+                                            thread_name_prefix="slora-host-cache")
+        self._closed = False
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def prefetch(self, adapter_id: str) -> None:
+        """Start loading the adapter in the background (no-op when resident or loading).
+        Clears an earlier failure so that a fixed adapter is retried."""
+        with self._cond:
+            self._failures.pop(adapter_id, None)
+        self._lookup(adapter_id, count_hit=False)
+
+    def get(self, adapter_id: str) -> HostAdapter | None:
+        """The adapter if resident and still current on disk; else None (a load is started
+        unless one runs or it failed: see `error`)."""
+        return self._lookup(adapter_id, count_hit=True)
+
+    def error(self, adapter_id: str) -> EngineError | None:
+        """Why the last load of this adapter failed (None if it did not)."""
+        with self._cond:
+            failure = self._failures.get(adapter_id)
+            return failure.error if failure else None
+
+    def wait(self, adapter_id: str, timeout: float | None = None) -> HostAdapter:
+        """Block until the adapter is loaded; raises its load error (or UNAVAILABLE on timeout).
+        For tools and tests; the engine polls `get` instead."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.prefetch(adapter_id)
+        while True:
+            adapter = self.get(adapter_id)
+            if adapter is not None:
+                return adapter
+            with self._cond:
+                failure = self._failures.get(adapter_id)
+                if failure is not None:
+                    raise failure.error
+                if self._closed:
+                    raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
+                if adapter_id in self._inflight:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise EngineError(ErrorCode.UNAVAILABLE,
+                                          f"adapter '{adapter_id}' not loaded after {timeout}s")
+                    self._cond.wait(remaining)
+
+    def is_current(self, adapter: HostAdapter) -> bool:
+        """True while the adapter's files are unchanged on disk since it was loaded. A stat
+        only: starts no load, so the pool tier can check a resident copy cheaply."""
+        fingerprint, problem = self._current(adapter.adapter_id)
+        return problem is None and fingerprint == adapter.fingerprint
+
+    def resident(self) -> list[str]:
+        """Resident adapter ids, least recently used first."""
+        with self._cond:
+            return list(self._entries)
+
+    def evict(self, adapter_id: str) -> bool:
+        """Drop an adapter from host memory; True if it was resident."""
+        with self._cond:
+            return self._drop(adapter_id, count=True)
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics: hits (get found it resident), misses (a load was started),
+        loads, load_errors, evictions, bytes, load latency."""
+        with self._cond:
+            window = list(self._latencies)
+            return {
+                **self._counters,
+                "bytes": self._bytes,
+                "reserved_bytes": self._reserved,
+                "capacity_bytes": self.capacity_bytes,
+                "host_resident": len(self._entries),
+                "host_inflight": len(self._inflight),
+                "load_latency_total_s": self._latency_total,
+                "load_latency_avg_s": sum(window) / len(window) if window else 0.0,
+                "load_latency_max_s": max(window, default=0.0),
+            }
+
+    def close(self) -> None:
+        """Stop the workers (queued loads are cancelled, a running one finishes)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _current(self, adapter_id: str) -> tuple[Fingerprint | None, EngineError | None]:
+        try:
+            return self.source.fingerprint(adapter_id), None
+        except EngineError as exc:
+            return None, exc
+
+    def _lookup(self, adapter_id: str, count_hit: bool) -> HostAdapter | None:
+        # the stat runs outside the lock: it is the only disk access on this path
+        fingerprint, problem = self._current(adapter_id)
+        with self._cond:
+            entry = self._entries.get(adapter_id)
+            if entry is not None and problem is None and entry.fingerprint == fingerprint:
+                self._entries.move_to_end(adapter_id)
+                self._counters["hits"] += count_hit
+                return entry
+            self._drop(adapter_id, count=False)  # removed or rewritten on disk: stale
+            failure = self._failures.get(adapter_id)
+            if failure is not None and failure.fingerprint == fingerprint:
+                return None
+            if problem is not None:
+                self._failures[adapter_id] = _Failure(problem, None)
+                self._cond.notify_all()
+                return None
+            if adapter_id not in self._inflight and not self._closed:
+                self._failures.pop(adapter_id, None)
+                self._inflight.add(adapter_id)
+                self._counters["misses"] += 1
+                self._executor.submit(self._load, adapter_id)
+            return None
+
+    def _drop(self, adapter_id: str, count: bool) -> bool:
+        entry = self._entries.pop(adapter_id, None)
+        if entry is None:
+            return False
+        self._bytes -= entry.nbytes
+        if count:
+            self._counters["evictions"] += 1
+        self._cond.notify_all()
+        return True
+
+    def _reserve(self, nbytes: int) -> None:
+        """Make room for nbytes (evict LRU first, else wait for loads in flight), reserve it."""
+        with self._cond:
+            while self._bytes + self._reserved + nbytes > self.capacity_bytes:
+                if self._entries:
+                    self._drop(next(iter(self._entries)), count=True)
+                elif self._closed:
+                    raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
+                else:
+                    self._cond.wait()
+            self._reserved += nbytes
+
+    def _load(self, adapter_id: str) -> None:
+        start = time.perf_counter()
+        # a failure is remembered with the files' state before the attempt: only a rewrite
+        # of the files makes get() try again
+        fingerprint, _ = self._current(adapter_id)
+        try:
+            info = self.source.inspect(adapter_id)  # validates before anything is allocated
+            if info.nbytes > self.capacity_bytes:
+                raise refuse(adapter_id, f"needs {info.nbytes} bytes of host memory, more than "
+                                         f"the whole host cache ({self.capacity_bytes} bytes, "
+                                         "host_cache_bytes)")
+            self._reserve(info.nbytes)
+            try:
+                adapter = self.source.load(adapter_id, pin_memory=self.pin_memory)
+                self._commit(adapter, info.nbytes, time.perf_counter() - start)
+            except BaseException:
+                with self._cond:
+                    self._reserved -= info.nbytes
+                    self._cond.notify_all()
+                raise
+        except EngineError as exc:
+            self._fail(adapter_id, exc, fingerprint)
+        except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
+            self._fail(adapter_id, EngineError(ErrorCode.INTERNAL,
+                                               f"adapter '{adapter_id}': load failed: {exc!r}"),
+                       fingerprint)
+
+    def _commit(self, adapter: HostAdapter, reserved: int, seconds: float) -> None:
+        """Turn the reservation into a resident entry, atomically (the bound never breaks)."""
+        if adapter.nbytes != reserved:
+            raise EngineError(ErrorCode.UNAVAILABLE,
+                              f"adapter '{adapter.adapter_id}' changed on disk while loading; "
+                              "retry")
+        with self._cond:
+            self._reserved -= reserved
+            self._entries[adapter.adapter_id] = adapter
+            self._bytes += adapter.nbytes
+            self._counters["loads"] += 1
+            self._latency_total += seconds
+            self._latencies.append(seconds)
+            self._inflight.discard(adapter.adapter_id)
+            self._failures.pop(adapter.adapter_id, None)  # e.g. a NOT_FOUND seen mid-load
+            self._cond.notify_all()
+
+    def _fail(self, adapter_id: str, error: EngineError, fingerprint: Fingerprint | None) -> None:
+        with self._cond:
+            self._failures[adapter_id] = _Failure(error, fingerprint)
+            self._counters["load_errors"] += 1
+            self._inflight.discard(adapter_id)
+            self._cond.notify_all()

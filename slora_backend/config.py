@@ -1,0 +1,165 @@
+"""Engine configuration: a validated dataclass, fillable from Triton string parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slora_backend.errors import EngineError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ".cache/models/SmolLM2-135M-Instruct"
+DEFAULT_ADAPTER_DIR = "adapters"
+MIB = 1 << 20
+GIB = 1 << 30
+DEFAULT_CPU_POOL_BYTES = 512 * MIB
+DEFAULT_POOL_FRACTION = 0.5
+DEFAULT_CUDA_GRAPH_MAX_BATCH = 256
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+ENV_PREFIX = "SLORA_"
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+# fields that hold filesystem paths: relative values resolve against the repo root
+PATH_FIELDS = ("model", "adapter_dir")
+
+
+@dataclass
+class EngineConfig:
+    """All engine settings. Defaults work for SmolLM2 on CPU.
+
+    Pool size: `pool_bytes` if given, else `pool_fraction` of free GPU memory on CUDA, else
+    DEFAULT_CPU_POOL_BYTES on CPU.
+    """
+
+    model: str = DEFAULT_MODEL
+    adapter_dir: str = DEFAULT_ADAPTER_DIR
+    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto = cuda if available
+    block_size: int = 16
+    pool_bytes: int | None = None
+    pool_fraction: float = DEFAULT_POOL_FRACTION
+    max_rank: int = 64
+    max_loaded_adapters: int = 32
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 1024
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    host_cache_bytes: int = 2 * GIB
+    host_cache_workers: int = 2
+    seed: int = 0
+    # auto = the Triton-lang kernels for fp16/bf16 on CUDA, torch ops elsewhere
+    kernel_backend: str = "auto"
+    # decode steps of up to this many sequences replay CUDA graphs (triton backend on CUDA);
+    # 0 = off
+    cuda_graph_max_batch: int = DEFAULT_CUDA_GRAPH_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        for name in ("model", "adapter_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise EngineError.invalid(name, f"must be a non-empty path, got {value!r}")
+            setattr(self, name, str(value))
+        self.dtype = _check_dtype(self.dtype)
+        self.device = _check_device(self.device)
+        positive = ("block_size", "max_rank", "max_loaded_adapters", "max_num_seqs",
+                    "max_num_batched_tokens", "max_waiting", "host_cache_bytes",
+                    "host_cache_workers")
+        for name in positive:
+            _check_int(name, getattr(self, name), 1)
+        for name in ("pool_bytes", "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("cuda_graph_max_batch", self.cuda_graph_max_batch, 0)
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise EngineError.invalid(
+                "kernel_backend", f"must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        fraction = self.pool_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                or not 0 < fraction <= 1:
+            raise EngineError.invalid("pool_fraction", f"must be in (0, 1], got {fraction!r}")
+
+    @property
+    def resolved_device(self) -> str:
+        """'auto' resolved: cuda when available, else cpu."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        if self.dtype == "auto":
+            return torch.float16 if self.resolved_device.startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def from_parameters(
+        cls, params: Mapping[str, str], env: Mapping[str, str] = os.environ
+    ) -> EngineConfig:
+        """Fill from Triton config.pbtxt string parameters; `SLORA_<FIELD>` env vars override.
+
+        Empty strings mean "default"; unknown parameter names are refused by name. Relative
+        model / adapter_dir paths resolve against the repo root.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in params:
+            if key not in fields:
+                raise EngineError.invalid(key, "unknown engine parameter")
+        raw: dict[str, str] = {k: v for k, v in params.items() if str(v).strip() != ""}
+        for name in fields:
+            value = env.get(ENV_PREFIX + name.upper())
+            if value is not None and value.strip() != "":
+                raw[name] = value
+        kwargs = {name: _parse(name, fields[name].type, value) for name, value in raw.items()}
+        for name in PATH_FIELDS:
+            path = Path(kwargs.get(name, getattr(cls, name)))
+            kwargs[name] = str(path if path.is_absolute() else REPO_ROOT / path)
+        return cls(**kwargs)
+
+
+def _parse(name: str, type_name: Any, value: str) -> Any:
+    """Convert a string parameter to the field's type (annotations are strings here)."""
+    text = str(value).strip()
+    type_text = str(type_name)
+    try:
+        if type_text.startswith("int"):
+            return int(text)
+        if type_text.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise EngineError.invalid(name, f"not a number: {value!r}") from None
+    return text
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise EngineError.invalid(name, f"must be an integer >= {lo}, got {value!r}")
+
+
+def _check_dtype(value: Any) -> str:
+    key = str(value).lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        choices = sorted(set(DTYPE_ALIASES))
+        raise EngineError.invalid("dtype", f"must be one of {choices}, got {value!r}")
+    return DTYPE_ALIASES[key]
+
+
+def _check_device(value: Any) -> str:
+    text = str(value).lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    if text.startswith("cuda:") and text[len("cuda:"):].isdigit():
+        return text
+    raise EngineError.invalid("device", f"must be auto, cpu, cuda or cuda:N, got {value!r}")

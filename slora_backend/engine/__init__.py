@@ -1,0 +1,1 @@
+"""Engine core: scheduler, unified page pool, adapter residency, model runner."""

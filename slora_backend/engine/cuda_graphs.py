@@ -1,0 +1,139 @@
+"""Decode steps replayed from CUDA graphs.
+
+A decode step of a 32-layer model launches hundreds of small kernels; launched from Python on a
+slow host CPU that costs milliseconds, more than the GPU needs for the step. So decode-only
+steps run from CUDA graphs captured at start-up: one per padded batch size, each with and
+without LoRA (a base-only step launches no LoRA kernels). A graph reads static buffers; a step
+copies its batch into their first rows and pads the rest (slot -1: no KV write, no adapter;
+context length 1). The pool and the adapter slot tables are read where they are at replay, so
+adapters loaded after capture are served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from slora_backend.model.batch import BatchInput
+from slora_backend.model.kernel_ops import KernelStep, rows_always_aligned
+from slora_backend.model.llama import LlamaModel
+from slora_backend.model.lora import LoraTables
+
+log = logging.getLogger(__name__)
+
+# padded batch sizes: every size up to SMALL_SIZES[-1], then steps of SIZE_STEP
+SMALL_SIZES = (1, 2, 4, 8)
+SIZE_STEP = 16
+# split-K of the decode attention inside a graph (fixed at capture; splits past a sequence's
+# context exit at once)
+GRAPH_ATTENTION_SPLITS = 8
+PAD_SLOT = -1
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [s for s in SMALL_SIZES if s < max_batch]
+    sizes += range(SIZE_STEP, max_batch, SIZE_STEP)
+    return sorted(set(sizes) | {max_batch})
+
+
+class DecodeGraphs:
+    """Static decode buffers for up to `max_batch` sequences of up to `max_blocks` pages, and
+    the graphs captured over them (`capture`, CUDA only). `run` also works uncaptured (eager
+    over the same buffers), which is how CPU tests check the padding."""
+
+    def __init__(self, model: LlamaModel, storage: torch.Tensor, tables: LoraTables,
+                 max_batch: int, max_blocks: int) -> None:
+        self.model = model
+        self.storage = storage
+        self.tables = tables
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch = max_batch
+        self.aligned = rows_always_aligned(model.spec, storage.shape[2])
+        dev = storage.device
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = torch.zeros(max_batch, dtype=i64, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=i64, device=dev)
+        self.slot_mapping = torch.full((max_batch,), PAD_SLOT, dtype=i64, device=dev)
+        self.lora_slots = torch.full((max_batch,), PAD_SLOT, dtype=i32, device=dev)
+        self.context_lens = torch.ones(max_batch, dtype=i32, device=dev)
+        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=i32, device=dev)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=dev)
+        self.logits_indices = torch.arange(max_batch, dtype=i64, device=dev)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
+
+    @property
+    def max_blocks(self) -> int:
+        return int(self.block_tables.shape[1])
+
+    def fits(self, batch: BatchInput) -> bool:
+        return (batch.is_decode_only and batch.num_seqs <= self.max_batch
+                and batch.block_tables.shape[1] <= self.max_blocks)
+
+    def _static_batch(self, size: int) -> BatchInput:
+        return BatchInput(
+            input_ids=self.input_ids[:size], positions=self.positions[:size],
+            query_start_loc=self.query_start_loc[:size + 1],
+            context_lens=self.context_lens[:size], block_tables=self.block_tables[:size],
+            slot_mapping=self.slot_mapping[:size], lora_slots=self.lora_slots[:size],
+            logits_indices=self.logits_indices[:size], is_decode_only=True)
+
+    def _forward(self, size: int, with_lora: bool) -> torch.Tensor:
+        batch = self._static_batch(size)
+        tables = self.tables if with_lora else None
+        step = KernelStep.decode_graph(batch, tables, self.aligned, GRAPH_ATTENTION_SPLITS)
+        return self.model.forward(batch, self.storage, tables, step=step)
+
+    def _variants(self) -> Iterator[tuple[int, bool]]:
+        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
+            for with_lora in (False, True):
+                yield size, with_lora
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every (size, with/without LoRA) graph; kernels are compiled by a warm-up."""
+        from tqdm import tqdm
+
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.storage.device)
+        stream.wait_stream(torch.cuda.current_stream(self.storage.device))
+        with torch.cuda.stream(stream):
+            for size, with_lora in self._variants():
+                self._forward(size, with_lora)  # warm-up: Triton compiles outside capture
+        torch.cuda.current_stream(self.storage.device).wait_stream(stream)
+        variants = list(self._variants())
+        for key in tqdm(variants, desc="capturing decode CUDA graphs", leave=False):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._outputs[key] = self._forward(*key)
+            self._graphs[key] = graph
+        torch.cuda.synchronize(self.storage.device)
+        log.info("captured %d decode CUDA graphs (batch sizes %s)", len(self._graphs), self.sizes)
+
+    def run(self, batch: BatchInput, with_lora: bool) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode-only host batch (see `fits`)."""
+        n = batch.num_seqs
+        size = next(s for s in self.sizes if s >= n)
+        self._load(batch, n, size)
+        key = (size, with_lora)
+        graph = self._graphs.get(key)
+        if graph is None:
+            return self._forward(size, with_lora)[:n]
+        graph.replay()
+        return self._outputs[key][:n]
+
+    def _load(self, batch: BatchInput, n: int, size: int) -> None:
+        """Copy the batch into rows [0, n) and reset the padding rows [n, size)."""
+        width = batch.block_tables.shape[1]
+        for dst, src in ((self.input_ids, batch.input_ids), (self.positions, batch.positions),
+                         (self.slot_mapping, batch.slot_mapping),
+                         (self.lora_slots, batch.lora_slots),
+                         (self.context_lens, batch.context_lens)):
+            dst[:n].copy_(src, non_blocking=True)
+        self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
+        if size > n:
+            self.slot_mapping[n:size].fill_(PAD_SLOT)
+            self.lora_slots[n:size].fill_(PAD_SLOT)
+            self.context_lens[n:size].fill_(1)

@@ -1,0 +1,221 @@
+"""Iteration-level scheduler (continuous batching with chunked prefill).
+
+Each step: running sequences first (FCFS by arrival: decodes and unfinished prefill chunks),
+then waiting ones are admitted while the token budget, the running cap and the pool allow.
+Admission needs pool pages for the request's KV (its whole current token list) AND for its
+adapter; idle adapters are evicted (LRU) when KV needs room. When the pool runs dry for a
+running sequence, the latest-arrived running sequence is preempted (recompute: its KV pages are
+freed, it goes back to the front of the queue and is prefilled again later).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from slora_backend.engine.kv_manager import KVManager, pages_for_tokens
+from slora_backend.engine.memory_pool import PagePool
+from slora_backend.engine.sequence import SeqStatus, Sequence
+from slora_backend.errors import EngineError, ErrorCode
+
+CANCELLED = "cancelled"
+
+
+class AdapterPool(Protocol):
+    """What the scheduler needs from the adapter manager (pool tier)."""
+
+    def ready(self, adapter_id: str) -> bool: ...
+
+    def acquire(self, adapter_id: str, reserve_pages: int = 0) -> int | None: ...
+
+    def release(self, adapter_id: str) -> None: ...
+
+    def evict_idle(self, pages_needed: int) -> int: ...
+
+
+@dataclass
+class ScheduledSeq:
+    """`num_new_tokens` tokens of `request_id` starting at position `start` run this step;
+    `sample` = the chunk reaches the end of its tokens, so a new token is sampled."""
+
+    request_id: str
+    start: int
+    num_new_tokens: int
+    sample: bool
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # finished with an error while scheduling
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, kv: KVManager, adapters: AdapterPool | None,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int) -> None:
+        self.pool = pool
+        self.kv = kv
+        self.adapters = adapters
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by arrival
+        self.seqs: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    # ---- queue ---------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request; UNAVAILABLE at once when the waiting queue is full."""
+        if len(self.waiting) >= self.max_waiting:
+            raise EngineError(ErrorCode.UNAVAILABLE,
+                              f"queue full: {len(self.waiting)} requests waiting "
+                              f"(max_waiting={self.max_waiting})")
+        if seq.request_id in self.seqs:
+            raise EngineError.invalid("request_id", f"{seq.request_id!r} is already in use")
+        self.seqs[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a request as cancelled and free its pages; None if unknown / already done."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self.finish(seq, CANCELLED)
+        return seq
+
+    def finish(self, seq: Sequence, reason: str | None, error: EngineError | None = None) -> None:
+        """Take `seq` out of the queues and free its KV pages and adapter reference."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self._free_resources(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+        self.seqs.pop(seq.request_id, None)
+
+    def _free_resources(self, seq: Sequence) -> None:
+        self.kv.free(seq.request_id)
+        if seq.holds_adapter and self.adapters is not None and seq.adapter_id is not None:
+            self.adapters.release(seq.adapter_id)
+        seq.holds_adapter = False
+        seq.lora_slot = -1
+
+    # ---- scheduling ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            if not self._ensure_kv(seq, seq.num_computed_tokens + n, out):
+                continue  # seq itself was preempted: running[i] is now the next one
+            out.scheduled.append(self._chunk(seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _ensure_kv(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Make room for `num_tokens` KV slots of a running seq: evict idle adapters, then
+        preempt the latest-arrived running sequences. False if `seq` itself was preempted."""
+        need = self.kv.pages_needed(seq.request_id, num_tokens)
+        while need > self.pool.num_free:
+            if self.adapters is not None and self.adapters.evict_idle(need - self.pool.num_free):
+                continue
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        self.kv.grow(seq.request_id, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._free_resources(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq.request_id)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        not_ready: list[Sequence] = []  # adapter host copy still loading: only these wait
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            status = self._try_admit(seq, out)
+            if status == "no_room":
+                break
+            if status == "failed":
+                continue  # finish() already took it out of the queue
+            self.waiting.popleft()
+            if status == "not_ready":
+                not_ready.append(seq)
+            elif status == "admitted":
+                n = min(seq.num_uncomputed, budget)
+                self.kv.grow(seq.request_id, seq.num_computed_tokens + n)
+                out.scheduled.append(self._chunk(seq, n))
+                budget -= n
+        self.waiting.extendleft(reversed(not_ready))
+
+    def _try_admit(self, seq: Sequence, out: SchedulerOutput) -> str:
+        """'admitted' (now RUNNING), 'not_ready', 'no_room' or 'failed' (finished with error)."""
+        kv_pages = pages_for_tokens(seq.num_tokens, self.kv.block_size)
+        if seq.adapter_id is not None:
+            assert self.adapters is not None, "adapter request without an adapter manager"
+            try:
+                if not self.adapters.ready(seq.adapter_id):
+                    return "not_ready"
+                slot = self.adapters.acquire(seq.adapter_id, reserve_pages=kv_pages)
+            except EngineError as err:  # the adapter failed to load / validate
+                self.finish(seq, None, err)
+                out.failed.append(seq)
+                return "failed"
+            if slot is None:
+                return "no_room"
+            seq.lora_slot = slot
+            seq.holds_adapter = True
+        elif not self._make_room(kv_pages):
+            return "no_room"
+        seq.status = SeqStatus.RUNNING
+        arrivals = [s.arrival for s in self.running]
+        self.running.insert(bisect.bisect(arrivals, seq.arrival), seq)
+        return "admitted"
+
+    def _make_room(self, pages: int) -> bool:
+        if pages > self.pool.num_free and self.adapters is not None:
+            self.adapters.evict_idle(pages - self.pool.num_free)
+        return pages <= self.pool.num_free
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return ScheduledSeq(seq.request_id, start, n, start + n == seq.num_tokens)
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """After the model ran `out`: the scheduled tokens now have K/V in the pool."""
+        for s in out.scheduled:
+            seq = self.seqs.get(s.request_id)
+            if seq is not None:
+                seq.num_computed_tokens = s.start + s.num_new_tokens

@@ -1,0 +1,70 @@
+"""Request / sequence state tracked by the scheduler and the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from slora_backend.errors import EngineError
+from slora_backend.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request. Its tokens are `prompt_token_ids + output_token_ids`; the first
+    `num_computed_tokens` of them have K/V in the pool. A step that brings num_computed up to
+    num_tokens samples the next token (prefill chunks and decodes are the same thing).
+    Preemption (recompute) resets num_computed_tokens to 0 and keeps the outputs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: str | None
+    arrival: int  # monotonically increasing admission order (FCFS and preemption priority)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    lora_slot: int = -1  # -1 = base model, else the adapter's slot while RUNNING
+    holds_adapter: bool = False  # an adapter refcount is held (released on preempt/finish)
+    finish_reason: str | None = None
+    error: EngineError | None = None
+    num_preemptions: int = 0
+    # filled by the engine: detokenizer state, sampler generator, emitted counters
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + outputs."""
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt:end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n_prompt]
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens whose K/V the request can ever hold (the last sampled one is never computed)."""
+        return self.num_prompt_tokens + self.params.max_tokens - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

@@ -1,0 +1,210 @@
+"""LoRA slot tables and the adapter row layout in the unified pool (docs/DESIGN.md).
+
+Layout of one adapter in its pages (identical for every layer): for each target module m in
+MODULE_ORDER that it has, r rows of A (each in_m long) then r rows of B^T (each out_m long),
+packed in order; a row never straddles a page (if it does not fit in what is left of the
+page it starts on the next one). A row's address is an element offset into the flattened
+layer slice `storage[l].view(-1)`: page * page_elems + offset_in_page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .spec import MODULE_INDEX, MODULE_ORDER, ModelSpec
+
+NUM_MODULES = len(MODULE_ORDER)
+
+
+@dataclass
+class LoraTables:
+    """Slot tables (fixed capacity), on the engine's device.
+
+    a_ptr, b_ptr: int64 [slots, 7, max_rank] element offsets of A rows / B^T rows in
+    `storage[l].view(-1)` (entries past the rank are 0 and never read);
+    ranks: int32 [slots, 7] (0 = module not targeted); scales: float32 [slots].
+    """
+
+    a_ptr: torch.Tensor
+    b_ptr: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def create(
+        cls, num_slots: int, max_rank: int, device: torch.device | str = "cpu"
+    ) -> LoraTables:
+        return cls(
+            a_ptr=torch.zeros(num_slots, NUM_MODULES, max_rank, dtype=torch.int64, device=device),
+            b_ptr=torch.zeros(num_slots, NUM_MODULES, max_rank, dtype=torch.int64, device=device),
+            ranks=torch.zeros(num_slots, NUM_MODULES, dtype=torch.int32, device=device),
+            scales=torch.zeros(num_slots, dtype=torch.float32, device=device),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.ranks.shape[0])
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.a_ptr.shape[2])
+
+    def set_slot(
+        self,
+        slot: int,
+        rank: int,
+        scale: float,
+        pointers: Mapping[str, tuple[Sequence[int], Sequence[int]]],
+    ) -> None:
+        """Fill slot `slot`.
+
+        pointers[module] = (absolute A row offsets, absolute B^T row offsets).
+        """
+        if rank > self.max_rank:
+            raise ValueError(f"rank {rank} exceeds the slot tables' max_rank {self.max_rank}")
+        dev = self.a_ptr.device
+        self.clear_slot(slot)
+        for m, (a_rows, b_rows) in pointers.items():
+            mi = MODULE_INDEX[m]
+            if len(a_rows) != rank or len(b_rows) != rank:
+                raise ValueError(
+                    f"module {m}: expected {rank} A and B rows, got {len(a_rows)}, {len(b_rows)}"
+                )
+            self.a_ptr[slot, mi, :rank] = torch.as_tensor(
+                list(a_rows), dtype=torch.int64, device=dev
+            )
+            self.b_ptr[slot, mi, :rank] = torch.as_tensor(
+                list(b_rows), dtype=torch.int64, device=dev
+            )
+            self.ranks[slot, mi] = rank
+        self.scales[slot] = float(scale)
+
+    def clear_slot(self, slot: int) -> None:
+        self.a_ptr[slot].zero_()
+        self.b_ptr[slot].zero_()
+        self.ranks[slot].zero_()
+        self.scales[slot] = 0.0
+
+
+@dataclass
+class RowPlan:
+    """Where an adapter's rows go, relative to its own page list.
+
+    offsets[module] = (A row offsets, B^T row offsets); an offset v means page
+    `pages[v // page_elems]`, element `v % page_elems` of that page.
+    """
+
+    num_pages: int
+    page_elems: int
+    offsets: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+    def absolute(self, pages: Sequence[int]) -> dict[str, tuple[list[int], list[int]]]:
+        """Row offsets into `storage[l].view(-1)` once the adapter's pages are known."""
+        if len(pages) < self.num_pages:
+            raise ValueError(f"adapter needs {self.num_pages} pages, got {len(pages)}")
+        pe = self.page_elems
+
+        def conv(vs: list[int]) -> list[int]:
+            return [int(pages[v // pe]) * pe + v % pe for v in vs]
+
+        return {m: (conv(a), conv(b)) for m, (a, b) in self.offsets.items()}
+
+
+def plan_adapter_rows(
+    spec: ModelSpec, modules: Sequence[str], rank: int, page_elems: int
+) -> RowPlan:
+    """Pack r A rows then r B^T rows per module (MODULE_ORDER order) into pages of `page_elems`."""
+    if rank <= 0:
+        raise ValueError(f"rank must be > 0, got {rank}")
+    unknown = [m for m in modules if m not in MODULE_INDEX]
+    if unknown:
+        raise ValueError(f"unknown target modules {unknown}; expected a subset of {MODULE_ORDER}")
+    ordered = [m for m in MODULE_ORDER if m in set(modules)]
+    page = 0
+    used = 0  # elements used in the current page
+    offsets: dict[str, tuple[list[int], list[int]]] = {}
+
+    def place(length: int) -> int:
+        nonlocal page, used
+        if length > page_elems:
+            raise ValueError(
+                f"a LoRA row of {length} elements does not fit in a pool page of "
+                f"{page_elems} elements "
+                f"(increase block_size)"
+            )
+        if used + length > page_elems:
+            page += 1
+            used = 0
+        off = page * page_elems + used
+        used += length
+        return off
+
+    for m in ordered:
+        d_in, d_out = spec.module_dims(m)
+        a_rows = [place(d_in) for _ in range(rank)]
+        b_rows = [place(d_out) for _ in range(rank)]
+        offsets[m] = (a_rows, b_rows)
+    num_pages = page + 1 if used > 0 else page
+    return RowPlan(num_pages=num_pages, page_elems=page_elems, offsets=offsets)
+
+
+def adapter_num_pages(spec: ModelSpec, modules: Sequence[str], rank: int, page_elems: int) -> int:
+    return plan_adapter_rows(spec, modules, rank, page_elems).num_pages
+
+
+def write_adapter_rows(
+    storage: torch.Tensor,
+    pages: Sequence[int],
+    weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    spec: ModelSpec,
+    modules: Sequence[str],
+    rank: int,
+    plan: RowPlan | None = None,
+) -> dict[str, tuple[list[int], list[int]]]:
+    """Write an adapter's A rows and B^T rows (all layers) into its pool pages.
+
+    storage: [L, P, page_elems]; weights[(layer, module)] = (A [r, in], B [out, r]).
+    Returns the absolute row pointers per module (for `LoraTables.set_slot`).
+    Rows that follow each other in one page are contiguous, so each (module, page) run is one
+    copy covering all layers.
+    """
+    L, _, pe = storage.shape
+    if plan is None:
+        plan = plan_adapter_rows(spec, modules, rank, pe)
+    flat = storage.view(L, -1)
+    pointers = plan.absolute(pages)
+    for m, (a_rows, b_rows) in pointers.items():
+        d_in, d_out = spec.module_dims(m)
+        a_all = torch.stack([weights[(li, m)][0] for li in range(L)]).to(
+            device=storage.device, dtype=storage.dtype
+        )
+        bt_all = torch.stack([weights[(li, m)][1].t() for li in range(L)]).to(
+            device=storage.device, dtype=storage.dtype
+        )
+        if a_all.shape[1:] != (rank, d_in) or bt_all.shape[1:] != (rank, d_out):
+            raise ValueError(
+                f"module {m}: A {tuple(a_all.shape[1:])} / B^T {tuple(bt_all.shape[1:])} "
+                "do not match "
+                f"rank {rank} and dims ({d_in}, {d_out})"
+            )
+        for rows, src, length in ((a_rows, a_all, d_in), (b_rows, bt_all, d_out)):
+            for j0, j1, start in contiguous_runs(rows, length):
+                flat[:, start : start + (j1 - j0) * length] = src[:, j0:j1].reshape(L, -1)
+    return pointers
+
+
+def contiguous_runs(rows: Sequence[int], length: int) -> list[tuple[int, int, int]]:
+    """Split row offsets into runs of back-to-back rows: [(first_row, end_row, start_offset)]."""
+    runs: list[tuple[int, int, int]] = []
+    if not rows:
+        return runs
+    j0 = 0
+    for j in range(1, len(rows)):
+        if rows[j] != rows[j - 1] + length:
+            runs.append((j0, j, int(rows[j0])))
+            j0 = j
+    runs.append((j0, len(rows), int(rows[j0])))
+    return runs

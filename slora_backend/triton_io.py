@@ -1,0 +1,238 @@
+"""Triton request parsing for the `slora` model (model_repository/slora/1/model.py).
+
+Kept free of `triton_python_backend_utils` so that it imports anywhere: the model passes a
+getter that returns an input tensor as a numpy array (or None when the input is absent).
+Every refusal is an EngineError INVALID_ARG naming the offending input / JSON key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slora_backend.errors import EngineError
+from slora_backend.sampling_params import SamplingParams
+
+InputGetter = Callable[[str], "np.ndarray | None"]
+
+# Inputs that map 1:1 onto SamplingParams fields (tensor inputs win over sampling_parameters).
+SCALAR_SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
+# `command` values (a request with a command and no prompt is a control request).
+COMMAND_LIST_ADAPTERS = "list_adapters"
+COMMANDS = (COMMAND_LIST_ADAPTERS,)
+CHAT_ROLES = ("system", "user", "assistant")
+# Defaults of the boolean inputs (documented in README "Interface").
+DEFAULT_STREAM = True
+DEFAULT_EXCLUDE_INPUT = True
+DEFAULT_CHAT = False
+
+
+@dataclass
+class ParsedRequest:
+    """A generation request, validated and ready for EngineLoop.add_request."""
+
+    prompt: str | list[dict[str, str]] | None
+    prompt_token_ids: list[int] | None
+    params: SamplingParams
+    adapter_id: str | None
+    stream: bool = DEFAULT_STREAM
+    exclude_input_in_output: bool = DEFAULT_EXCLUDE_INPUT
+    # text put before the completion when exclude_input_in_output is false
+    echo_text: str = ""
+
+
+@dataclass
+class ParsedCommand:
+    """A control request (no generation): e.g. `list_adapters`."""
+
+    command: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _one(get: InputGetter, name: str) -> Any | None:
+    """The single element of a [1]-shaped input, or None when absent."""
+    arr = get(name)
+    if arr is None:
+        return None
+    flat = np.asarray(arr).reshape(-1)
+    if flat.size != 1:
+        raise EngineError.invalid(name, f"expected exactly one element, got {flat.size}")
+    return flat[0]
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EngineError.invalid(name, f"not valid UTF-8: {exc}") from None
+    if isinstance(value, str):
+        return value
+    raise EngineError.invalid(name, f"expected a UTF-8 string, got {type(value).__name__}")
+
+
+def _one_text(get: InputGetter, name: str) -> str | None:
+    value = _one(get, name)
+    return None if value is None else _text(name, value)
+
+
+def _one_bool(get: InputGetter, name: str) -> bool | None:
+    value = _one(get, name)
+    return None if value is None else bool(value)
+
+
+def _python_scalar(name: str, value: Any) -> Any:
+    """numpy scalar -> plain Python (SamplingParams checks types strictly)."""
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    raise EngineError.invalid(name, f"unexpected value {value!r}")
+
+
+def _sampling_json(get: InputGetter) -> dict[str, Any]:
+    text = _one_text(get, "sampling_parameters")
+    if text is None or not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EngineError.invalid("sampling_parameters", f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise EngineError.invalid("sampling_parameters", "must be a JSON object")
+    return data
+
+
+def _json_bool(data: dict[str, Any], key: str) -> bool | None:
+    if key not in data:
+        return None
+    value = data[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise EngineError.invalid(key, f"must be a boolean, got {value!r}")
+
+
+def _adapter_id(get: InputGetter, data: dict[str, Any]) -> str | None:
+    """`adapter_id` input, else `adapter_id` / `lora_name` JSON keys; empty = base model."""
+    value = _one_text(get, "adapter_id")
+    if value is None:
+        for key in ("adapter_id", "lora_name"):
+            if key in data:
+                if data[key] is not None and not isinstance(data[key], str):
+                    raise EngineError.invalid(key, f"must be a string, got {data[key]!r}")
+                value = data[key]
+                break
+    return value or None
+
+
+def _stop_strings(get: InputGetter) -> list[str] | None:
+    arr = get("stop")
+    if arr is None:
+        return None
+    return [_text("stop", v) for v in np.asarray(arr).reshape(-1)]
+
+
+def _sampling_params(get: InputGetter, data: dict[str, Any]) -> SamplingParams:
+    merged = dict(data)
+    for name in SCALAR_SAMPLING_INPUTS:
+        value = _one(get, name)
+        if value is not None:
+            merged[name] = _python_scalar(name, value)
+    stop = _stop_strings(get)
+    if stop is not None:
+        merged["stop"] = stop
+    return SamplingParams.from_dict(merged)
+
+
+def _chat_messages(text: str) -> list[dict[str, str]]:
+    """A chat prompt: a JSON list of {role, content} messages, or plain text = one user turn."""
+    stripped = text.strip()
+    if not stripped.startswith("["):
+        return [{"role": "user", "content": text}]
+    try:
+        messages = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise EngineError.invalid("text_input", f"chat messages: invalid JSON: {exc}") from None
+    if not isinstance(messages, list) or not messages:
+        raise EngineError.invalid("text_input", "chat messages must be a non-empty JSON list")
+    for i, msg in enumerate(messages):
+        ok = (
+            isinstance(msg, dict)
+            and set(msg) == {"role", "content"}
+            and msg["role"] in CHAT_ROLES
+            and isinstance(msg["content"], str)
+        )
+        if not ok:
+            raise EngineError.invalid(
+                "text_input",
+                f"chat message {i} must be {{\"role\": one of {list(CHAT_ROLES)}, "
+                f"\"content\": string}}, got {msg!r}",
+            )
+    return messages
+
+
+def _input_ids(get: InputGetter) -> list[int] | None:
+    arr = get("input_ids")
+    if arr is None:
+        return None
+    ids = [int(v) for v in np.asarray(arr).reshape(-1)]
+    if not ids:
+        raise EngineError.invalid("input_ids", "must not be empty")
+    if min(ids) < 0:
+        raise EngineError.invalid("input_ids", "token ids must be >= 0")
+    return ids
+
+
+def parse_command(get: InputGetter) -> ParsedCommand | None:
+    """The control command of a request, or None for a generation request."""
+    command = _one_text(get, "command")
+    if command is None or not command.strip():
+        return None
+    command = command.strip()
+    if command not in COMMANDS:
+        known = list(COMMANDS)
+        raise EngineError.invalid("command", f"unknown command {command!r}; known: {known}")
+    return ParsedCommand(command)
+
+
+def parse_request(get: InputGetter) -> ParsedRequest:
+    """Validate a generation request's inputs (see README "Interface")."""
+    data = _sampling_json(get)
+    text = _one_text(get, "text_input")
+    ids = _input_ids(get)
+    if text is not None and ids is not None:
+        raise EngineError.invalid("input_ids", "give either text_input or input_ids, not both")
+    if ids is None and (text is None or not text):
+        raise EngineError.invalid("text_input", "a prompt is required (text_input or input_ids)")
+    chat = _one_bool(get, "chat")
+    if chat is None:
+        chat = _json_bool(data, "chat")
+    stream = _one_bool(get, "stream")
+    if stream is None:
+        stream = _json_bool(data, "stream")
+    exclude = _one_bool(get, "exclude_input_in_output")
+    if exclude is None:
+        exclude = _json_bool(data, "exclude_input_in_output")
+    if chat and ids is not None:
+        raise EngineError.invalid("chat", "chat needs text_input (messages), not input_ids")
+    prompt: str | list[dict[str, str]] | None = text
+    if chat and text is not None:
+        prompt = _chat_messages(text)
+    exclude = DEFAULT_EXCLUDE_INPUT if exclude is None else exclude
+    return ParsedRequest(
+        prompt=prompt if ids is None else None,
+        prompt_token_ids=ids,
+        params=_sampling_params(get, data),
+        adapter_id=_adapter_id(get, data),
+        stream=DEFAULT_STREAM if stream is None else stream,
+        exclude_input_in_output=exclude,
+        echo_text="" if exclude or text is None else text,
+    )

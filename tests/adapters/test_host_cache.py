@@ -1,0 +1,245 @@
+"""HostCache: LRU bounded in bytes, background loads, failures, counters, thread safety."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from adapter_helpers import MAX_RANK, recipe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slora_backend.adapters import AdapterSource, HostCache
+from slora_backend.adapters.synthetic import adapter_config, adapter_tensors, write_adapter
+from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.model.spec import MODULE_ORDER, ModelSpec
+
+WAIT_S = 30.0
+LRU_RANKS = (4, 8, 16, 32, 8, 4, 64, 16)  # distinct sizes: the byte bound matters, not counts
+# a Llama-7B-like width with 4 layers: one rank-64 all-module adapter is ~37 MB, a load that
+# takes long enough to watch it happen in the background
+WIDE_SPEC = ModelSpec(num_layers=4, hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128,
+                      intermediate_size=5632, vocab_size=32000)
+
+
+@pytest.fixture(scope="module")
+def lru_source(tmp_path_factory: pytest.TempPathFactory, spec: ModelSpec) -> AdapterSource:
+    root = tmp_path_factory.mktemp("lru-adapters")
+    for i, rank in enumerate(LRU_RANKS):
+        rec = recipe(rank=rank, modules=MODULE_ORDER[: 1 + i % 7], seed=i)
+        write_adapter(root / f"a{i}", adapter_config(rec), adapter_tensors(rec, spec))
+    return AdapterSource(root, spec, MAX_RANK, torch.float32)
+
+
+def _sizes(source: AdapterSource) -> dict[str, int]:
+    return {name: source.inspect(name).nbytes for name in source.list_adapters()}
+
+
+def _check_bound(cache: HostCache) -> None:
+    stats = cache.stats()
+    assert stats["bytes"] + stats["reserved_bytes"] <= cache.capacity_bytes
+    assert stats["bytes"] >= 0 and stats["reserved_bytes"] >= 0
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["wait", "evict"]), st.integers(0, len(LRU_RANKS) - 1)),
+               min_size=1, max_size=40)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, capacity_fraction=st.floats(0.0, 1.0))
+def test_lru_matches_reference_and_bound_holds(lru_source: AdapterSource, ops: list,
+                                               capacity_fraction: float) -> None:
+    sizes = _sizes(lru_source)
+    names = sorted(sizes)
+    largest, total = max(sizes.values()), sum(sizes.values())
+    capacity = int(largest + capacity_fraction * (total - largest))
+    cache = HostCache(lru_source, capacity, workers=1, pin_memory=False)
+    ref: OrderedDict[str, int] = OrderedDict()
+    evictions = misses = 0
+    try:
+        for op, index in ops:
+            name = names[index]
+            if op == "evict":
+                evicted = cache.evict(name)
+                assert evicted == (name in ref)
+                evictions += evicted
+                ref.pop(name, None)
+            elif name in ref:
+                ref.move_to_end(name)
+                assert cache.wait(name, timeout=WAIT_S).adapter_id == name
+            else:
+                misses += 1
+                while sum(ref.values()) + sizes[name] > capacity:
+                    ref.popitem(last=False)
+                    evictions += 1
+                ref[name] = sizes[name]
+                assert cache.wait(name, timeout=WAIT_S).nbytes == sizes[name]
+            _check_bound(cache)
+            assert cache.resident() == list(ref)
+        stats = cache.stats()
+        assert stats["bytes"] == sum(ref.values())
+        assert (stats["evictions"], stats["misses"], stats["loads"]) == (evictions, misses, misses)
+    finally:
+        cache.close()
+
+
+def test_bound_holds_under_concurrent_random_use(lru_source: AdapterSource) -> None:
+    sizes = _sizes(lru_source)
+    names = sorted(sizes)
+    capacity = max(sizes.values()) + min(sizes.values())
+    cache = HostCache(lru_source, capacity, workers=3, pin_memory=False)
+    violations: list[str] = []
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.is_set():
+            stats = cache.stats()
+            if stats["bytes"] + stats["reserved_bytes"] > capacity:
+                violations.append(repr(stats))
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(60):
+            name = rng.choice(names)
+            action = rng.random()
+            if action < 0.4:
+                cache.prefetch(name)
+            elif action < 0.9:
+                adapter = cache.get(name)
+                assert adapter is None or adapter.adapter_id == name
+            else:
+                cache.evict(name)
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    clients = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    try:
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        for name in names:  # everything still loads afterwards
+            assert cache.wait(name, timeout=WAIT_S).adapter_id == name
+    finally:
+        stop.set()
+        watcher.join()
+        cache.close()
+    assert violations == []
+    stats = cache.stats()
+    assert stats["host_inflight"] == 0 and stats["reserved_bytes"] == 0
+    assert stats["bytes"] == sum(sizes[n] for n in cache.resident()) <= capacity
+    assert stats["load_errors"] == 0
+
+
+def test_prefetch_returns_at_once_and_loads_in_background(tmp_path: Path) -> None:
+    rec = recipe(rank=MAX_RANK, modules=MODULE_ORDER, seed=3)
+    write_adapter(tmp_path / "wide", adapter_config(rec), adapter_tensors(rec, WIDE_SPEC))
+    source = AdapterSource(tmp_path, WIDE_SPEC, MAX_RANK, torch.float32)
+    cache = HostCache(source, capacity_bytes=1 << 30, workers=1, pin_memory=False)
+    try:
+        start = time.perf_counter()
+        cache.prefetch("wide")
+        prefetch_s = time.perf_counter() - start
+        not_ready = cache.get("wide")
+        adapter = cache.wait("wide", timeout=WAIT_S)
+        stats = cache.stats()
+    finally:
+        cache.close()
+    assert not_ready is None  # the ~37 MB load was still running after prefetch returned
+    assert adapter.nbytes > 30 * (1 << 20)
+    assert prefetch_s < stats["load_latency_max_s"] / 2
+    assert stats["loads"] == 1 and stats["misses"] == 1 and stats["load_latency_total_s"] > 0
+
+
+def test_adapter_larger_than_cache_is_refused(lru_source: AdapterSource) -> None:
+    name = "a6"  # the rank-64 one
+    size = lru_source.inspect(name).nbytes
+    cache = HostCache(lru_source, capacity_bytes=size - 1, workers=1, pin_memory=False)
+    try:
+        with pytest.raises(EngineError, match="more than the whole host cache") as info:
+            cache.wait(name, timeout=WAIT_S)
+    finally:
+        cache.close()
+    assert info.value.code == ErrorCode.INVALID_ARG and f"'{name}'" in info.value.message
+    assert cache.stats()["bytes"] == 0 and cache.stats()["load_errors"] == 1
+
+
+def test_failed_load_is_reported_and_retried_after_a_fix(spec: ModelSpec, adapter_dir: Path,
+                                                         source: AdapterSource) -> None:
+    rec = recipe(rank=4)
+    bad = adapter_config(rec) | {"use_dora": True}
+    write_adapter(adapter_dir / "flaky", bad, adapter_tensors(rec, spec))
+    cache = HostCache(source, capacity_bytes=1 << 24, workers=1, pin_memory=False)
+    try:
+        with pytest.raises(EngineError, match="use_dora"):
+            cache.wait("flaky", timeout=WAIT_S)
+        assert cache.get("flaky") is None  # a failed load is not retried by polling ...
+        assert cache.stats()["misses"] == 1
+        assert "use_dora" in cache.error("flaky").message
+        folder = write_adapter(adapter_dir / "flaky", adapter_config(rec),
+                               adapter_tensors(rec, spec))
+        later = time.time() + 5
+        for path in folder.iterdir():
+            os.utime(path, (later, later))
+        # ... but a fixed adapter (new files) is
+        assert cache.wait("flaky", timeout=WAIT_S).rank == 4
+        assert cache.error("flaky") is None
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"capacity_bytes": 0}, "host_cache_bytes"),
+                                              ({"capacity_bytes": 1, "workers": 0},
+                                               "host_cache_workers")])
+def test_bad_arguments(source: AdapterSource, kwargs: dict, field: str) -> None:
+    with pytest.raises(EngineError, match=field):
+        HostCache(source, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for pinned memory")
+def test_pinned_on_cuda(lru_source: AdapterSource) -> None:
+    cache = HostCache(lru_source, capacity_bytes=1 << 26)
+    try:
+        adapter = cache.wait("a0", timeout=WAIT_S)
+    finally:
+        cache.close()
+    assert adapter.buffer is not None and adapter.buffer.is_pinned()
+    assert all(a.is_pinned() and b.is_pinned() for a, b in adapter.weights.values())
+
+
+def test_get_of_unknown_or_bad_id_starts_no_load(source: AdapterSource) -> None:
+    cache = HostCache(source, capacity_bytes=1 << 20, workers=1, pin_memory=False)
+    try:
+        assert cache.get("missing") is None
+        assert cache.error("missing").code == ErrorCode.NOT_FOUND
+        assert cache.get("../escape") is None
+        assert cache.error("../escape").code == ErrorCode.INVALID_ARG
+        stats = cache.stats()
+    finally:
+        cache.close()
+    assert stats["misses"] == 0 and stats["loads"] == 0 and stats["bytes"] == 0
+
+
+def test_refused_adapter_takes_no_bytes(spec: ModelSpec, adapter_dir: Path,
+                                        source: AdapterSource) -> None:
+    rec = recipe(rank=4)
+    tensors = adapter_tensors(rec, spec)
+    tensors[next(iter(tensors))][0, 0] = float("nan")
+    write_adapter(adapter_dir / "nan", adapter_config(rec), tensors)
+    cache = HostCache(source, capacity_bytes=1 << 24, workers=1, pin_memory=False)
+    try:
+        with pytest.raises(EngineError, match="non-finite"):
+            cache.wait("nan", timeout=WAIT_S)
+        stats = cache.stats()
+    finally:
+        cache.close()
+    assert stats["bytes"] == 0 and stats["reserved_bytes"] == 0 and cache.resident() == []
+    assert stats["load_errors"] == 1 and stats["loads"] == 0

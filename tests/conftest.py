@@ -1,0 +1,136 @@
+"""Shared fixtures: one real tritonserver (scripts/tritonserver.sh) for the whole session.
+
+`triton_server` starts `scripts/tritonserver.sh --model-repository model_repository` on free
+ports, waits until /v2/health/ready answers (model load on 2 cores takes a while), yields the
+URLs and stops the server at the end of the session. Set SLORA_TEST_SERVER=HTTP,GRPC,METRICS
+(three localhost ports) to run the tests against a server that is already running instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVER_SCRIPT = REPO_ROOT / "scripts" / "tritonserver.sh"
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+READY_TIMEOUT_S = float(os.environ.get("SLORA_TEST_READY_TIMEOUT", "900"))
+STOP_TIMEOUT_S = 60.0
+POLL_S = 0.5
+LOG_TAIL_CHARS = 6000
+EXTERNAL_SERVER_ENV = "SLORA_TEST_SERVER"
+
+
+@dataclass(frozen=True)
+class TritonServer:
+    """Where a running server listens; `log` is its log file (None for an external server)."""
+
+    http_url: str  # host:port, for tritonclient.http / requests (prefix http://)
+    grpc_url: str  # host:port, for tritonclient.grpc
+    metrics_url: str  # full URL of the Prometheus endpoint
+    log: Path | None = None
+
+    def log_tail(self) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports (bound together so they cannot repeat)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _ready(http_url: str) -> bool:
+    try:
+        return requests.get(f"http://{http_url}/v2/health/ready", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (Triton unloads the model: finalize runs), then SIGKILL the group if stuck."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def start_triton_server(log: Path, env: dict[str, str] | None = None,
+                        extra_args: list[str] | None = None
+                        ) -> tuple[subprocess.Popen, TritonServer]:
+    """Start scripts/tritonserver.sh on free ports and wait until it is ready."""
+    http, grpc, metrics = free_ports(3)
+    cmd = [
+        str(SERVER_SCRIPT), "--model-repository", str(MODEL_REPOSITORY),
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+        "--exit-timeout-secs", "10", *(extra_args or []),
+    ]
+    server = TritonServer(f"localhost:{http}", f"localhost:{grpc}",
+                          f"http://localhost:{metrics}/metrics", log)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not _ready(server.http_url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"tritonserver did not become ready (exit {proc.returncode}):\n"
+                        f"{server.log_tail()}")
+        time.sleep(POLL_S)
+    return proc, server
+
+
+@pytest.fixture(scope="session")
+def triton_server_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., contextlib.AbstractContextManager[TritonServer]]:
+    """A second server with other settings: `with triton_server_factory(env={...}) as server:`
+    (e.g. SLORA_MAX_WAITING=1 for queue-full tests); stopped when the block ends."""
+
+    @contextlib.contextmanager
+    def factory(env: dict[str, str] | None = None) -> Iterator[TritonServer]:
+        proc, server = start_triton_server(tmp_path_factory.mktemp("triton") / "server.log", env)
+        try:
+            yield server
+        finally:
+            _stop(proc)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The session's real tritonserver serving model_repository/slora."""
+    external = os.environ.get(EXTERNAL_SERVER_ENV)
+    if external:
+        http, grpc, metrics = external.split(",")
+        yield TritonServer(f"localhost:{http}", f"localhost:{grpc}",
+                           f"http://localhost:{metrics}/metrics")
+        return
+    proc, server = start_triton_server(tmp_path_factory.mktemp("triton") / "server.log")
+    try:
+        yield server
+    finally:
+        _stop(proc)

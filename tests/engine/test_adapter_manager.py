@@ -1,0 +1,113 @@
+"""Pool tier: adapter rows written into the shared pool, slots, refcounts, LRU eviction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slora_backend.adapters.host_cache import HostCache
+from slora_backend.adapters.source import AdapterSource
+from slora_backend.engine.adapter_manager import AdapterManager
+from slora_backend.engine.memory_pool import PagePool, PoolStorage
+from slora_backend.model.spec import MODULE_INDEX, ModelSpec
+
+BLOCK = 16
+HOST_BYTES = 64 << 20
+
+
+def build(model_dir: Path, adapter_dir: Path, num_pages: int, slots: int = 4,
+          max_rank: int = 64) -> tuple[AdapterManager, HostCache]:
+    spec = ModelSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    storage = PoolStorage(spec.num_layers, num_pages, BLOCK, spec.num_kv_heads, spec.head_dim,
+                          torch.float32, "cpu")
+    cache = HostCache(AdapterSource(adapter_dir, spec, max_rank, torch.float32), HOST_BYTES)
+    return AdapterManager(spec, storage, PagePool(num_pages), cache, slots, max_rank), cache
+
+
+def load_now(mgr: AdapterManager, cache: HostCache, name: str,
+             reserve: int = 0) -> int | None:
+    cache.wait(name, timeout=60)
+    return mgr.acquire(name, reserve_pages=reserve)
+
+
+def test_rows_in_pool_equal_peft_weights(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64)
+    name = "a_r16_rslora"
+    assert mgr.acquire(name) is None  # host copy not loaded yet: the request waits
+    slot = load_now(mgr, cache, name)
+    assert slot is not None
+    cfg = json.loads((tiny_adapter_dir / name / "adapter_config.json").read_text())
+    tensors = load_file(tiny_adapter_dir / name / "adapter_model.safetensors")
+    rank = cfg["r"]
+    assert mgr.tables.scales[slot].item() == pytest.approx(cfg["lora_alpha"] / rank ** 0.5)
+    for module in ("q_proj", "up_proj", "o_proj"):
+        m = MODULE_INDEX[module]
+        assert mgr.tables.ranks[slot, m] == rank
+        for layer in range(mgr.spec.num_layers):
+            kind = "self_attn" if module in ("q_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{kind}.{module}"
+            a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+            flat = mgr.storage.flat(layer)
+            for j in range(rank):
+                ap, bp = int(mgr.tables.a_ptr[slot, m, j]), int(mgr.tables.b_ptr[slot, m, j])
+                assert torch.equal(flat[ap:ap + a.shape[1]], a[j])
+                assert torch.equal(flat[bp:bp + b.shape[0]], b[:, j])
+    assert mgr.tables.ranks[slot, MODULE_INDEX["k_proj"]] == 0
+    assert mgr.pool.used_by("lora") > 0 and mgr.pool.used_by("kv") == 0
+    cache.close()
+
+
+def test_refcount_and_lru_eviction_of_idle_adapters(tiny_model_dir: Path,
+                                                     tiny_adapter_dir: Path) -> None:
+    mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64)
+    names = ["a_r4_qv", "a_r8_all", "a_r16_mlp"]
+    slots = [load_now(mgr, cache, n) for n in names]
+    assert len(set(slots)) == 3 and None not in slots
+    assert mgr.evict_idle(1000) == 0  # all in use: nothing evictable
+    mgr.release("a_r8_all")
+    mgr.release("a_r4_qv")  # released last = most recently used
+    lora_before = mgr.pool.used_by("lora")
+    freed = mgr.evict_idle(1)  # evicts the LRU idle one only
+    assert freed > 0 and mgr.pool.used_by("lora") == lora_before - freed
+    assert mgr.resident() == ["a_r16_mlp", "a_r4_qv"]
+    assert mgr.tables.ranks[slots[1]].sum() == 0  # its slot was cleared
+    assert load_now(mgr, cache, "a_r4_qv") == slots[0]  # still resident: same slot, no reload
+    with pytest.raises(ValueError):
+        mgr.release("a_r8_all")  # not held any more
+    cache.close()
+
+
+def test_kv_and_adapters_compete_for_the_same_pages(tiny_model_dir: Path,
+                                                    tiny_adapter_dir: Path) -> None:
+    mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=40)
+    slot = load_now(mgr, cache, "a_r64_ko_down")
+    adapter_pages = mgr.pool.used_by("lora")
+    mgr.release("a_r64_ko_down")
+    kv_pages = mgr.pool.allocate(mgr.pool.num_free, "kv")  # KV takes every free page
+    assert slot is not None and mgr.resident() == ["a_r64_ko_down"]
+    # KV needs more: the idle adapter is evicted and its pages go to KV
+    assert mgr.evict_idle(1) == adapter_pages
+    assert mgr.pool.num_free == adapter_pages and mgr.resident() == []
+    # with the pool full of KV, an adapter cannot become resident: acquire says "not now"
+    mgr.pool.allocate(mgr.pool.num_free, "kv")
+    assert load_now(mgr, cache, "a_r4_qv") is None
+    mgr.pool.free(kv_pages)
+    # reserve_pages: the request's KV must fit next to the adapter, or it is refused
+    assert mgr.acquire("a_r4_qv", reserve_pages=mgr.pool.num_free) is None
+    assert mgr.acquire("a_r4_qv", reserve_pages=1) is not None
+    cache.close()
+
+
+def test_slot_capacity_waits_then_evicts_lru(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64, slots=2)
+    assert load_now(mgr, cache, "a_r4_qv") is not None
+    assert load_now(mgr, cache, "a_r8_all") is not None
+    assert load_now(mgr, cache, "a_r16_mlp") is None  # both slots held by running requests
+    mgr.release("a_r4_qv")
+    assert mgr.acquire("a_r16_mlp") is not None
+    assert mgr.resident() == ["a_r8_all", "a_r16_mlp"]
+    cache.close()
