@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slora_backend.adapters import AdapterSource, HostCache  # noqa: E402 (after the path fix)
 from slora_backend.adapters.synthetic import (  # noqa: E402
+    LLAMA7B_CONFIG,
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
@@ -48,15 +49,7 @@ DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 RESULTS = REPO_ROOT / "bench" / "results" / "adapter_load.json"
 RANKS = (8, 16, 32, 64)
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-LLAMA7B = ModelSpec(
-    num_layers=32,
-    hidden_size=4096,
-    num_heads=32,
-    num_kv_heads=32,
-    head_dim=128,
-    intermediate_size=11008,
-    vocab_size=32000,
-)
+LLAMA7B = ModelSpec.from_hf_config(LLAMA7B_CONFIG)
 LLAMA7B_RANK = 16
 BLOCK_SIZE = 16
 POOL_SPARE_PAGES = 4
@@ -79,19 +72,18 @@ def median_ms(fn: Callable[[], object], repeats: int, sync: bool) -> float:
     return statistics.median(times)
 
 
+def attn_recipe(rank: int, seed: int) -> AdapterRecipe:
+    """A q,k,v,o adapter of this rank (alpha = 2 x rank)."""
+    return AdapterRecipe(rank=rank, modules=ATTN_MODULES, alpha=2.0 * rank, use_rslora=False,
+                         target_form="list", seed=seed)
+
+
 def write_rank_adapters(
     root: Path, spec: ModelSpec, ranks: tuple[int, ...], dtype: torch.dtype
 ) -> list[str]:
     names = []
     for rank in ranks:
-        recipe = AdapterRecipe(
-            rank=rank,
-            modules=ATTN_MODULES,
-            alpha=2.0 * rank,
-            use_rslora=False,
-            target_form="list",
-            seed=rank,
-        )
+        recipe = attn_recipe(rank, seed=rank)
         names.append(f"bench-r{rank}")
         write_adapter(
             root / names[-1], adapter_config(recipe), adapter_tensors(recipe, spec, dtype=dtype)
@@ -205,14 +197,7 @@ def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
     spec = load_spec(model)
     with tempfile.TemporaryDirectory(prefix="bench-ttft-") as tmp:
         root = Path(tmp)
-        recipe = AdapterRecipe(
-            rank=rank,
-            modules=ATTN_MODULES,
-            alpha=2.0 * rank,
-            use_rslora=False,
-            target_form="list",
-            seed=100,
-        )
+        recipe = attn_recipe(rank, seed=100)
         write_adapter(root / "ttft", adapter_config(recipe), adapter_tensors(recipe, spec))
         engine = LLMEngine(
             EngineConfig(

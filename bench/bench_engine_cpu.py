@@ -56,7 +56,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=8)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="engine torch threads (EngineConfig.cpu_threads; 0 = torch's default)")
+    p.add_argument("--hf-threads", default="",
+                   help="HF + PEFT runs once per value (default: 1 and torch's default)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -127,6 +130,7 @@ def run_engine(args: argparse.Namespace, adapter_dir: Path, reqs: list[Request])
             max_num_seqs=len(reqs),
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_loaded_adapters=len(set(r.adapter for r in reqs)),
+            **({"cpu_threads": args.threads} if args.threads else {}),
         )
     )
     # warm-up: load every adapter into the host cache so both sides start from memory
@@ -154,18 +158,21 @@ def run_engine(args: argparse.Namespace, adapter_dir: Path, reqs: list[Request])
 
 
 def run_hf(
-    args: argparse.Namespace, adapter_dir: Path, adapters: list[str], reqs: list[Request]
+    args: argparse.Namespace, adapter_dir: Path, adapters: list[str], reqs: list[Request],
+    threads: int,
 ) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(threads)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     model = PeftModel.from_pretrained(base, adapter_dir / adapters[0], adapter_name=adapters[0])
     for name in adapters[1:]:
         model.load_adapter(adapter_dir / name, adapter_name=name)
     pad = base.config.pad_token_id or 0
     start = time.perf_counter()
-    with tqdm(total=sum(r.max_tokens for r in reqs), desc="hf+peft", unit="tok") as bar:
+    desc = f"hf+peft, {threads} threads"
+    with tqdm(total=sum(r.max_tokens for r in reqs), desc=desc, unit="tok") as bar:
         for i in range(0, len(reqs), args.hf_batch_size):
             batch = reqs[i : i + args.hf_batch_size]
             width = max(len(r.prompt) for r in batch)
@@ -190,8 +197,9 @@ def run_hf(
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    hf_threads = [int(t) for t in args.hf_threads.split(",")] if args.hf_threads \
+        else sorted({1, default_threads})
     torch.manual_seed(args.seed)
     ranks = [int(r) for r in args.ranks.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
@@ -200,22 +208,22 @@ def main() -> None:
         vocab = int(json.loads((args.model / "config.json").read_text())["vocab_size"])
         reqs = make_requests(args, adapters, vocab)
         engine_s = run_engine(args, adapter_dir, reqs)
-        hf_s = run_hf(args, adapter_dir, adapters, reqs)
+        engine_threads = torch.get_num_threads()  # what the engine configured
+        hf = {t: run_hf(args, adapter_dir, adapters, reqs, t) for t in hf_threads}
     total = sum(r.max_tokens for r in reqs)
-    rows = [
-        ("S-LoRA engine (continuous batching)", engine_s),
-        (f"HF + PEFT generate, static batch {args.hf_batch_size}", hf_s),
-    ]
+    rows = [(f"S-LoRA engine (continuous batching), {engine_threads} threads", engine_s)]
+    rows += [(f"HF + PEFT generate, static batch {args.hf_batch_size}, {t} threads", s)
+             for t, s in hf.items()]
     print(
         f"\n{len(reqs)} requests, {len(adapters)} adapters (ranks {args.ranks}), prompts "
         f"{args.prompt_len} tokens, outputs {args.output_len} tokens, {total} output tokens, "
-        f"torch threads {torch.get_num_threads()}"
+        f"{default_threads} cores"
     )
-    print(f"| {'system':<40} | {'wall s':>8} | {'output tok/s':>12} |")
-    print(f"|{'-' * 42}|{'-' * 10}|{'-' * 14}|")
+    print(f"| {'system':<56} | {'wall s':>8} | {'output tok/s':>12} |")
+    print(f"|{'-' * 58}|{'-' * 10}|{'-' * 14}|")
     for name, seconds in rows:
-        print(f"| {name:<40} | {seconds:>8.2f} | {total / seconds:>12.1f} |")
-    print(f"speedup: {hf_s / engine_s:.2f}x")
+        print(f"| {name:<56} | {seconds:>8.2f} | {total / seconds:>12.1f} |")
+    print(f"speedup vs the faster HF + PEFT run: {min(hf.values()) / engine_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -172,9 +172,12 @@ def generate_http(
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Chunk:
     """POST /v2/models/<model>/generate (one response: the whole completion)."""
+    return _post_generate(url, {**request.fields(), "stream": False}, model, timeout)
+
+
+def _post_generate(url: str, body: dict[str, Any], model: str, timeout: float) -> Chunk:
     import requests  # only the HTTP helpers need it
 
-    body = {**request.fields(), "stream": False}
     resp = requests.post(f"{_http_base(url)}/v2/models/{model}/generate", json=body,
                          timeout=timeout)
     try:
@@ -206,9 +209,14 @@ def stream_http(
                     return
 
 
-def list_adapters(url: str = DEFAULT_GRPC_URL, model: str = MODEL_NAME) -> dict[str, list[str]]:
-    """{"available": [...], "resident": [...]} through the `command: list_adapters` request."""
-    chunks = list(stream_grpc_values(url, {"command": "list_adapters"}, model=model))
+def list_adapters(url: str = DEFAULT_GRPC_URL, model: str = MODEL_NAME,
+                  protocol: str = "grpc") -> dict[str, list[str]]:
+    """{"available": [...], "resident": [...]} through the `command: list_adapters` request,
+    over gRPC (url: host:port of the gRPC endpoint) or HTTP generate (url of the HTTP one)."""
+    command = {"command": "list_adapters"}
+    if protocol == "http":
+        return json.loads(_post_generate(url, command, model, DEFAULT_TIMEOUT_S).text)
+    chunks = list(stream_grpc_values(url, command, model=model))
     return json.loads(chunks[0].text)
 
 

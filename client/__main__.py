@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  f"{DEFAULT_HTTP_URL} for http)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--list-adapters", action="store_true",
-                   help="print the available and resident adapters (grpc) and exit")
+                   help="print the available and resident adapters and exit")
     args = p.parse_args(argv)
     if not args.list_adapters and not args.prompt:
         p.error("a prompt is required (or --list-adapters)")
@@ -62,7 +62,9 @@ def _chunks(args: argparse.Namespace, request: GenerateRequest) -> Iterator[Chun
 def run(args: argparse.Namespace) -> Chunk | None:
     """Print the completion as it arrives; return the last response."""
     if args.list_adapters:
-        print(json.dumps(list_adapters(args.url or DEFAULT_GRPC_URL), indent=2))
+        default = DEFAULT_GRPC_URL if args.protocol == "grpc" else DEFAULT_HTTP_URL
+        adapters = list_adapters(args.url or default, protocol=args.protocol)
+        print(json.dumps(adapters, indent=2))
         return None
     request = GenerateRequest(
         args.prompt, adapter_id=args.adapter, max_tokens=args.max_tokens,

@@ -20,6 +20,10 @@ DEFAULT_CPU_POOL_BYTES = 512 * MIB
 DEFAULT_POOL_FRACTION = 0.5
 DEFAULT_CUDA_GRAPH_MAX_BATCH = 256
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+# A CPU step is many small per-adapter matmuls and gathers, where OpenMP's fork/join per op
+# costs more than a second thread saves: SmolLM2 with 8 adapters, 32 decoding requests on
+# 2 cores took 836 ms per step with 2 threads, 312 ms with 1 (docs/BENCHMARKS.md)
+DEFAULT_CPU_THREADS = 1
 ENV_PREFIX = "SLORA_"
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -60,6 +64,8 @@ class EngineConfig:
     # decode steps of up to this many sequences replay CUDA graphs (triton backend on CUDA);
     # 0 = off
     cuda_graph_max_batch: int = DEFAULT_CUDA_GRAPH_MAX_BATCH
+    # torch intra-op threads of an engine on the CPU (process-wide); 0 = torch's default
+    cpu_threads: int = DEFAULT_CPU_THREADS
 
     def __post_init__(self) -> None:
         for name in ("model", "adapter_dir"):
@@ -79,6 +85,7 @@ class EngineConfig:
                 _check_int(name, getattr(self, name), 1)
         _check_int("seed", self.seed, 0)
         _check_int("cuda_graph_max_batch", self.cuda_graph_max_batch, 0)
+        _check_int("cpu_threads", self.cpu_threads, 0)
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise EngineError.invalid(
                 "kernel_backend", f"must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")

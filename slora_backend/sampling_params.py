@@ -109,8 +109,16 @@ def _convert(key: str, value: Any) -> Any:
             return float(text)
     except ValueError:
         raise EngineError.invalid(key, f"not a number: {value!r}") from None
-    if text.lower() in _TRUE_STRINGS:
+    return parse_bool(key, value)
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    """A JSON boolean, or a string true/false/1/0/yes/no (any case): INVALID_ARG otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE_STRINGS:
         return True
-    if text.lower() in _FALSE_STRINGS:
+    if text in _FALSE_STRINGS:
         return False
-    raise EngineError.invalid(key, f"not a boolean: {value!r}")
+    raise EngineError.invalid(key, f"must be a boolean, got {value!r}")

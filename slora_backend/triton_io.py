@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from slora_backend.errors import EngineError
-from slora_backend.sampling_params import SamplingParams
+from slora_backend.sampling_params import SamplingParams, parse_bool
 
 InputGetter = Callable[[str], "np.ndarray | None"]
 
@@ -112,12 +112,7 @@ def _sampling_json(get: InputGetter) -> dict[str, Any]:
 def _json_bool(data: dict[str, Any], key: str) -> bool | None:
     if key not in data:
         return None
-    value = data[key]
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise EngineError.invalid(key, f"must be a boolean, got {value!r}")
+    return parse_bool(key, data[key])
 
 
 def _adapter_id(get: InputGetter, data: dict[str, Any]) -> str | None:

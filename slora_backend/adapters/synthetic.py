@@ -38,6 +38,15 @@ TINY_LLAMA = {  # GQA, tied embeddings, SmolLM2's vocabulary so its tokenizer ca
     "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
     "pad_token_id": 2,
 }
+# Llama-7B's shape (hidden 4096, 32 layers, 32 heads, mlp 11008, vocab 32000): the scale of
+# the S-LoRA paper's benchmarks, built with random weights on the GPU (LlamaModel.random)
+LLAMA7B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
+}
 TINY_INIT_STD = 0.1  # larger than HF's 0.02: spread-out logits, fewer near-ties in greedy tests
 
 

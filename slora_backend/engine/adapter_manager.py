@@ -104,7 +104,8 @@ class AdapterManager:
             return None
         pages = self.pool.allocate(plan.num_pages, LORA_KIND)
         try:
-            pointers = write_adapter_rows(self.storage.tensor, pages, host.weights, self.spec,
+            weights = host.weights_on(self.storage.tensor.device)
+            pointers = write_adapter_rows(self.storage.tensor, pages, weights, self.spec,
                                           host.modules, host.rank, plan)
         except (ValueError, KeyError) as err:
             self.pool.free(pages)

@@ -76,6 +76,8 @@ class LLMEngine:
         which holds the tokenizer either way."""
         self.config = config
         self.device = torch.device(config.resolved_device)
+        if self.device.type == "cpu" and config.cpu_threads > 0:
+            torch.set_num_threads(config.cpu_threads)
         self.dtype = config.torch_dtype
         self.spec, self.model = model if model is not None else _load(config, self.dtype,
                                                                       self.device)
@@ -180,7 +182,10 @@ class LLMEngine:
                    for t in ids):
                 raise EngineError.invalid("prompt_token_ids", f"must be integers in [0, {vocab})")
         elif isinstance(prompt, str) or (isinstance(prompt, list) and prompt):
-            ids = self.tokenizer.encode(prompt)
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except ValueError as err:  # a malformed chat, or a chat for a template-less model
+                raise EngineError.invalid("prompt", str(err)) from err
         else:
             raise EngineError.invalid("prompt", "must be a string or a non-empty list of "
                                                 "{role, content} messages")

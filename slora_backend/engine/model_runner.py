@@ -40,49 +40,14 @@ class ModelRunner:
                     seqs: Mapping[str, Sequence]) -> tuple[BatchInput, list[str]]:
         """The step's BatchInput (host tensors) and the request ids whose logits rows it
         returns, in order."""
-        block = self.kv.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        lora: list[int] = []
-        qsl = [0]
-        ctx: list[int] = []
-        logits_idx: list[int] = []
-        sampled_ids: list[str] = []
-        tables = []
+        items = []
         for s in sched.scheduled:
             seq = seqs[s.request_id]
-            end = s.start + s.num_new_tokens
-            pages = self.kv.block_table(s.request_id)
-            input_ids += seq.token_slice(s.start, end)
-            positions += range(s.start, end)
-            slots += [pages[p // block] * block + p % block for p in range(s.start, end)]
-            lora += [seq.lora_slot] * s.num_new_tokens
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            ctx.append(end)
-            tables.append(pages)
-            if s.sample:
-                logits_idx.append(qsl[-1] - 1)
-                sampled_ids.append(s.request_id)
-        max_blocks = max(len(t) for t in tables)
-        block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        batch = BatchInput(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-            context_lens=torch.tensor(ctx, dtype=torch.int32),
-            block_tables=block_tables,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            lora_slots=torch.tensor(lora, dtype=torch.int32),
-            logits_indices=torch.tensor(logits_idx, dtype=torch.int64),
-            is_decode_only=all(s.num_new_tokens == 1 for s in sched.scheduled),
-            query_start_loc_host=qsl,
-            context_lens_host=ctx,
-            lora_slots_host=lora,
-        )
-        return batch, sampled_ids
+            items.append((seq.token_slice(s.start, s.start + s.num_new_tokens), s.start,
+                          self.kv.block_table(s.request_id), seq.lora_slot))
+        batch = BatchInput.build(items, self.kv.block_size,
+                                 logits_for=[s.sample for s in sched.scheduled])
+        return batch, [s.request_id for s in sched.scheduled if s.sample]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, seqs: Mapping[str, Sequence]) -> dict[str, int]:

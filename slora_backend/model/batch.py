@@ -69,14 +69,14 @@ class BatchInput:
         seqs: list[tuple[list[int], int, list[int], int]],
         block_size: int,
         device: torch.device | str = "cpu",
-        logits_for: str = "last",
+        logits_for: str | list[bool] = "last",
     ) -> BatchInput:
-        """Convenience builder (tests, simple runners).
+        """The batch of one step (the engine's runner, tests).
 
         seqs: per sequence (new_token_ids, num_computed_tokens (context already in the pool),
         block_table (pages covering the context after this step), lora_slot).
         logits_for: "last" -> one logits row per sequence (its last new token);
-        "all" -> every token.
+        "all" -> every token; a list of bools -> the last new token of the sequences marked True.
         """
         input_ids: list[int] = []
         positions: list[int] = []
@@ -86,7 +86,6 @@ class BatchInput:
         lora: list[int] = []
         logits_idx: list[int] = []
         max_blocks = max((len(s[2]) for s in seqs), default=1) or 1
-        bt = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
         for i, (toks, computed, pages, lora_slot) in enumerate(seqs):
             n = len(toks)
             if n == 0:
@@ -95,19 +94,20 @@ class BatchInput:
             if len(pages) * block_size < total:
                 raise ValueError(f"sequence {i}: {len(pages)} pages cannot hold {total} tokens")
             start = len(input_ids)
-            input_ids += list(toks)
-            positions += list(range(computed, total))
-            for p in range(computed, total):
-                slots.append(pages[p // block_size] * block_size + p % block_size)
+            input_ids += toks
+            positions += range(computed, total)
+            slots += [pages[p // block_size] * block_size + p % block_size
+                      for p in range(computed, total)]
             lora += [lora_slot] * n
             qsl.append(start + n)
             ctx.append(total)
-            if pages:
-                bt[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
             if logits_for == "all":
-                logits_idx += list(range(start, start + n))
-            else:
+                logits_idx += range(start, start + n)
+            elif logits_for == "last" or logits_for[i]:
                 logits_idx.append(start + n - 1)
+        # one tensor from padded rows: a torch.tensor per row costs microseconds each
+        bt = torch.tensor([list(s[2]) + [0] * (max_blocks - len(s[2])) for s in seqs],
+                          dtype=torch.int32).view(len(seqs), max_blocks)
         b = cls(
             input_ids=torch.tensor(input_ids, dtype=torch.int64),
             positions=torch.tensor(positions, dtype=torch.int64),

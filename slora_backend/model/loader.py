@@ -139,7 +139,8 @@ def load_model(
 # ---- GGUF ------------------------------------------------------------------------------------
 
 
-def _gguf_config(p: Path) -> dict[str, Any]:
+def _read_gguf(p: Path, **kwargs: Any) -> dict[str, Any]:
+    """transformers' GGUF reader, its failures turned into UnsupportedModelError."""
     try:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     except ImportError as e:  # pragma: no cover
@@ -147,9 +148,13 @@ def _gguf_config(p: Path) -> dict[str, Any]:
             f"loading GGUF needs transformers with GGUF support: {e}"
         ) from e
     try:
-        parsed = load_gguf_checkpoint(str(p), return_tensors=False)
-    except ValueError as e:
+        return load_gguf_checkpoint(str(p), **kwargs)
+    except (ValueError, NotImplementedError) as e:
         raise UnsupportedModelError(f"{p.name}: {e}") from e
+
+
+def _gguf_config(p: Path) -> dict[str, Any]:
+    parsed = _read_gguf(p, return_tensors=False)
     return parsed["config"]
 
 
@@ -201,16 +206,7 @@ class _NameSkeleton:
 
 
 def _load_gguf(p: Path, dtype: torch.dtype, device: torch.device) -> tuple[ModelSpec, LlamaModel]:
-    try:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    except ImportError as e:  # pragma: no cover
-        raise UnsupportedModelError(
-            f"loading GGUF needs transformers with GGUF support: {e}"
-        ) from e
-    try:
-        parsed = load_gguf_checkpoint(str(p), return_tensors=True, model_to_load=_NameSkeleton())
-    except (ValueError, NotImplementedError) as e:
-        raise UnsupportedModelError(f"{p.name}: {e}") from e
+    parsed = _read_gguf(p, return_tensors=True, model_to_load=_NameSkeleton())
     _, d = _hf_config_dict(parsed["config"])
     spec = ModelSpec.from_hf_config(d)
     if spec.num_layers > _NameSkeleton.MAX_LAYERS:

@@ -209,6 +209,22 @@ def test_eos_stop_strings_and_chat(tmp_path: Path) -> None:
     eng.close()
 
 
+def test_chat_needs_a_chat_template(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A chat prompt for a model without a chat template, or a malformed chat message, is
+    INVALID_ARG naming the prompt (not an internal error); a plain prompt still works."""
+    plain = tmp_path / "no_template"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    eng = make_engine(plain, tmp_path, pool_bytes=16 * MIB)
+    for chat in ([{"role": "user", "content": "hi"}], [{"content": "no role"}]):
+        with pytest.raises(EngineError) as exc:
+            eng.add_request("c", prompt=chat)
+        assert exc.value.code is ErrorCode.INVALID_ARG and "'prompt'" in exc.value.message
+    eng.add_request("p", prompt="hi", params=SamplingParams(max_tokens=2, temperature=0.0))
+    assert drain(eng)["p"][-1].finish_reason == "length"
+    eng.close()
+
+
 def test_adapter_failing_to_load_fails_only_its_request(tiny_model_dir: Path,
                                                         tiny_adapter_dir: Path,
                                                         tmp_path: Path) -> None:

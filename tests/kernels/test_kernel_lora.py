@@ -19,6 +19,7 @@ from kernels import (
     make_lora_segments,
     rows_aligned,
 )
+from kernels.lora_shrink import GEMM_MAX_SPLIT_ROWS
 from kernels.testing import make_lora_pool
 
 # The shrink buffer is torch.empty: entries past a token's rank are never written, and the expand
@@ -187,6 +188,27 @@ def test_mbgmm_prefill(dtype, model, modules, sort, split_k):
         segments=seg,
         split_k=split_k,
     )
+    check_delta(y_out, y, ref, slots, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mbgmm_split_k_is_capped_by_the_tile_rows(dtype):
+    """MBGMM holds split_k x BLOCK_M partial rows in shared memory: a split that would not fit
+    (split 16 at BLOCK_M 64 needed 276 KiB on an H200) is reduced, and the result stays exact."""
+    model = MODELS[0]
+    gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(model, dtype, seed=5)
+    modules = (0, 1, 2)
+    in_dim, out_dims = dims[0][0], [dims[m][1] for m in modules]
+    slots = torch.tensor([3] * 40 + [1] * 3, dtype=torch.int32)  # a 40-token segment: BLOCK_M 64
+    x = torch.randn(len(slots), in_dim, generator=gen).to(DEVICE, dtype)
+    y = torch.randn(len(slots), sum(out_dims), generator=gen).to(DEVICE, dtype)
+    seg = make_lora_segments(slots, device=DEVICE)
+    v = lora_shrink(x, flat, a_ptr, ranks, modules, segments=seg, split_k=32)
+    assert v.shape[1] * 64 <= GEMM_MAX_SPLIT_ROWS
+    ref = add_lora_ref(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, None,
+                       slots.to(DEVICE))
+    y_out = add_lora(y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims,
+                     segments=seg, split_k=32)
     check_delta(y_out, y, ref, slots, dtype)
 
 

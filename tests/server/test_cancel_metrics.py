@@ -23,7 +23,8 @@ METRIC_NAMES = (
     "slora_requests_total", "slora_time_to_first_token_seconds_count",
     "slora_inter_token_latency_seconds_count", "slora_generated_tokens_total",
     "slora_requests", "slora_pool_pages", "slora_adapters_resident",
-    "slora_adapter_cache_events_total",
+    "slora_adapter_cache_events_total", "slora_adapter_load_seconds_total",
+    "slora_adapter_load_seconds_max",
 )
 
 
@@ -94,3 +95,6 @@ def test_metrics_exported(srv) -> None:
     srv.wait_for(lambda: srv.metric("slora_adapters_resident") >= 1, FREED_TIMEOUT_S,
                  "a resident adapter")
     assert srv.metric("slora_adapter_cache_events_total", event="loads") >= 1
+    srv.wait_for(lambda: srv.metric("slora_adapter_load_seconds_total") > 0
+                 and srv.metric("slora_adapter_load_seconds_max") > 0, FREED_TIMEOUT_S,
+                 "adapter load time metrics")

@@ -37,7 +37,9 @@ def test_cli_error_exits_nonzero_with_server_message(srv) -> None:
     assert "no-such-adapter" in done.stderr
 
 
-def test_cli_list_adapters(srv) -> None:
-    done = run_cli("--list-adapters", "--url", srv.info.grpc_url)
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_cli_list_adapters(srv, protocol: str) -> None:
+    url = srv.info.grpc_url if protocol == "grpc" else srv.info.http_url
+    done = run_cli("--list-adapters", "--protocol", protocol, "--url", url)
     assert done.returncode == 0, done.stderr
     assert '"available"' in done.stdout and "pirate" in done.stdout

@@ -40,6 +40,16 @@ def test_tensor_inputs_win_over_sampling_parameters() -> None:
     assert req.adapter_id == "pirate" and req.stream is False
 
 
+@pytest.mark.parametrize(("text", "value"), [("yes", True), ("0", False), (" TRUE ", True)])
+def test_json_booleans_take_the_same_strings_everywhere(text: str, value: bool) -> None:
+    """stream / exclude_input_in_output (read by the model) and ignore_eos (a sampling
+    parameter) accept the same spellings, as vllm_backend clients send them."""
+    sampling = json.dumps({"stream": text, "exclude_input_in_output": text, "ignore_eos": text})
+    req = parse_request(getter(text_input="hi", sampling_parameters=sampling))
+    assert req.stream is value and req.exclude_input_in_output is value
+    assert req.params.ignore_eos is value
+
+
 def test_empty_adapter_id_means_base() -> None:
     assert parse_request(getter(text_input="hi", adapter_id="")).adapter_id is None
 

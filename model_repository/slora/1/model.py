@@ -9,6 +9,7 @@ shuts down in order. Request parsing lives in slora_backend/triton_io.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import queue
@@ -46,7 +47,10 @@ SUCCESS_REASONS = ("stop", "length")
 POOL_STATS = {"pool_pages_total": "total", "pool_pages_free": "free",
               "pool_pages_kv": "kv", "pool_pages_lora": "lora"}
 # EngineStats.adapter_cache keys: host-RAM cache events, then pool (device) residency events
-CACHE_COUNTERS = ("hits", "misses", "loads", "evictions", "pool_loads", "pool_evictions")
+CACHE_COUNTERS = ("hits", "misses", "loads", "load_errors", "evictions", "pool_loads",
+                  "pool_evictions")
+LOAD_SECONDS_TOTAL = "load_latency_total_s"  # EngineStats.adapter_cache: disk -> host time
+LOAD_SECONDS_MAX = "load_latency_max_s"  # slowest of the recent loads
 
 
 @dataclass
@@ -78,8 +82,13 @@ class _Metrics:
             fam("slora_adapter_cache_events_total", "Adapter cache events (host RAM, pool)",
                 fam.COUNTER),
             fam("slora_preemptions_total", "Requests preempted (KV recomputed)", fam.COUNTER),
+            fam("slora_adapter_load_seconds_total", "Time spent loading adapters disk -> host",
+                fam.COUNTER),
+            fam("slora_adapter_load_seconds_max", "Slowest recent adapter load disk -> host",
+                fam.GAUGE),
         ]
-        outcomes, ttft, itl, tokens, reqs, pool, resident, cache, preempt = self._families
+        (outcomes, ttft, itl, tokens, reqs, pool, resident, cache, preempt, load_total,
+         load_max) = self._families
         self.outcome = {o: outcomes.Metric(labels={**labels, "outcome": o})
                         for o in ("success", "error", "cancelled")}
         self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
@@ -94,6 +103,8 @@ class _Metrics:
             self.gauges[attr] = pool.Metric(labels={**labels, "kind": kind})
         self.counters = {c: cache.Metric(labels={**labels, "event": c}) for c in CACHE_COUNTERS}
         self.preemptions = preempt.Metric(labels=labels)
+        self.load_seconds = load_total.Metric(labels=labels)
+        self.load_seconds_max = load_max.Metric(labels=labels)
         self._last: dict[str, float] = {}
 
     def refresh(self, stats: Any) -> None:
@@ -103,9 +114,14 @@ class _Metrics:
             if value is not None and self._last.get(attr) != value:
                 gauge.set(float(value))
                 self._last[attr] = value
-        totals = {**(getattr(stats, "adapter_cache", None) or {}),
-                  "num_preemptions": getattr(stats, "num_preemptions", None)}
-        metrics = {**self.counters, "num_preemptions": self.preemptions}
+        cache = getattr(stats, "adapter_cache", None) or {}
+        slowest = cache.get(LOAD_SECONDS_MAX)
+        if slowest is not None and self._last.get(LOAD_SECONDS_MAX) != slowest:
+            self.load_seconds_max.set(float(slowest))
+            self._last[LOAD_SECONDS_MAX] = slowest
+        totals = {**cache, "num_preemptions": getattr(stats, "num_preemptions", None)}
+        metrics = {**self.counters, "num_preemptions": self.preemptions,
+                   LOAD_SECONDS_TOTAL: self.load_seconds}
         for name, metric in metrics.items():
             value, key = totals.get(name), "total_" + name
             if value is not None and value > self._last.get(key, 0):
@@ -123,10 +139,13 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the slora model must be decoupled")
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        if args.get("model_instance_kind") == "GPU":
-            # one instance per GPU: pin this instance's engine to its device
-            params["device"] = f"cuda:{args['model_instance_device_id']}"
         config = EngineConfig.from_parameters(params)
+        # Triton places instances (one per GPU, or on the CPU): the engine runs where its
+        # instance is, whatever SLORA_DEVICE says
+        if args.get("model_instance_kind") == "GPU":
+            config = dataclasses.replace(config, device=f"cuda:{args['model_instance_device_id']}")
+        elif args.get("model_instance_kind") == "CPU":
+            config = dataclasses.replace(config, device="cpu")
         self.logger.log_info(f"[slora] {args['model_instance_name']}: {config}")
         self._engine = LLMEngine(config)
         # GPU instances of one group share a name: the device label keeps their series apart
