@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
+from tqdm import tqdm
 
 from slora_backend.model.batch import BatchInput
 from slora_backend.model.kernel_ops import KernelStep, rows_always_aligned
@@ -94,8 +95,6 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every (size, with/without LoRA) graph; kernels are compiled by a warm-up."""
-        from tqdm import tqdm
-
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.storage.device)
         stream.wait_stream(torch.cuda.current_stream(self.storage.device))
