@@ -196,6 +196,36 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
+    plot(results, args.out.with_suffix(".png"))
+
+
+RUNS = (("base", "base only"), ("lora_resident", "LoRA, adapters resident"),
+        ("lora_cold", "LoRA, adapters on disk"))
+
+
+def plot(results: dict, path: Path) -> None:
+    """Output tokens/s of the three runs, with the LoRA cost on the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = [results[key]["output_tokens_per_s"] for key, _ in RUNS]
+    bars = ax.bar([label for _, label in RUNS], values, color=["#4c72b0", "#55a868", "#c44e52"])
+    for (key, _), bar in zip(RUNS, bars):
+        cost = results[key].get("cost_vs_base_pct")
+        note = f"{bar.get_height():,.0f}" + ("" if cost is None else f"\n(-{cost:.0f}%)")
+        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom")
+    args = results["args"]
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(0, max(values) * 1.25)
+    ax.set_title(f"{results['device']}: Llama-7B shape, {args['num_requests']} requests, "
+                 f"{args['num_adapters']} adapters", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _weights(model: LlamaModel) -> list[torch.Tensor]:
