@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from model_helpers import (  # noqa: E402
     ScatteredPool,
     add_peft_adapters,
-    hf_logits,
     install_adapter,
     make_tiny_llama,
     peft_adapter_weights,
+    peft_logits,
     rel_err,
     run_schedule,
 )
@@ -62,14 +62,6 @@ def setup(tmp_path_factory):
     return spec, model, peft_model, pool, tables, slot_of
 
 
-def reference(peft_model, name: str | None, ids: list[int]) -> torch.Tensor:
-    if name is None:
-        with peft_model.disable_adapter():
-            return hf_logits(peft_model, ids)
-    peft_model.set_adapter(name)
-    return hf_logits(peft_model, ids)
-
-
 def test_triton_backend_matches_peft(setup):
     spec, model, peft_model, pool, tables, slot_of = setup
     rng = random.Random(5)
@@ -81,7 +73,7 @@ def test_triton_backend_matches_peft(setup):
                         chunk=[rng.choice([3, 5, 16]) for _ in seqs],
                         lora_slots=[slot_of[n] if n else -1 for n in names], lora=tables)
     for name, ids, got in zip(names, seqs, outs):
-        assert rel_err(got.cpu(), reference(peft_model, name, ids)) <= TOL, name
+        assert rel_err(got.cpu(), peft_logits(peft_model, name, ids)) <= TOL, name
 
 
 def test_graph_batch_sizes():
@@ -118,7 +110,7 @@ def test_decode_graph_buffers_pad_and_match_peft(setup):
         logits = graphs.run(batch, with_lora=True)
         assert logits.shape == (len(live), spec.vocab_size)
         for row, i in enumerate(live):
-            ref = reference(peft_model, names[i], seqs[i])[-1]
+            ref = peft_logits(peft_model, names[i], seqs[i])[-1]
             assert rel_err(logits[row].cpu(), ref) <= TOL, (step, names[i])
         if step == 1:  # keep the skipped sequences in step: feed their token eagerly
             for i in range(3, len(seqs)):

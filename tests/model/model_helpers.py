@@ -68,6 +68,15 @@ def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
         return hf_model(torch.tensor([ids])).logits[0].float()
 
 
+def peft_logits(peft_model, name: str | None, ids: list[int]) -> torch.Tensor:
+    """HF + PEFT logits of `ids` with adapter `name` active (None: the base model)."""
+    if name is None:
+        with peft_model.disable_adapter():
+            return hf_logits(peft_model, ids)
+    peft_model.set_adapter(name)
+    return hf_logits(peft_model, ids)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 

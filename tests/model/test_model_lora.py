@@ -10,9 +10,9 @@ import torch
 from model_helpers import (
     ScatteredPool,
     add_peft_adapters,
-    hf_logits,
     install_adapter,
     peft_adapter_weights,
+    peft_logits,
     rel_err,
     run_schedule,
 )
@@ -277,14 +277,9 @@ def test_forward_with_lora_matches_peft(which, request):
         lora=tables,
     )
     for name, ids, got in zip(names, seqs, outs):
-        if name is None:
-            with peft_model.disable_adapter():
-                ref = hf_logits(peft_model, ids)
-        else:
-            peft_model.set_adapter(name)
-            ref = hf_logits(peft_model, ids)
-            with peft_model.disable_adapter():
-                base = hf_logits(peft_model, ids)
+        ref = peft_logits(peft_model, name, ids)
+        if name is not None:
+            base = peft_logits(peft_model, None, ids)
             assert rel_err(base, ref) > 1e-2, f"adapter {name} changes nothing: test is vacuous"
         assert rel_err(got, ref) <= TOL, (name, rel_err(got, ref))
 
@@ -313,12 +308,7 @@ def test_smollm_lora_matches_peft(smollm, smollm_dir):
         lora=tables,
     )
     for name, ids, got in zip(["r16", "r12rs", None], seqs, outs):
-        if name is None:
-            with peft_model.disable_adapter():
-                ref = hf_logits(peft_model, ids)
-        else:
-            peft_model.set_adapter(name)
-            ref = hf_logits(peft_model, ids)
-            with peft_model.disable_adapter():
-                assert rel_err(hf_logits(peft_model, ids), ref) > 1e-2
+        ref = peft_logits(peft_model, name, ids)
+        if name is not None:
+            assert rel_err(peft_logits(peft_model, None, ids), ref) > 1e-2
         assert rel_err(got, ref) <= TOL, (name, rel_err(got, ref))
