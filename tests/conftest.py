@@ -78,12 +78,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def start_triton_server(log: Path, env: dict[str, str] | None = None,
-                        extra_args: list[str] | None = None
+                        extra_args: list[str] | None = None,
+                        repository: Path = MODEL_REPOSITORY,
                         ) -> tuple[subprocess.Popen, TritonServer]:
     """Start scripts/tritonserver.sh on free ports and wait until it is ready."""
     http, grpc, metrics = free_ports(3)
     cmd = [
-        str(SERVER_SCRIPT), "--model-repository", str(MODEL_REPOSITORY),
+        str(SERVER_SCRIPT), "--model-repository", str(repository),
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
         "--exit-timeout-secs", "10", *(extra_args or []),
     ]
@@ -107,11 +108,14 @@ def triton_server_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Callable[..., contextlib.AbstractContextManager[TritonServer]]:
     """A second server with other settings: `with triton_server_factory(env={...}) as server:`
-    (e.g. SLORA_MAX_WAITING=1 for queue-full tests); stopped when the block ends."""
+    (e.g. SLORA_MAX_WAITING=1 for queue-full tests), or another model repository
+    (`repository=`); stopped when the block ends."""
 
     @contextlib.contextmanager
-    def factory(env: dict[str, str] | None = None) -> Iterator[TritonServer]:
-        proc, server = start_triton_server(tmp_path_factory.mktemp("triton") / "server.log", env)
+    def factory(env: dict[str, str] | None = None,
+                repository: Path = MODEL_REPOSITORY) -> Iterator[TritonServer]:
+        proc, server = start_triton_server(tmp_path_factory.mktemp("triton") / "server.log", env,
+                                           repository=repository)
         try:
             yield server
         finally:
