@@ -200,10 +200,10 @@ class LlamaModel:
         return pe // kv_elems
 
     def prepare_step(
-        self, batch: BatchInput, storage: torch.Tensor, lora: LoraTables | None = None
+        self, batch: BatchInput, storage: torch.Tensor, block_size: int,
+        lora: LoraTables | None = None,
     ) -> ops.TorchStep | KernelStep:
         """The per-step plan that every layer shares, for this model's backend."""
-        block_size = self.check_storage(storage)
         if self.backend == TORCH_BACKEND:
             return ops.TorchStep.prepare(batch, lora, self.spec, block_size, self.device,
                                          self.dtype)
@@ -222,12 +222,12 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Logits (fp32) [len(logits_indices), vocab]; writes the new tokens' K/V into the pool.
 
-        `step` (default: prepare_step(batch, storage, lora)) is the per-step plan; a CUDA graph
-        passes one built over its static buffers."""
+        `step` (default: prepare_step(...)) is the per-step plan; a CUDA graph passes one built
+        over its static buffers."""
+        block_size = self.check_storage(storage)
         if step is None:
-            step = self.prepare_step(batch, storage, lora)
+            step = self.prepare_step(batch, storage, block_size, lora)
         spec = self.spec
-        block_size = storage.shape[2] // (2 * spec.num_kv_heads * spec.head_dim)
         dev = self.device
         T = batch.input_ids.shape[0]
         H, kvh, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim

@@ -89,16 +89,21 @@ CONFIG_REFUSALS = [
 ]
 
 
+def assert_refused(source: AdapterSource, adapter_id: str, needle: str) -> None:
+    """Loading is INVALID_ARG naming the adapter and saying `needle`."""
+    with pytest.raises(EngineError) as info:
+        source.load(adapter_id)
+    assert info.value.code == ErrorCode.INVALID_ARG
+    assert f"adapter '{adapter_id}'" in info.value.message
+    assert needle in info.value.message
+
+
 @pytest.mark.parametrize(("updates", "needle"), CONFIG_REFUSALS,
                          ids=[f"{i}-{next(iter(u))}" for i, (u, _) in enumerate(CONFIG_REFUSALS)])
 def test_config_refusals(make_adapter: MakeAdapter, source: AdapterSource, updates: dict,
                          needle: str) -> None:
     make_adapter("bad", config_updates=updates)
-    with pytest.raises(EngineError) as info:
-        source.load("bad")
-    assert info.value.code == ErrorCode.INVALID_ARG
-    assert "adapter 'bad'" in info.value.message
-    assert needle in info.value.message
+    assert_refused(source, "bad", needle)
 
 
 TENSOR_REFUSALS = [
@@ -129,11 +134,7 @@ TENSOR_REFUSALS = [
 def test_tensor_refusals(make_adapter: MakeAdapter, source: AdapterSource, edit: Edit,
                          needle: str) -> None:
     make_adapter("bad", tensor_edit=edit)
-    with pytest.raises(EngineError) as info:
-        source.load("bad")
-    assert info.value.code == ErrorCode.INVALID_ARG
-    assert "adapter 'bad'" in info.value.message
-    assert needle in info.value.message
+    assert_refused(source, "bad", needle)
 
 
 def test_rank_above_max_rank_refused(make_adapter: MakeAdapter, source: AdapterSource) -> None:

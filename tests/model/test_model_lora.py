@@ -45,6 +45,13 @@ def _spec(**kw) -> ModelSpec:
     return ModelSpec(**base)
 
 
+def random_weights(spec: ModelSpec, mods, r: int) -> dict:
+    """{(layer, module): (A [r, in], B [out, r])}, random."""
+    dims = {m: spec.module_dims(m) for m in mods}
+    return {(li, m): (torch.randn(r, dims[m][0]), torch.randn(dims[m][1], r))
+            for li in range(spec.num_layers) for m in mods}
+
+
 # ---- row planning ---------------------------------------------------------------------------
 
 
@@ -85,11 +92,7 @@ def test_write_rows_and_pointers():
     storage = torch.zeros(L, P, pe)
     mods = ("q_proj", "down_proj")
     r = 5
-    w = {}
-    for li in range(L):
-        for m in mods:
-            d_in, d_out = spec.module_dims(m)
-            w[(li, m)] = (torch.randn(r, d_in), torch.randn(d_out, r))
+    w = random_weights(spec, mods, r)
     plan = plan_adapter_rows(spec, mods, r, pe)
     pages = random.Random(0).sample(range(P), plan.num_pages)
     ptrs = write_adapter_rows(storage, pages, w, spec, mods, r, plan)
@@ -116,11 +119,7 @@ def _random_tables(spec, storage, adapters, seed, shuffle=True):
     tables = LoraTables.create(len(adapters) + 2, 64)
     dense = {}
     for slot, (r, mods, scale) in enumerate(adapters):
-        w = {}
-        for li in range(L):
-            for m in mods:
-                d_in, d_out = spec.module_dims(m)
-                w[(li, m)] = (torch.randn(r, d_in), torch.randn(d_out, r))
+        w = random_weights(spec, mods, r)
         plan = plan_adapter_rows(spec, mods, r, pe)
         pages, free = free[: plan.num_pages], free[plan.num_pages :]
         ptrs = write_adapter_rows(storage, pages, w, spec, mods, r, plan)

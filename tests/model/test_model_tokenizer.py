@@ -21,6 +21,17 @@ def tok(smollm_dir):
     return Tokenizer(smollm_dir)
 
 
+
+def feed_until_stop(stream, ids: list[int]) -> tuple[str, bool]:
+    """Feed tokens one by one until a stop string hits: (text emitted, hit)."""
+    emitted = ""
+    for t in ids:
+        out, hit = stream.add(t)
+        emitted += out
+        if hit:
+            return emitted, True
+    return emitted, False
+
 def test_encode_text_and_chat(tok):
     assert tok.encode("Hello world") == tok.hf("Hello world")["input_ids"]
     ids = tok.encode([{"role": "user", "content": "hi"}])
@@ -123,13 +134,7 @@ def test_stream_with_stop_on_real_tokens(tok):
     text = "The answer is 42. Done! Then more text follows."
     ids = tok.encode(text)
     s = tok.stream(tok.encode("Q:"), stop=["Done!"])
-    emitted = ""
-    hit = False
-    for t in ids:
-        o, hit = s.add(t)
-        emitted += o
-        if hit:
-            break
+    emitted, hit = feed_until_stop(s, ids)
     assert hit and emitted == "The answer is 42. "
     assert s.finish() == ""
 
@@ -147,10 +152,5 @@ def test_stop_inside_emoji_text(tok):
     text = "α😀β STOP γ"
     ids = tok.encode(text)
     s = tok.stream(None, stop=["β S"])
-    out = ""
-    for t in ids:
-        o, hit = s.add(t)
-        out += o
-        if hit:
-            break
+    out, hit = feed_until_stop(s, ids)
     assert hit and out == "α😀"
