@@ -73,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="20 requests, 8 adapters")
     p.add_argument("--tiny", action="store_true", help="a small model instead of Llama-7B")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--sync-too", action="store_true",
+                   help="then base and LoRA resident again with async scheduling off")
     args = p.parse_args()
     if args.quick:
         args.num_requests, args.num_adapters = 20, 8
@@ -168,7 +171,8 @@ def main() -> None:
             pool_fraction=args.pool_fraction, max_rank=max(ranks),
             max_loaded_adapters=args.num_adapters + 1, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=4 * args.num_requests,
-            host_cache_bytes=64 << 30, cuda_graph_max_batch=args.cuda_graph_max_batch)
+            host_cache_bytes=64 << 30, cuda_graph_max_batch=args.cuda_graph_max_batch,
+            async_scheduling=args.async_scheduling)
         t0 = time.perf_counter()
         engine = LLMEngine(config, model=(spec, model))
         init_s = time.perf_counter() - t0
@@ -185,12 +189,20 @@ def main() -> None:
             "base": run(engine, requests, False, "base"),
             "lora_cold": run(engine, requests, True, "lora_cold"),  # adapters loaded on demand
             "lora_resident": run(engine, requests, True, "lora_resident"),  # all in the pool
+            "async_scheduling": engine.async_scheduling,
         }
+        if args.sync_too:  # the same engine, each step's tokens read back before the next
+            engine.async_scheduling = False
+            results["base_sync"] = run(engine, requests, False, "base_sync")
+            results["lora_resident_sync"] = run(engine, requests, True, "lora_resident_sync")
         engine.close()
-    base = results["base"]["output_tokens_per_s"]
-    for case in ("lora_cold", "lora_resident"):
-        cost = 100 * (1 - results[case]["output_tokens_per_s"] / base)
-        results[case]["cost_vs_base_pct"] = round(cost, 1)
+    for base_key, cases in (("base", ("lora_cold", "lora_resident")),
+                            ("base_sync", ("lora_resident_sync",))):
+        for case in cases:
+            if case in results:
+                cost = 100 * (1 - results[case]["output_tokens_per_s"]
+                              / results[base_key]["output_tokens_per_s"])
+                results[case]["cost_vs_base_pct"] = round(cost, 1)
     weight_bytes = sum(t.numel() * t.element_size() for t in _weights(model))
     results["decode_step_floor_ms"] = round(1e3 * weight_bytes / HBM_BYTES_PER_S, 2)
     print(json.dumps(results, indent=2))
@@ -200,7 +212,9 @@ def main() -> None:
 
 
 RUNS = (("base", "base only"), ("lora_resident", "LoRA, adapters resident"),
-        ("lora_cold", "LoRA, adapters on disk"))
+        ("lora_cold", "LoRA, adapters on disk"), ("base_sync", "base only,\nsync"),
+        ("lora_resident_sync", "LoRA resident,\nsync"))
+COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8da0cb", "#a6d854")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -210,10 +224,11 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    values = [results[key]["output_tokens_per_s"] for key, _ in RUNS]
-    bars = ax.bar([label for _, label in RUNS], values, color=["#4c72b0", "#55a868", "#c44e52"])
-    for (key, _), bar in zip(RUNS, bars):
+    runs = [(key, label) for key, label in RUNS if key in results]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(runs), 4))
+    values = [results[key]["output_tokens_per_s"] for key, _ in runs]
+    bars = ax.bar([label for _, label in runs], values, color=COLORS[:len(runs)])
+    for (key, _), bar in zip(runs, bars):
         cost = results[key].get("cost_vs_base_pct")
         note = f"{bar.get_height():,.0f}" + ("" if cost is None else f"\n(-{cost:.0f}%)")
         ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()),

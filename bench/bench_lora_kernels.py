@@ -252,15 +252,19 @@ def sweep(pool, hidden, device, dtype, gen, timer):
     cases.append(("gemm", torch.arange(8, dtype=torch.int32).repeat_interleave(256)))
     spaces = {
         ("shrink", "gemv"): [
-            dict(block_r=r, block_k=k, k_stages=st, warps=w)
-            for r, k, st, w in (
-                (16, 256, 3, 4), (16, 256, 3, 8), (16, 128, 3, 4),
-                (16, 128, 1, 4), (16, 512, 2, 8), (16, 256, 1, 8),
+            dict(block_r=r, block_k=k, k_stages=st, warps=w, waves=wv, r_loop=rl)
+            for r, k, st, w, wv, rl in (
+                (16, 256, 3, 4, 4, False), (16, 256, 3, 8, 4, False), (16, 128, 3, 4, 4, False),
+                (16, 128, 1, 4, 4, False), (16, 512, 2, 8, 4, False), (16, 256, 1, 8, 4, False),
+                (16, 256, 3, 4, 8, False), (16, 256, 3, 4, 16, False), (32, 256, 3, 8, 8, False),
+                (16, 256, 3, 4, 8, True), (8, 256, 3, 4, 8, False), (16, 128, 2, 4, 16, False),
             )
         ],
         ("expand", "gemv"): [
-            dict(block_r=r, block_n=n, block_n_small=n, warps=w)
-            for r, n, w in ((32, 128, 4), (32, 128, 8), (32, 256, 8), (16, 128, 4), (32, 64, 4))
+            dict(block_r=r, block_n=n, block_n_small=n, warps=w, n_iters=it)
+            for r, n, w, it in ((32, 128, 4, 1), (32, 128, 8, 1), (32, 256, 8, 1), (16, 128, 4, 1),
+                                (32, 64, 4, 1), (16, 64, 2, 1), (16, 256, 4, 1), (16, 128, 4, 2),
+                                (64, 128, 4, 1), (16, 32, 1, 1))
         ],
         ("shrink", "gemm"): [
             dict(block_r=r, block_k=k, warps=w)

@@ -20,6 +20,8 @@ DEFAULT_CPU_POOL_BYTES = 512 * MIB
 DEFAULT_POOL_FRACTION = 0.5
 DEFAULT_CUDA_GRAPH_MAX_BATCH = 256
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+ASYNC_SCHEDULING_MODES = ("auto", "on", "off")
+LOAD_FORMATS = ("auto", "dummy")
 # A CPU step is many small per-adapter matmuls and gathers, where OpenMP's fork/join per op
 # costs more than a second thread saves: SmolLM2 with 8 adapters, 32 decoding requests on
 # 2 cores took 836 ms per step with 2 threads, 312 ms with 1 (docs/BENCHMARKS.md)
@@ -66,6 +68,12 @@ class EngineConfig:
     cuda_graph_max_batch: int = DEFAULT_CUDA_GRAPH_MAX_BATCH
     # torch intra-op threads of an engine on the CPU (process-wide); 0 = torch's default
     cpu_threads: int = DEFAULT_CPU_THREADS
+    # on: a step's tokens are read back after the next step is launched, so the host work
+    # (detokenizing, stops, outputs, scheduling) overlaps the device; auto = on for CUDA
+    async_scheduling: str = "auto"
+    # auto: weights from `model`; dummy: random weights of its config.json's shape (benchmarks
+    # at real scale without the weights, as vLLM's load_format=dummy)
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("model", "adapter_dir"):
@@ -86,9 +94,12 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         _check_int("cuda_graph_max_batch", self.cuda_graph_max_batch, 0)
         _check_int("cpu_threads", self.cpu_threads, 0)
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            raise EngineError.invalid(
-                "kernel_backend", f"must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        for name, choices in (("kernel_backend", KERNEL_BACKENDS),
+                              ("async_scheduling", ASYNC_SCHEDULING_MODES),
+                              ("load_format", LOAD_FORMATS)):
+            if getattr(self, name) not in choices:
+                raise EngineError.invalid(
+                    name, f"must be one of {choices}, got {getattr(self, name)!r}")
         fraction = self.pool_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
                 or not 0 < fraction <= 1:
@@ -102,6 +113,12 @@ class EngineConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def resolved_async_scheduling(self) -> bool:
+        if self.async_scheduling == "auto":
+            return self.resolved_device.startswith("cuda")
+        return self.async_scheduling == "on"
 
     @property
     def torch_dtype(self) -> Any:

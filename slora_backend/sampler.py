@@ -53,23 +53,25 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
     ) -> list[int]:
         """One token id per row. generators[i] may be None for greedy rows."""
+        return self.sample_tensor(logits, params, generators).tolist()
+
+    def sample_tensor(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[_Params],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """int64 [S] token ids on the logits' device, without waiting for the device: the
+        engine reads them back a step later (async scheduling)."""
         S = logits.shape[0]
         if len(params) != S or len(generators) != S:
             raise ValueError(
                 f"{S} logits rows but {len(params)} params / {len(generators)} generators"
             )
-        if S == 0:
-            return []
-        greedy = [is_greedy(p) for p in params]
-        if all(greedy):
-            return logits.argmax(dim=-1).tolist()
-        out: list[int] = [0] * S
-        g_rows = [i for i in range(S) if greedy[i]]
-        if g_rows:
-            am = logits[g_rows].argmax(dim=-1).tolist()
-            for i, t in zip(g_rows, am):
-                out[i] = t
-        s_rows = [i for i in range(S) if not greedy[i]]
+        out = logits.argmax(dim=-1)
+        s_rows = [i for i in range(S) if not is_greedy(params[i])]
+        if not s_rows:
+            return out
         # one uniform draw per sampled row from its own generator (batch-independent)
         u = torch.empty(len(s_rows), dtype=torch.float64)
         for j, i in enumerate(s_rows):
@@ -77,15 +79,14 @@ class Sampler:
             if g is None:
                 raise ValueError(f"row {i} samples (temperature > 0) but has no generator")
             u[j] = torch.rand((), generator=g, dtype=torch.float64)
-        toks = sample_rows(
-            logits[s_rows].float(),
+        rows = torch.tensor(s_rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        out[rows] = sample_rows(
+            logits[rows].float(),
             [float(params[i].temperature) for i in s_rows],
             [int(params[i].top_k) for i in s_rows],
             [float(params[i].top_p) for i in s_rows],
             u,
         )
-        for i, t in zip(s_rows, toks):
-            out[i] = t
         return out
 
 
@@ -133,17 +134,17 @@ def sample_rows(
     top_ks: Sequence[int],
     top_ps: Sequence[float],
     u: torch.Tensor,
-) -> list[int]:
-    """Inverse-CDF sampling with one uniform u[i] in [0, 1) per row."""
+) -> torch.Tensor:
+    """Inverse-CDF sampling with one uniform u[i] in [0, 1) per row: int64 [n] token ids
+    (on the logits' device; no host sync)."""
     probs, cand = filtered_probs(logits, temperatures, top_ks, top_ps)
     cdf = torch.cumsum(probs.double(), dim=-1)
-    target = (u.to(cdf.device) * cdf[:, -1])[:, None]
+    target = (u.to(cdf.device, non_blocking=True) * cdf[:, -1])[:, None]
     idx = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
     # never land on a zero-probability candidate (u*total == cdf of a run of zeros)
+    # (unconditionally: testing for it first would wait for the device)
     pz = probs.gather(1, idx) <= 0
-    if bool(pz.any()):
-        best = probs.argmax(dim=-1, keepdim=True)
-        idx = torch.where(pz, best, idx)
+    idx = torch.where(pz, probs.argmax(dim=-1, keepdim=True), idx)
     if cand is not None:
         idx = cand.gather(1, idx)
-    return idx[:, 0].tolist()
+    return idx[:, 0]

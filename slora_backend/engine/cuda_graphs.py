@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from slora_backend.engine.model_runner import TokenFeed
 from slora_backend.model.batch import BatchInput
 from slora_backend.model.kernel_ops import KernelStep, rows_always_aligned
 from slora_backend.model.llama import LlamaModel
@@ -111,11 +112,15 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.storage.device)
         log.info("captured %d decode CUDA graphs (batch sizes %s)", len(self._graphs), self.sizes)
 
-    def run(self, batch: BatchInput, with_lora: bool) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of a decode-only host batch (see `fits`)."""
+    def run(self, batch: BatchInput, with_lora: bool,
+            feed: TokenFeed | None = None) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode-only host batch (see `fits`); `feed` fills the
+        input tokens that are still on the device."""
         n = batch.num_seqs
         size = next(s for s in self.sizes if s >= n)
         self._load(batch, n, size)
+        if feed is not None:
+            feed.apply(self.input_ids)
         key = (size, with_lora)
         graph = self._graphs.get(key)
         if graph is None:

@@ -19,11 +19,17 @@ from slora_backend.config import DEFAULT_CPU_POOL_BYTES, EngineConfig
 from slora_backend.engine.adapter_manager import AdapterManager
 from slora_backend.engine.kv_manager import KVManager, pages_for_tokens
 from slora_backend.engine.memory_pool import PagePool, PoolStorage, pages_for_bytes
-from slora_backend.engine.model_runner import ModelRunner
-from slora_backend.engine.scheduler import CANCELLED, Scheduler, SchedulerOutput
-from slora_backend.engine.sequence import Sequence
+from slora_backend.engine.model_runner import ModelRunner, StepResult
+from slora_backend.engine.scheduler import CANCELLED, Scheduler
+from slora_backend.engine.sequence import PLACEHOLDER, Sequence
 from slora_backend.errors import EngineError, ErrorCode
-from slora_backend.model import LlamaModel, ModelSpec, UnsupportedModelError, load_model
+from slora_backend.model import (
+    LlamaModel,
+    ModelSpec,
+    UnsupportedModelError,
+    load_model,
+    load_spec,
+)
 from slora_backend.model.llama import TRITON_BACKEND
 from slora_backend.model.lora import plan_adapter_rows
 from slora_backend.sampler import make_generator
@@ -111,6 +117,8 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._num_steps = 0
         self._num_generated = 0
+        self.async_scheduling = config.resolved_async_scheduling
+        self._in_flight: StepResult | None = None  # launched, tokens not read back yet
         self._rng = torch.Generator(device="cpu")
         self._rng.manual_seed(config.seed)
 
@@ -241,12 +249,24 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then read back the tokens of the previous one (async
+        scheduling: its host work overlaps the device running this step) or of this one."""
         outputs = self._drain_pending()
         sched = self.scheduler.schedule()
         for seq in sched.failed:
             outputs.append(self._final_output(seq, [], ""))
+        launched = None
         if not sched.is_empty:
-            outputs += self._run(sched)
+            launched = self.runner.launch(sched, self.scheduler.seqs, self._in_flight)
+            self.scheduler.commit(sched)
+            if launched is not None:
+                self._expect_tokens(launched)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            outputs += self._read_back(previous)
+        if not self.async_scheduling and launched is not None:
+            self._in_flight = None
+            outputs += self._read_back(launched)
         self._num_steps += 1
         return outputs
 
@@ -264,18 +284,32 @@ class LLMEngine:
                 outputs.append(self._final_output(seq, [], ""))
         return outputs
 
-    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
-        sampled = self.runner.execute(sched, self.scheduler.seqs)
-        self.scheduler.commit(sched)
+    def _expect_tokens(self, launched: StepResult) -> None:
+        """A PLACEHOLDER for each token the launched step samples; a sequence that this token
+        ends by length (whatever its value) is not scheduled again."""
+        for seq in launched.seqs:
+            seq.output_token_ids.append(PLACEHOLDER)
+            launched.output_index.append(len(seq.output_token_ids) - 1)
+            if self._ends_by_length(seq, len(seq.output_token_ids)):
+                seq.finishing = True
+
+    def _ends_by_length(self, seq: Sequence, num_outputs: int) -> bool:
+        return (num_outputs >= seq.params.max_tokens
+                or seq.num_prompt_tokens + num_outputs >= self.max_model_len)
+
+    def _read_back(self, result: StepResult) -> list[RequestOutput]:
+        """Write a step's tokens over their placeholders and stream them. Rows of sequences
+        that ended meanwhile (stopped by their previous token, aborted) are dropped."""
         outputs = []
-        for request_id, token in sampled.items():
-            seq = self.scheduler.seqs[request_id]
-            seq.output_token_ids.append(token)
+        for seq, index, token in zip(result.seqs, result.output_index, result.token_ids()):
+            if seq.finished:
+                continue
+            seq.output_token_ids[index] = token
             self._num_generated += 1
-            outputs.append(self._process_token(seq, token))
+            outputs.append(self._process_token(seq, token, index + 1))
         return outputs
 
-    def _process_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _process_token(self, seq: Sequence, token: int, num_outputs: int) -> RequestOutput:
         stream = seq.extra["text"]
         text, stopped = stream.add(token)
         reason = None
@@ -283,8 +317,7 @@ class LLMEngine:
             reason = STOP
         elif token in self.spec.eos_token_ids and not seq.params.ignore_eos:
             reason = STOP
-        elif len(seq.output_token_ids) >= seq.params.max_tokens \
-                or seq.num_tokens >= self.max_model_len:
+        elif self._ends_by_length(seq, num_outputs):
             reason = LENGTH
         if reason is None:
             return self._output(seq, [token], text, finished=False)
@@ -296,7 +329,7 @@ class LLMEngine:
     def _output(self, seq: Sequence, tokens: list[int], text: str,
                 finished: bool) -> RequestOutput:
         return RequestOutput(seq.request_id, tokens, text, finished, seq.finish_reason,
-                             seq.num_prompt_tokens, len(seq.output_token_ids), seq.error)
+                             seq.num_prompt_tokens, seq.num_output_tokens, seq.error)
 
     def _final_output(self, seq: Sequence, tokens: list[int], text: str) -> RequestOutput:
         with self._lock:
@@ -308,6 +341,7 @@ class LLMEngine:
     def fail_all(self, error: EngineError) -> list[RequestOutput]:
         """Finish every request with `error` (after an internal failure of a step)."""
         self._drain_pending()
+        self._in_flight = None
         outputs = []
         for seq in list(self.scheduler.seqs.values()):
             self.scheduler.finish(seq, None, error)
@@ -347,8 +381,12 @@ class LLMEngine:
 
 def _load(config: EngineConfig, dtype: torch.dtype,
           device: torch.device) -> tuple[ModelSpec, LlamaModel]:
-    """load_model with its failures turned into an EngineError naming the 'model' field."""
+    """load_model (or random weights for load_format 'dummy') with its failures turned into an
+    EngineError naming the 'model' field."""
     try:
+        if config.load_format == "dummy":
+            spec = load_spec(config.model)
+            return spec, LlamaModel.random(spec, dtype, device, seed=config.seed)
         return load_model(config.model, dtype, device)
     except (FileNotFoundError, UnsupportedModelError) as err:
         raise EngineError.invalid("model", str(err)) from err

@@ -1,8 +1,15 @@
-"""Turns a SchedulerOutput into the model's BatchInput, runs the model, samples."""
+"""Turns a SchedulerOutput into the model's BatchInput, runs the model, samples.
+
+`launch` returns without waiting for the device: the sampled tokens stay on the device (the
+next step reads its inputs from there) and their host copy is in flight (`StepResult`). The
+engine reads them back when it wants: at once, or after launching the next step (async
+scheduling), so that the host work of one step overlaps the device work of the next.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,7 +17,7 @@ import torch
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.memory_pool import PoolStorage
 from slora_backend.engine.scheduler import SchedulerOutput
-from slora_backend.engine.sequence import Sequence
+from slora_backend.engine.sequence import PLACEHOLDER, Sequence
 from slora_backend.model.batch import BatchInput
 from slora_backend.model.llama import LlamaModel
 from slora_backend.model.lora import LoraTables
@@ -21,6 +28,43 @@ if TYPE_CHECKING:  # cuda_graphs imports the Triton kernels: only loaded when gr
 
 # called with (request ids of the sampled rows, their fp32 logits) after every forward
 LogitsHook = Callable[[list[str], torch.Tensor], None]
+
+
+@dataclass
+class StepResult:
+    """The tokens one launched step sampled: on the device, and their host copy in flight."""
+
+    seqs: list[Sequence]  # the sampled rows, in order
+    tokens: torch.Tensor  # int64 [n] on the device
+    host: torch.Tensor  # int64 [n]: the copy (pinned memory on CUDA), valid once `ready`
+    ready: torch.cuda.Event | None  # None on the CPU (the copy is done)
+    # per row: the index of its PLACEHOLDER in seqs[i].output_token_ids (set by the engine)
+    output_index: list[int] = field(default_factory=list)
+    _row_of: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._row_of = {id(seq): i for i, seq in enumerate(self.seqs)}
+
+    def row_of(self, seq: Sequence) -> int | None:
+        return self._row_of.get(id(seq))
+
+    def token_ids(self) -> list[int]:
+        """The sampled tokens on the host (waits for the device if needed)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+@dataclass
+class TokenFeed:
+    """Input rows whose token the previous step sampled and has not been read back yet: they
+    are filled on the device from that step's token tensor, after the batch is copied in."""
+
+    rows: torch.Tensor  # int64 [k]: positions in the batch's input_ids (device)
+    tokens: torch.Tensor  # int64 [k]: their tokens (device)
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.tokens)
 
 
 class ModelRunner:
@@ -36,37 +80,65 @@ class ModelRunner:
         self.logits_hook: LogitsHook | None = None
         self.sampler = Sampler()
 
-    def build_batch(self, sched: SchedulerOutput,
-                    seqs: Mapping[str, Sequence]) -> tuple[BatchInput, list[str]]:
-        """The step's BatchInput (host tensors) and the request ids whose logits rows it
-        returns, in order."""
+    def build_batch(self, sched: SchedulerOutput, seqs: Mapping[str, Sequence],
+                    previous: StepResult | None = None
+                    ) -> tuple[BatchInput, list[Sequence], TokenFeed | None]:
+        """The step's BatchInput (host tensors), the sequences whose logits rows it returns
+        (in order), and the feed of the tokens still on the device from `previous`."""
         items = []
+        feed_rows: list[int] = []
+        feed_src: list[int] = []
+        offset = 0
         for s in sched.scheduled:
             seq = seqs[s.request_id]
-            items.append((seq.token_slice(s.start, s.start + s.num_new_tokens), s.start,
-                          self.kv.block_table(s.request_id), seq.lora_slot))
+            end = s.start + s.num_new_tokens
+            toks = seq.token_slice(s.start, end)
+            if toks[-1] == PLACEHOLDER:  # only ever the last token, sampled by `previous`
+                row = previous.row_of(seq) if previous is not None else None
+                if row is None:
+                    raise RuntimeError(f"{s.request_id}: its last token was never sampled")
+                feed_rows.append(offset + len(toks) - 1)
+                feed_src.append(row)
+            items.append((toks, s.start, self.kv.block_table(s.request_id), seq.lora_slot))
+            offset += len(toks)
         batch = BatchInput.build(items, self.kv.block_size,
                                  logits_for=[s.sample for s in sched.scheduled])
-        return batch, [s.request_id for s in sched.scheduled if s.sample]
+        sampled = [seqs[s.request_id] for s in sched.scheduled if s.sample]
+        feed = None
+        if feed_rows:
+            src = torch.tensor(feed_src, dtype=torch.int64).to(self.device, non_blocking=True)
+            feed = TokenFeed(torch.tensor(feed_rows, dtype=torch.int64).to(self.device,
+                                                                           non_blocking=True),
+                             previous.tokens.index_select(0, src))
+        return batch, sampled, feed
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, seqs: Mapping[str, Sequence]) -> dict[str, int]:
-        """Run one step; returns the sampled token of every sequence that reached its end."""
-        batch, sampled_ids = self.build_batch(sched, seqs)
+    def launch(self, sched: SchedulerOutput, seqs: Mapping[str, Sequence],
+               previous: StepResult | None = None) -> StepResult | None:
+        """Run one step without waiting for the device; None when no row samples a token.
+        `previous`: the last launched step, if its tokens were not read back yet."""
+        batch, sampled, feed = self.build_batch(sched, seqs, previous)
         uses_lora = any(seqs[s.request_id].lora_slot >= 0 for s in sched.scheduled)
-        every_row_sampled = len(sampled_ids) == batch.num_seqs
+        every_row_sampled = len(sampled) == batch.num_seqs
         if self.graphs is not None and every_row_sampled and self.graphs.fits(batch):
-            logits = self.graphs.run(batch, uses_lora)
+            logits = self.graphs.run(batch, uses_lora, feed)
         else:
             if self.device.type != "cpu":
                 batch = batch.to(self.device)
+            if feed is not None:
+                feed.apply(batch.input_ids)
             tables = self.tables if uses_lora else None
             logits = self.model.forward(batch, self.storage.tensor, tables)
-        if not sampled_ids:
-            return {}
+        if not sampled:
+            return None
         if self.logits_hook is not None:
-            self.logits_hook(sampled_ids, logits)
-        params = [seqs[r].params for r in sampled_ids]
-        generators = [seqs[r].extra.get("generator") for r in sampled_ids]
-        tokens = self.sampler.sample(logits, params, generators)
-        return dict(zip(sampled_ids, tokens))
+            self.logits_hook([seq.request_id for seq in sampled], logits)
+        tokens = self.sampler.sample_tensor(logits, [seq.params for seq in sampled],
+                                            [seq.extra.get("generator") for seq in sampled])
+        if self.device.type == "cpu":
+            return StepResult(sampled, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepResult(sampled, tokens, host, ready)

@@ -128,6 +128,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.finishing:  # its last token is still on the device and ends it
+                i += 1
+                continue
             n = min(seq.num_uncomputed, budget)
             if not self._ensure_kv(seq, seq.num_computed_tokens + n, out):
                 continue  # seq itself was preempted: running[i] is now the next one
@@ -181,6 +184,8 @@ class Scheduler:
 
     def _try_admit(self, seq: Sequence, out: SchedulerOutput) -> str:
         """'admitted' (now RUNNING), 'not_ready', 'no_room' or 'failed' (finished with error)."""
+        if seq.finishing:  # preempted while its last token is in flight: it ends when read
+            return "not_ready"
         kv_pages = pages_for_tokens(seq.num_tokens, self.kv.block_size)
         if seq.adapter_id is not None:
             assert self.adapters is not None, "adapter request without an adapter manager"

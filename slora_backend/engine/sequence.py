@@ -9,6 +9,10 @@ from typing import Any
 from slora_backend.errors import EngineError
 from slora_backend.sampling_params import SamplingParams
 
+# an output token sampled by a step still running on the device (async scheduling): the next
+# step reads it on the device; the engine writes the value in when it reads the step back
+PLACEHOLDER = -1
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -36,6 +40,8 @@ class Sequence:
     finish_reason: str | None = None
     error: EngineError | None = None
     num_preemptions: int = 0
+    # its last sampled token (still a PLACEHOLDER) ends it by length: not scheduled again
+    finishing: bool = False
     # filled by the engine: detokenizer state, sampler generator, emitted counters
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -46,6 +52,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens read back from the device (placeholders are always the last ones)."""
+        n = len(self.output_token_ids)
+        while n and self.output_token_ids[n - 1] == PLACEHOLDER:
+            n -= 1
+        return n
 
     @property
     def num_uncomputed(self) -> int:

@@ -111,14 +111,17 @@ def test_abort_frees_pages_at_next_step(engine: LLMEngine) -> None:
     assert final.pool_pages_free == final.pool_pages_total - final.pool_pages_lora
 
 
-def test_preemption_gives_the_same_tokens(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_preemption_gives_the_same_tokens(tiny_model_dir: Path, tiny_adapter_dir: Path,
+                                          async_scheduling: str) -> None:
     reqs = [(f"p{i}", [100 + 7 * i + j for j in range(12)], name)
             for i, name in enumerate(["a_r4_qv", None, "a_r16_mlp", "a_r8_all", None])]
     results = []
     for pool_bytes in (16 * MIB, None):
         # tiny model: 2 layers * 1024 elems * 4 B = 8 KiB per page; 14 pages force preemption
         kw = {"pool_bytes": 14 * 8192} if pool_bytes is None else {"pool_bytes": pool_bytes}
-        eng = make_engine(tiny_model_dir, tiny_adapter_dir, **kw)
+        eng = make_engine(tiny_model_dir, tiny_adapter_dir, async_scheduling=async_scheduling,
+                          **kw)
         for rid, prompt, adapter in reqs:
             eng.add_request(rid, prompt_token_ids=prompt,
                             params=SamplingParams(max_tokens=40, **GREEDY), adapter_id=adapter)
@@ -182,8 +185,9 @@ def test_engine_loop_threads_abort_and_shutdown(tiny_model_dir: Path,
 
 
 @pytest.mark.skipif(not (SMOL_DIR / "model.safetensors").exists(), reason="SmolLM2 missing")
-def test_eos_stop_strings_and_chat(tmp_path: Path) -> None:
-    eng = make_engine(SMOL_DIR, tmp_path, pool_bytes=64 * MIB)
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_eos_stop_strings_and_chat(tmp_path: Path, async_scheduling: str) -> None:
+    eng = make_engine(SMOL_DIR, tmp_path, pool_bytes=64 * MIB, async_scheduling=async_scheduling)
     chat = [{"role": "user", "content": "Say hello in one short sentence."}]
     eng.add_request("eos", prompt=chat, params=SamplingParams(max_tokens=60, temperature=0.0))
     out = drain(eng)["eos"]
@@ -246,4 +250,24 @@ def test_adapter_failing_to_load_fails_only_its_request(tiny_model_dir: Path,
     assert outs["good"][-1].finish_reason == "length" and len(tokens_of(outs["good"])) == 4
     assert eng.stats().pool_pages_kv == 0
     assert torch.isfinite(eng.storage.tensor).all()  # nothing of the bad adapter was written
+    eng.close()
+
+
+def test_dummy_load_format_needs_no_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """load_format=dummy: random weights in the shape of config.json (benchmarks at scale);
+    without it, a directory with no weights is refused naming 'model'."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(EngineError) as exc:
+        make_engine(bare, tmp_path)
+    assert exc.value.code is ErrorCode.INVALID_ARG and "'model'" in exc.value.message
+    eng = make_engine(bare, tmp_path, load_format="dummy")
+    assert not eng.async_scheduling  # auto: off on the CPU
+    assert eng.spec.hidden_size == 64 and eng.spec.num_layers == 2
+    eng.add_request("d", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=5, **GREEDY))
+    out = drain(eng)["d"]
+    assert len(tokens_of(out)) == 5 and out[-1].finish_reason == "length"
     eng.close()
