@@ -17,6 +17,7 @@ import torch
 
 from slora_backend.adapters.source import AdapterSource, Fingerprint, HostAdapter
 from slora_backend.adapters.validation import refuse
+from slora_backend.device import use_device
 from slora_backend.errors import EngineError, ErrorCode
 
 LATENCY_WINDOW = 1024  # recent load latencies kept for the max / mean in stats()
@@ -36,7 +37,8 @@ class HostCache:
     """
 
     def __init__(self, source: AdapterSource, capacity_bytes: int, workers: int = 1,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, device: torch.device | str = "cpu") -> None:
+        """`device`: the engine's; its loader threads pin host memory in that GPU's context."""
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) \
                 or capacity_bytes < 1:
             raise EngineError.invalid("host_cache_bytes", f"must be an integer >= 1, "
@@ -58,7 +60,8 @@ class HostCache:
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._cond = threading.Condition()
         self._executor = ThreadPoolExecutor(max_workers=workers,
-                                            thread_name_prefix="slora-host-cache")
+                                            thread_name_prefix="slora-host-cache",
+                                            initializer=use_device, initargs=(device,))
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 A decode step of a 32-layer model launches hundreds of small kernels; launched from Python on a
 slow host CPU that costs milliseconds, more than the GPU needs for the step. So decode-only
-steps run from CUDA graphs captured at start-up: one per padded batch size, each with and
-without LoRA (a base-only step launches no LoRA kernels). A graph reads static buffers; a step
-copies its batch into their first rows and pads the rest (slot -1: no KV write, no adapter;
-context length 1). The pool and the adapter slot tables are read where they are at replay, so
-adapters loaded after capture are served.
+steps run from CUDA graphs captured at start-up: one per padded batch size and LoRA variant
+(LORA_VARIANTS: a base-only step launches no LoRA kernels; a step whose adapters target only
+the attention projections skips the MLP call sites, whose launches would find nothing to do).
+A graph reads static buffers; a step copies its batch into their first rows and pads the rest
+(slot -1: no KV write, no adapter; context length 1). The pool and the adapter slot tables are
+read where they are at replay, so adapters loaded after capture are served.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from tqdm import tqdm
 from slora_backend.engine.model_runner import TokenFeed
 from slora_backend.model.batch import BatchInput
 from slora_backend.model.kernel_ops import KernelStep, rows_always_aligned
-from slora_backend.model.llama import LlamaModel
+from slora_backend.model.llama import (
+    DOWN_MODULES,
+    GATE_UP_MODULES,
+    O_MODULES,
+    QKV_MODULES,
+    LlamaModel,
+)
 from slora_backend.model.lora import LoraTables
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,16 @@ SIZE_STEP = 16
 # context exit at once)
 GRAPH_ATTENTION_SPLITS = 8
 PAD_SLOT = -1
+ATTENTION_MODULES = frozenset(QKV_MODULES + O_MODULES)
+ALL_MODULES = ATTENTION_MODULES | frozenset(GATE_UP_MODULES + DOWN_MODULES)
+# the module sets a decode graph's LoRA call sites cover (empty: no LoRA); a step replays the
+# first one that covers every module its adapters target
+LORA_VARIANTS = (frozenset(), ATTENTION_MODULES, ALL_MODULES)
+
+
+def lora_variant(lora_modules: frozenset[int]) -> frozenset[int]:
+    """The LoRA variant a step whose adapters target `lora_modules` replays."""
+    return next(v for v in LORA_VARIANTS if lora_modules <= v)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -63,8 +80,8 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=i32, device=dev)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=dev)
         self.logits_indices = torch.arange(max_batch, dtype=i64, device=dev)
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self._graphs: dict[tuple[int, frozenset[int]], torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[tuple[int, frozenset[int]], torch.Tensor] = {}
 
     @property
     def max_blocks(self) -> int:
@@ -82,16 +99,17 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:size], lora_slots=self.lora_slots[:size],
             logits_indices=self.logits_indices[:size], is_decode_only=True)
 
-    def _forward(self, size: int, with_lora: bool) -> torch.Tensor:
+    def _forward(self, size: int, lora_modules: frozenset[int]) -> torch.Tensor:
         batch = self._static_batch(size)
-        tables = self.tables if with_lora else None
-        step = KernelStep.decode_graph(batch, tables, self.aligned, GRAPH_ATTENTION_SPLITS)
+        tables = self.tables if lora_modules else None
+        step = KernelStep.decode_graph(batch, tables, self.aligned, GRAPH_ATTENTION_SPLITS,
+                                       lora_modules)
         return self.model.forward(batch, self.storage, tables, step=step)
 
-    def _variants(self) -> Iterator[tuple[int, bool]]:
+    def _variants(self) -> Iterator[tuple[int, frozenset[int]]]:
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
-            for with_lora in (False, True):
-                yield size, with_lora
+            for lora_modules in LORA_VARIANTS:
+                yield size, lora_modules
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -100,31 +118,31 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.storage.device)
         stream.wait_stream(torch.cuda.current_stream(self.storage.device))
         with torch.cuda.stream(stream):
-            for size, with_lora in self._variants():
-                self._forward(size, with_lora)  # warm-up: Triton compiles outside capture
+            for size, lora_modules in self._variants():
+                self._forward(size, lora_modules)  # warm-up: Triton compiles outside capture
         torch.cuda.current_stream(self.storage.device).wait_stream(stream)
         variants = list(self._variants())
         for key in tqdm(variants, desc="capturing decode CUDA graphs", leave=False):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self._outputs[key] = self._forward(*key)
             self._graphs[key] = graph
         torch.cuda.synchronize(self.storage.device)
         log.info("captured %d decode CUDA graphs (batch sizes %s)", len(self._graphs), self.sizes)
 
-    def run(self, batch: BatchInput, with_lora: bool,
+    def run(self, batch: BatchInput, lora_modules: frozenset[int],
             feed: TokenFeed | None = None) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of a decode-only host batch (see `fits`); `feed` fills the
-        input tokens that are still on the device."""
+        """Logits [num_seqs, vocab] of a decode-only host batch (see `fits`) whose adapters
+        target `lora_modules`; `feed` fills the input tokens that are still on the device."""
         n = batch.num_seqs
         size = next(s for s in self.sizes if s >= n)
         self._load(batch, n, size)
         if feed is not None:
             feed.apply(self.input_ids)
-        key = (size, with_lora)
+        key = (size, lora_variant(lora_modules))
         graph = self._graphs.get(key)
         if graph is None:
-            return self._forward(size, with_lora)[:n]
+            return self._forward(*key)[:n]
         graph.replay()
         return self._outputs[key][:n]
 

@@ -16,6 +16,7 @@ import torch
 from slora_backend.adapters.host_cache import HostCache
 from slora_backend.adapters.source import AdapterSource
 from slora_backend.config import DEFAULT_CPU_POOL_BYTES, EngineConfig
+from slora_backend.device import use_device
 from slora_backend.engine.adapter_manager import AdapterManager
 from slora_backend.engine.kv_manager import KVManager, pages_for_tokens
 from slora_backend.engine.memory_pool import PagePool, PoolStorage, pages_for_bytes
@@ -82,6 +83,7 @@ class LLMEngine:
         which holds the tokenizer either way."""
         self.config = config
         self.device = torch.device(config.resolved_device)
+        use_device(self.device)  # kernels, graphs and events of this thread go to this GPU
         if self.device.type == "cpu" and config.cpu_threads > 0:
             torch.set_num_threads(config.cpu_threads)
         self.dtype = config.torch_dtype
@@ -101,7 +103,7 @@ class LLMEngine:
         self.pool = PagePool(num_pages)
         self.source = AdapterSource(config.adapter_dir, self.spec, config.max_rank, self.dtype)
         self.host_cache = HostCache(self.source, config.host_cache_bytes,
-                                    config.host_cache_workers)
+                                    config.host_cache_workers, device=self.device)
         self.adapters = AdapterManager(self.spec, self.storage, self.pool, self.host_cache,
                                        config.max_loaded_adapters, config.max_rank)
         self.kv = KVManager(self.pool, config.block_size)
@@ -431,6 +433,7 @@ class EngineLoop:
         self.engine.close()
 
     def _run(self) -> None:
+        use_device(self.engine.device)
         while True:
             if self._stop.is_set():
                 self.engine.abort_all()  # requests added while stopping

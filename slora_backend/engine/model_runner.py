@@ -118,16 +118,17 @@ class ModelRunner:
         """Run one step without waiting for the device; None when no row samples a token.
         `previous`: the last launched step, if its tokens were not read back yet."""
         batch, sampled, feed = self.build_batch(sched, seqs, previous)
-        uses_lora = any(seqs[s.request_id].lora_slot >= 0 for s in sched.scheduled)
+        lora_modules = self.tables.modules_of(seqs[s.request_id].lora_slot
+                                              for s in sched.scheduled)
         every_row_sampled = len(sampled) == batch.num_seqs
         if self.graphs is not None and every_row_sampled and self.graphs.fits(batch):
-            logits = self.graphs.run(batch, uses_lora, feed)
+            logits = self.graphs.run(batch, lora_modules, feed)
         else:
             if self.device.type != "cpu":
                 batch = batch.to(self.device)
             if feed is not None:
                 feed.apply(batch.input_ids)
-            tables = self.tables if uses_lora else None
+            tables = self.tables if lora_modules else None
             logits = self.model.forward(batch, self.storage.tensor, tables)
         if not sampled:
             return None
@@ -140,5 +141,5 @@ class ModelRunner:
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))
         return StepResult(sampled, tokens, host, ready)

@@ -48,6 +48,7 @@ class KernelStep:
     max_context_len: int | None  # None: the attention kernel sizes split-K from num_splits
     num_splits: int | None
     tables: LoraTables | None  # None: no LoRA this step
+    lora_modules: frozenset[int]  # modules some adapter of the step targets: other sites skip
     lora_slots: torch.Tensor | None  # decode: int32 [T]
     segments: kernels.LoraSegments | None  # prefill: tokens grouped by adapter
     aligned: bool
@@ -59,7 +60,8 @@ class KernelStep:
         qsl, ctx = batch.host_meta()
         decode = batch.is_decode_only
         lora_host = batch.lora_host()
-        if tables is not None and max(lora_host, default=-1) < 0:
+        lora_modules = tables.modules_of(lora_host) if tables is not None else frozenset()
+        if not lora_modules:
             tables = None  # no token of this step has an adapter
         lora_slots = segments = None
         if tables is not None and decode:
@@ -76,6 +78,7 @@ class KernelStep:
             max_context_len=max(ctx),
             num_splits=None,
             tables=tables,
+            lora_modules=lora_modules,
             lora_slots=lora_slots,
             segments=segments,
             aligned=aligned,
@@ -83,9 +86,10 @@ class KernelStep:
 
     @classmethod
     def decode_graph(cls, batch: BatchInput, tables: LoraTables | None, aligned: bool,
-                     num_splits: int) -> KernelStep:
+                     num_splits: int, lora_modules: frozenset[int]) -> KernelStep:
         """Decode step over static device buffers (CUDA-graph capture): every padded row has
-        slot -1 and slot_mapping -1; LoRA kernels run whenever `tables` is given."""
+        slot -1 and slot_mapping -1; the LoRA call sites of `lora_modules` run whenever
+        `tables` is given."""
         return cls(
             decode=True,
             query_start_loc=batch.query_start_loc,
@@ -96,6 +100,7 @@ class KernelStep:
             max_context_len=None,
             num_splits=num_splits,
             tables=tables,
+            lora_modules=lora_modules if tables is not None else frozenset(),
             lora_slots=batch.lora_slots if tables is not None else None,
             segments=None,
             aligned=aligned,
@@ -123,7 +128,7 @@ class KernelStep:
              modules: tuple[int, ...], columns: tuple[tuple[int, int], ...]) -> None:
         """y[:, off:off+dim] += LoRA delta of module m, for each m, (off, dim) in columns."""
         t = self.tables
-        if t is None:
+        if t is None or self.lora_modules.isdisjoint(modules):
             return
         kernels.add_lora(
             y, x, flat, t.a_ptr, t.b_ptr, t.ranks, t.scales, modules,

@@ -9,7 +9,7 @@ layer slice `storage[l].view(-1)`: page * page_elems + offset_in_page.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,12 +26,23 @@ class LoraTables:
     a_ptr, b_ptr: int64 [slots, 7, max_rank] element offsets of A rows / B^T rows in
     `storage[l].view(-1)` (entries past the rank are 0 and never read);
     ranks: int32 [slots, 7] (0 = module not targeted); scales: float32 [slots].
+    `targets[s]`: the module indices slot s targets, on the host (a step skips the LoRA call
+    sites that no adapter of its batch targets, without reading the device tables).
     """
 
     a_ptr: torch.Tensor
     b_ptr: torch.Tensor
     ranks: torch.Tensor
     scales: torch.Tensor
+    targets: list[frozenset[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            self.targets = [frozenset()] * self.num_slots
+
+    def modules_of(self, slots: Iterable[int]) -> frozenset[int]:
+        """Module indices targeted by any of `slots` (-1 = no adapter)."""
+        return frozenset().union(*(self.targets[s] for s in set(slots) if s >= 0))
 
     @classmethod
     def create(
@@ -81,12 +92,14 @@ class LoraTables:
             )
             self.ranks[slot, mi] = rank
         self.scales[slot] = float(scale)
+        self.targets[slot] = frozenset(MODULE_INDEX[m] for m in pointers)
 
     def clear_slot(self, slot: int) -> None:
         self.a_ptr[slot].zero_()
         self.b_ptr[slot].zero_()
         self.ranks[slot].zero_()
         self.scales[slot] = 0.0
+        self.targets[slot] = frozenset()
 
 
 @dataclass

@@ -107,15 +107,20 @@ def test_tokens_arrive_one_step_later(tiny_model_dir: Path, tiny_adapter_dir: Pa
     assert lagged == [[]] + sync
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU machine)")
-def test_async_equals_sync_on_cuda(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+@pytest.mark.parametrize("gpu", [0, 1])
+def test_async_equals_sync_on_cuda(tiny_model_dir: Path, tiny_adapter_dir: Path,
+                                   gpu: int) -> None:
     """On the GPU: Triton kernels, decode steps replayed from CUDA graphs that take their input
-    tokens from the previous step's device tensor; greedy tokens equal the synchronous run."""
+    tokens from the previous step's device tensor; greedy tokens equal the synchronous run.
+    On the second GPU too (the kernels, graphs and events must follow the engine's device)."""
+    if torch.cuda.device_count() <= gpu:
+        pytest.skip(f"needs {gpu + 1} CUDA device(s) (the GPU machine)")
     greedy = [r for r in REQUESTS if r[0].startswith("g_")]
     results = {}
     for mode in ("off", "on"):
         eng = make_engine(tiny_model_dir, tiny_adapter_dir, async_scheduling=mode,
-                          device="cuda", dtype="float16", pool_bytes=None, pool_fraction=0.05,
+                          device=f"cuda:{gpu}", dtype="float16", pool_bytes=None,
+                          pool_fraction=0.05,
                           cuda_graph_max_batch=16)
         assert eng.runner.graphs is not None
         for _ in range(2):  # the first run makes the adapters resident: same batches after

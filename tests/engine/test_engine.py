@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from slora_backend import (
 )
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+ADAPTER_WAIT_STEPS = 40  # max_tokens=50: both requests are still running by then
 MIB = 1 << 20
 
 
@@ -91,8 +93,11 @@ def test_abort_frees_pages_at_next_step(engine: LLMEngine) -> None:
     engine.add_request("run", prompt_token_ids=list(range(10, 40)), params=p,
                        adapter_id="a_r8_all")
     engine.add_request("keep", prompt_token_ids=list(range(50, 60)), params=p)
-    engine.step()
-    engine.step()
+    for _ in range(ADAPTER_WAIT_STEPS):  # "run" waits for its adapter's background load
+        engine.step()
+        if engine.stats().num_running == 2:
+            break
+        time.sleep(0.01)
     busy = engine.stats()
     assert busy.num_running == 2 and busy.pool_pages_kv > 0
     engine.abort("run")

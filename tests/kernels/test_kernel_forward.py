@@ -26,7 +26,13 @@ from model_helpers import (  # noqa: E402
 )
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from slora_backend.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes  # noqa: E402
+from slora_backend.engine.cuda_graphs import (  # noqa: E402
+    ALL_MODULES,
+    ATTENTION_MODULES,
+    DecodeGraphs,
+    graph_batch_sizes,
+    lora_variant,
+)
 from slora_backend.model import BatchInput, LoraTables, load_model  # noqa: E402
 from slora_backend.model.llama import TRITON_BACKEND  # noqa: E402
 
@@ -107,7 +113,7 @@ def test_decode_graph_buffers_pad_and_match_peft(setup):
         batch = BatchInput.build([(seqs[i][-1:], len(seqs[i]) - 1, pages[i], slots[i])
                                   for i in live], BLOCK_SIZE)
         assert graphs.fits(batch)
-        logits = graphs.run(batch, with_lora=True)
+        logits = graphs.run(batch, tables.modules_of(slots[i] for i in live))
         assert logits.shape == (len(live), spec.vocab_size)
         for row, i in enumerate(live):
             ref = peft_logits(peft_model, names[i], seqs[i])[-1]
@@ -118,3 +124,29 @@ def test_decode_graph_buffers_pad_and_match_peft(setup):
             rest = BatchInput.build([(seqs[i][-1:], len(seqs[i]) - 1, pages[i], slots[i])
                                      for i in range(3, len(seqs))], BLOCK_SIZE, device=DEVICE)
             model.forward(rest, pool.storage, tables)
+
+
+def test_decode_graph_lora_variants_match_peft(setup):
+    """A decode step replays the graph of the smallest LoRA variant that covers its adapters'
+    modules: q,v-only adapters skip the MLP call sites, an MLP adapter needs them all."""
+    spec, model, peft_model, pool, tables, slot_of = setup
+    assert lora_variant(tables.modules_of([slot_of["r4"], -1])) == ATTENTION_MODULES
+    assert lora_variant(tables.modules_of([slot_of["r4"], slot_of["r32"]])) == ALL_MODULES
+    assert lora_variant(tables.modules_of([-1, -1])) == frozenset()
+    rng = random.Random(13)
+    graphs = DecodeGraphs(model, pool.storage, tables, max_batch=4, max_blocks=4)
+    if DEVICE == "cuda":
+        graphs.capture()
+    for names in (["r4", None], ["r32", "r4"], [None]):
+        slots = [slot_of[n] if n else -1 for n in names]
+        seqs = [[rng.randrange(3, spec.vocab_size) for _ in range(rng.randrange(5, 12))]
+                for _ in names]
+        pages = [pool.take(-(-len(s) // BLOCK_SIZE)) for s in seqs]
+        prefill = BatchInput.build([(s[:-1], 0, pg, sl) for s, pg, sl in zip(seqs, pages, slots)],
+                                   BLOCK_SIZE, device=DEVICE)
+        model.forward(prefill, pool.storage, tables)
+        batch = BatchInput.build([(s[-1:], len(s) - 1, pg, sl)
+                                  for s, pg, sl in zip(seqs, pages, slots)], BLOCK_SIZE)
+        logits = graphs.run(batch, tables.modules_of(slots))
+        for row, (name, ids) in enumerate(zip(names, seqs)):
+            assert rel_err(logits[row].cpu(), peft_logits(peft_model, name, ids)[-1]) <= TOL, name
