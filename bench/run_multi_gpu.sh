@@ -4,8 +4,9 @@
 # load_format=dummy) with 1, then all G GPUs visible, under the same client load
 # (bench_server_throughput.py); per-GPU utilisation is sampled by nvidia-smi meanwhile.
 #   [GPU_COUNTS="1 2"] bench/run_multi_gpu.sh OUT_DIR TOKENIZER_DIR [SERVER_CMD...]
-# SERVER_CMD: how to start tritonserver (default scripts/tritonserver.sh); the model repository
-# and ports are appended. docs/BENCHMARKS.md records the output.
+# SERVER_CMD: how to start tritonserver (default scripts/tritonserver.sh, which gives each GPU
+# its own instance group when 2+ are visible; the model repository is appended).
+# docs/BENCHMARKS.md records the output.
 set -u
 out=${1:?OUT_DIR}
 tok=${2:?TOKENIZER_DIR}
@@ -21,23 +22,10 @@ export SLORA_MODEL=$work/model SLORA_ADAPTER_DIR=$work/adapters SLORA_LOAD_FORMA
 export SLORA_MAX_NUM_SEQS=${MAX_NUM_SEQS:-256} SLORA_MAX_NUM_BATCHED_TOKENS=4096
 export SLORA_POOL_FRACTION=0.8 SLORA_MAX_LOADED_ADAPTERS=64
 ngpu=$(nvidia-smi -L | wc -l)
-# one instance group per GPU (distinct instance names; KIND_AUTO gave every GPU's instance the
-# same name in Triton 2.51, and that server crashed on its first requests); model.py is linked,
-# so it still finds the repository
-repository() {  # repository N -> a model repository with N GPU instance groups
-    local dir=$work/repo-$1
-    mkdir -p "$dir/slora/1"
-    ln -s "$PWD/model_repository/slora/1/model.py" "$dir/slora/1/model.py"
-    local groups
-    groups=$(for g in $(seq 0 $(($1 - 1))); do printf '{ count: 1, kind: KIND_GPU, gpus: [ %d ] },' "$g"; done)
-    sed "s/^instance_group .*/instance_group [ ${groups%,} ]/" model_repository/slora/config.pbtxt \
-        >"$dir/slora/config.pbtxt"
-    echo "$dir"
-}
 for n in ${GPU_COUNTS:-1 $ngpu}; do
     gpus=$(seq -s, 0 $((n - 1)))
     echo "=== $n GPU(s): CUDA_VISIBLE_DEVICES=$gpus ($(date +%T))"
-    CUDA_VISIBLE_DEVICES=$gpus "${server[@]}" --model-repository "$(repository "$n")" \
+    CUDA_VISIBLE_DEVICES=$gpus "${server[@]}" --model-repository model_repository \
         >"$out/server-$n.log" 2>&1 &
     pid=$!
     for _ in $(seq 300); do

@@ -26,8 +26,45 @@ fi
 # (e.g. the container's system interpreter).
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+ARGS=("$@")
+has_opt() {
+    local opt="$1" a
+    for a in "${ARGS[@]}"; do
+        [[ "$a" == "$opt" || "$a" == "$opt="* ]] && return 0
+    done
+    return 1
+}
+opt_value() {  # the value of --opt X / --opt=X in ARGS
+    local opt="$1" i
+    for ((i = 0; i < ${#ARGS[@]}; i++)); do
+        [[ "${ARGS[i]}" == "$opt="* ]] && { echo "${ARGS[i]#*=}"; return; }
+        [[ "${ARGS[i]}" == "$opt" ]] && { echo "${ARGS[i + 1]:-}"; return; }
+    done
+}
+visible_gpus() {  # GPUs this server will see (SLORA_LAUNCH_GPUS overrides, for tests)
+    if [[ -n "${SLORA_LAUNCH_GPUS:-}" ]]; then
+        echo "$SLORA_LAUNCH_GPUS"
+    elif [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
+        if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == -1* ]]; then echo 0
+        else awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"; fi
+    else
+        { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true
+    fi
+}
+# 2+ GPUs: one instance group per GPU (scripts/gpu_instance_groups.py says why), unless the
+# caller picks a config itself
+REPO_ARG=$(opt_value --model-repository)
+NUM_GPUS=$(visible_gpus)
+if [[ "$NUM_GPUS" -ge 2 && -n "$REPO_ARG" && -f "$REPO_ARG/slora/config.pbtxt" ]] \
+        && ! has_opt --model-config-name; then
+    PY="$VENV/bin/python"
+    [[ -x "$PY" ]] || PY=python3
+    CONFIG_NAME=$("$PY" "$ROOT/scripts/gpu_instance_groups.py" "$REPO_ARG" "$NUM_GPUS")
+    ARGS+=(--model-config-name "$CONFIG_NAME")
+fi
+
 if [[ -n "$SYSTEM_TRITON" ]]; then
-    exec "$SYSTEM_TRITON" "$@"
+    exec "$SYSTEM_TRITON" "${ARGS[@]}"
 fi
 
 "$ROOT/scripts/get_tritonserver.sh" >/dev/null
@@ -56,17 +93,9 @@ PYEOF
 export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 EXTRA=()
-has_opt() {
-    local opt="$1" a
-    for a in "${ARGS[@]}"; do
-        [[ "$a" == "$opt" || "$a" == "$opt="* ]] && return 0
-    done
-    return 1
-}
-ARGS=("$@")
 has_opt --backend-directory || EXTRA+=(--backend-directory "$TRITON_HOME/backends")
 if [[ -d "$TRITON_HOME/caches" ]]; then
     has_opt --cache-directory || EXTRA+=(--cache-directory "$TRITON_HOME/caches")
 fi
 
-exec "$TRITON_HOME/bin/tritonserver" "${EXTRA[@]}" "$@"
+exec "$TRITON_HOME/bin/tritonserver" "${EXTRA[@]}" "${ARGS[@]}"
