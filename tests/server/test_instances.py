@@ -1,6 +1,7 @@
 """Several engine instances of one model (Triton instance groups): each instance runs its own
 engine, where Triton placed it, and concurrent requests are spread over them. On a GPU host
-that is one engine per GPU (KIND_AUTO); here two KIND_CPU instances show the same mechanism."""
+that is one engine per GPU (one instance group per GPU, scripts/tritonserver.sh); here two
+KIND_CPU instances show the same mechanism."""
 
 from __future__ import annotations
 
