@@ -176,7 +176,7 @@ def _lora_expand_kernel(
 
 
 # Launch configurations (a benchmark sweep may override them). GEMV: BLOCK_N is block_n_small
-# for batches under 16 tokens (more programs for few tokens).
+# when a batch has fewer than 16 tokens, so that few tokens still get many programs;
 # n_iters (GEMV): output tiles per program, sharing the program's table lookups.
 # (defaults: the fastest of bench_lora_kernels.py --sweep on an H100, docs/BENCHMARKS.md)
 GEMV_CONFIG = {

@@ -38,14 +38,6 @@ def is_greedy(p: _Params) -> bool:
 class Sampler:
     """Batched sampler over fp32 logits [S, V]."""
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: Sequence[_Params],
-        generators: Sequence[torch.Generator | None],
-    ) -> list[int]:
-        return self.sample(logits, params, generators)
-
     def sample(
         self,
         logits: torch.Tensor,

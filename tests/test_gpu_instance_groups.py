@@ -38,16 +38,14 @@ def test_per_gpu_config_replaces_only_the_instance_group() -> None:
 
 @pytest.fixture()
 def launch(tmp_path: Path):
-    """Run scripts/tritonserver.sh with a binary that prints its arguments; returns them."""
+    """Run scripts/tritonserver.sh with TRITONSERVER=/bin/echo (it execs that binary with the
+    arguments it would give tritonserver, as in tests/docker); returns them."""
     repository = tmp_path / "repo"
     (repository / "slora").mkdir(parents=True)
     shutil.copy(CONFIG, repository / "slora" / "config.pbtxt")
-    fake = tmp_path / "tritonserver"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
-    fake.chmod(0o755)
 
     def run(gpus: str, *extra: str) -> list[str]:
-        env = dict(os.environ, TRITONSERVER=str(fake), SLORA_LAUNCH_GPUS=gpus)
+        env = dict(os.environ, TRITONSERVER="/bin/echo", SLORA_LAUNCH_GPUS=gpus)
         out = subprocess.run([str(ROOT / "scripts" / "tritonserver.sh"), "--model-repository",
                               str(repository), *extra], env=env, capture_output=True,
                              text=True, check=True, timeout=60)

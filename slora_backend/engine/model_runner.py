@@ -40,7 +40,7 @@ class StepResult:
     ready: torch.cuda.Event | None  # None on the CPU (the copy is done)
     # per row: the index of its PLACEHOLDER in seqs[i].output_token_ids (set by the engine)
     output_index: list[int] = field(default_factory=list)
-    _row_of: dict[int, int] = field(default_factory=dict)
+    _row_of: dict[int, int] = field(init=False, repr=False)  # id(seq) -> row, from seqs
 
     def __post_init__(self) -> None:
         self._row_of = {id(seq): i for i, seq in enumerate(self.seqs)}
