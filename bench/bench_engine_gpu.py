@@ -124,18 +124,30 @@ def make_requests(args: argparse.Namespace, adapters: list[str], vocab: int) -> 
             for _ in range(args.num_requests)]
 
 
+# decode batch classes of the step breakdown: (name, largest batch)
+PHASE_BATCHES = (("decode 1-31", 31), ("decode 32-127", 127), ("decode 128+", 1 << 30))
+
+
 def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str) -> dict:
     """All requests queued at once; wall time until the last one finishes."""
     sync(engine.config.device)
+    compiled = compiled_kernels()
     t0 = time.perf_counter()
     for i, r in enumerate(requests):
         params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0)
         engine.add_request(f"{tag}-{i}", prompt_token_ids=r["prompt"], params=params,
                            adapter_id=r["adapter"] if with_adapters else None)
     tokens = finished = steps = 0
+    phases: dict[str, list[float]] = {}  # phase -> [steps, seconds]
     with tqdm(total=len(requests), desc=tag) as bar:
         while engine.has_unfinished():
-            for out in engine.step():
+            phase = step_phase(engine)
+            t_step = time.perf_counter()
+            outs = engine.step()
+            acc = phases.setdefault(phase, [0, 0.0])
+            acc[0] += 1
+            acc[1] += time.perf_counter() - t_step
+            for out in outs:
                 tokens += len(out.new_token_ids)
                 if out.finished:
                     if out.error is not None:
@@ -148,7 +160,35 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str) 
     return {"requests": finished, "output_tokens": tokens, "wall_s": round(wall, 2),
             "steps": steps, "requests_per_s": round(finished / wall, 3),
             "output_tokens_per_s": round(tokens / wall, 1),
-            "preemptions": engine.scheduler.num_preemptions}
+            "preemptions": engine.scheduler.num_preemptions,
+            "steps_and_seconds_by_phase": {k: [v[0], round(v[1], 3)] for k, v in
+                                           sorted(phases.items())},
+            "jit_compiles": {k: n - compiled.get(k, 0) for k, n in compiled_kernels().items()
+                             if n > compiled.get(k, 0)}}
+
+
+def compiled_kernels() -> dict[str, int]:
+    """Compiled variants of each Triton kernel of kernels/ so far: a rise during a timed run
+    is a JIT compile (seconds on this host) inside it."""
+    counts = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("kernels."):
+            continue
+        for attr, obj in vars(mod).items():
+            caches = getattr(obj, "device_caches", None)
+            if isinstance(caches, dict) and caches:
+                counts[attr] = sum(len(c[0]) for c in caches.values())
+    return counts
+
+
+def step_phase(engine: LLMEngine) -> str:
+    """What a step is about to run: prompt tokens still to compute (prefill or mixed steps,
+    eager), else decode of a batch of this size class (CUDA graphs)."""
+    sched = engine.scheduler
+    if sched.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
+        return "prefill"
+    n = len(engine.scheduler.running)
+    return next(name for name, top in PHASE_BATCHES if n <= top)
 
 
 def main() -> None:

@@ -3,15 +3,18 @@
 
 Shape: one 4096 -> 4096 module (q_proj), fp16, adapters of ranks {8, 16, 32, 64} round-robin
 packed as rows in scattered pages of a pool shaped like Llama-7B's (page = 16 tokens x 32 KV
-heads x 128 x K/V = 131072 elements); slot tables sized for max_rank 128.
+heads x 128 x K/V = 131072 elements); slot tables sized for ``--max-rank`` (default 64, the
+engine's default ``max_rank``).
 
 - decode: M tokens in {1, 8, 32, 128, 256}, token i uses adapter i % 128 (each token a
   different adapter up to 128 distinct);
 - prefill: 8 sequences x 256 tokens, sequence i on adapter i.
 
 Compared in the same run:
-- ours: ``add_lora`` (shrink + expand, two launches; MBGMV for decode, MBGMM for prefill), and
-  for decode also MBGMM over tokens sorted by adapter;
+- ours: ``add_lora`` as the engine calls it: MBGMM shrink + expand for prefill; for decode the
+  per-token MBGMV (shrink + expand, two launches) below ``GROUPED_MIN_TOKENS`` tokens, the
+  grouped MBGMV (one launch, each adapter read once) from there. Decode also shows each of the
+  two alone, and MBGMM over tokens sorted by adapter;
 - torch "padded": gather the A/B rows of the batch's adapters padded to the batch's max rank,
   tokens grouped per adapter (padded to the largest group), two bmm, index_add into y;
 - torch "loop": a loop over the batch's adapters gathering each one's true-rank rows;
@@ -25,9 +28,9 @@ launch overhead of the Python launchers is not in it). A second table gives the 
 call of back-to-back eager calls (host overhead included, L2 warm). Each implementation is
 checked against the float64 reference first. Prints markdown tables; saves a PNG and a JSON
 under --out (default bench/results). ``--sweep`` first times a few launch configurations of
-each kernel and keeps the fastest.
+each kernel (``--sweep grouped``: of the grouped MBGMV only) and keeps the fastest.
 
-    python bench/bench_lora_kernels.py [--out DIR] [--sweep]
+    python bench/bench_lora_kernels.py [--out DIR] [--sweep [all|grouped]] [--max-rank R]
 Without CUDA it runs a small correctness pass of the same code paths under the interpreter.
 """
 
@@ -46,24 +49,32 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import add_lora, add_lora_ref, lora_expand, lora_shrink, make_lora_segments  # noqa: E402
+from kernels import (  # noqa: E402
+    add_lora,
+    add_lora_grouped,
+    add_lora_ref,
+    lora_expand,
+    lora_shrink,
+    make_lora_segments,
+)
 from kernels.testing import call_time_us, gpu_time_us, make_lora_pool, measure_copy_rate  # noqa: E402
 
 # the launchers' modules (the package re-exports functions of the same names)
 SHRINK_MOD = sys.modules["kernels.lora_shrink"]
 EXPAND_MOD = sys.modules["kernels.lora_expand"]
+GROUPED_MOD = sys.modules["kernels.lora_grouped"]
 
 RANKS = (8, 16, 32, 64)
-MAX_RANK = 128
+MAX_RANK = 64  # the engine's default max_rank (slot tables [slots, 7, max_rank])
 
 
-def build_pool(n_adapters, hidden, page_elems, dtype, device, seed=0):
+def build_pool(n_adapters, hidden, page_elems, dtype, device, max_rank, seed=0):
     gen = torch.Generator().manual_seed(seed)
     slot_ranks = [[RANKS[i % len(RANKS)]] + [0] * 6 for i in range(n_adapters)]
     dims = [(hidden, hidden)] * 7
     pool = make_lora_pool(
         slot_ranks, dims, page_elems=page_elems, dtype=dtype, device=device, gen=gen,
-        max_rank=MAX_RANK, extra_pages=2 * n_adapters,
+        max_rank=max_rank, extra_pages=2 * n_adapters,
     )  # fmt: skip
     return gen, pool
 
@@ -157,6 +168,13 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
         impls["ours_mbgmm_sorted"] = lambda y: add_lora(
             y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, segments=seg
         )
+        impls["ours_per_token"] = lambda y: add_lora(
+            y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, lora_slots=slots_d,
+            grouped=False,
+        )  # fmt: skip
+        impls["ours_grouped"] = lambda y: add_lora_grouped(
+            y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, lora_slots=slots_d
+        )
     else:
         impls["ours"] = lambda y: add_lora(
             y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, segments=seg
@@ -203,24 +221,30 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
         row["floor_bytes"] = nbytes
         row["floor_us"] = 1e6 * nbytes / rate
         row["ours_pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
+        if "ours_grouped_us" in row:
+            row["grouped_pct_floor"] = 100 * row["floor_us"] / row["ours_grouped_us"]
     results.append(row)
     print(json.dumps(row), flush=True)
 
 
 def markdown(results):
     head = (
-        "| case | M | adapters | ours (us) | shrink + expand (us) | ours, MBGMM sorted (us) "
+        "| case | M | adapters | ours (us) | per-token MBGMV (us): shrink + expand "
+        "| grouped MBGMV (us) | MBGMM sorted (us) "
         "| torch padded bmm (us) | torch loop (us) | byte floor (us) | ours % of floor "
         "| speedup vs best torch |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in results:
         best = min(r["torch_padded_us"], r["torch_loop_us"])
         sorted_us = f"{r['ours_mbgmm_sorted_us']:.1f}" if "ours_mbgmm_sorted_us" in r else "-"
+        grouped_us = f"{r['ours_grouped_us']:.1f}" if "ours_grouped_us" in r else "-"
+        per_token = f"{r['ours_per_token_us']:.1f}: " if "ours_per_token_us" in r else ""
         lines.append(
             f"| {r['case']} | {r['M']} | {r['adapters']} "
             f"| {r['ours_us']:.1f} (again {r['ours_us_again']:.1f}) "
-            f"| {r['shrink_us']:.1f} + {r['expand_us']:.1f} | {sorted_us} "
+            f"| {per_token}{r['shrink_us']:.1f} + {r['expand_us']:.1f} | {grouped_us} "
+            f"| {sorted_us} "
             f"| {r['torch_padded_us']:.1f} | {r['torch_loop_us']:.1f} | {r['floor_us']:.2f} "
             f"| {r['ours_pct_floor']:.0f}% | {best / r['ours_us']:.1f}x |"
         )
@@ -314,6 +338,44 @@ def sweep(pool, hidden, device, dtype, gen, timer):
     return "\n".join(lines)
 
 
+def sweep_grouped(pool, hidden, device, dtype, gen, timer):
+    """Time launch configurations of the grouped MBGMV (decode M in {8, 32, 128, 256});
+    the fastest (sum over the cases) is kept."""
+    flat, a_ptr, b_ptr, ranks, scales = pool
+    n_ad = ranks.shape[0]
+    cases = []
+    for M in (8, 32, 128, 256):
+        slots = (torch.arange(M, dtype=torch.int32) % n_ad).to(device)
+        x = torch.randn(M, hidden, generator=gen).to(device, dtype)
+        y = torch.randn(M, hidden, generator=gen).to(device, dtype)
+        cases.append((M, slots, x, y))
+    space = [
+        dict(block_r=r, tile_elems=te, warps=w, k_stages=st, n_stages=st, n_split=sp)
+        for r, te, w, st, sp in (
+            (16, 8192, 4, 3, 1), (16, 8192, 4, 4, 1), (16, 4096, 4, 3, 1), (16, 8192, 8, 3, 1),
+            (16, 4096, 2, 4, 1), (16, 16384, 4, 3, 1), (32, 8192, 4, 3, 1), (16, 8192, 4, 3, 2),
+        )
+    ]  # fmt: skip
+    base = dict(GROUPED_MOD.GROUPED_CONFIG)
+    lines = ["| config | " + " | ".join(f"M={M} (us)" for M, *_ in cases) + " |"]
+    lines.append("|" + "---|" * (1 + len(cases)))
+    best = None
+    for change in space:
+        cfg = {**base, **change}
+        GROUPED_MOD.GROUPED_CONFIG = cfg
+        times = [
+            timer(lambda s=slots, x=x, y=y: add_lora_grouped(
+                y, x, flat, a_ptr, b_ptr, ranks, scales, (0,), [hidden], lora_slots=s))
+            for _, slots, x, y in cases
+        ]  # fmt: skip
+        lines.append(f"| {change} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+        if best is None or sum(times) < best[0]:
+            best = (sum(times), cfg)
+    GROUPED_MOD.GROUPED_CONFIG = best[1]
+    lines.append(f"| **kept** {best[1]} |" + " |" * len(cases))
+    return "\n".join(lines)
+
+
 def plot(results, path):
     import matplotlib
 
@@ -325,7 +387,8 @@ def plot(results, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     Ms = [r["M"] for r in dec]
     for key, label, style in (
-        ("ours_us", "ours (MBGMV)", "o-"),
+        ("ours_per_token_us", "ours, per-token MBGMV (shrink + expand)", "o-"),
+        ("ours_grouped_us", "ours, grouped MBGMV (one launch)", "D-"),
         ("ours_mbgmm_sorted_us", "ours (MBGMM, sorted)", "s--"),
         ("torch_padded_us", "torch gather + bmm, padded", "^-"),
         ("torch_loop_us", "torch loop over adapters", "v-"),
@@ -357,7 +420,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument(
-        "--sweep", action="store_true", help="time launch configurations first, keep the fastest"
+        "--sweep",
+        nargs="?",
+        const="all",
+        choices=["all", "grouped"],
+        help="time launch configurations first, keep the fastest (all kernels, or the grouped "
+        "MBGMV only)",
+    )
+    ap.add_argument(
+        "--max-rank",
+        type=int,
+        default=MAX_RANK,
+        help=f"rank capacity of the slot tables (default {MAX_RANK}, the engine's max_rank)",
     )
     ap.add_argument(
         "--profile-decode",
@@ -387,7 +461,7 @@ def main():
         device, dtype, hidden, page_elems, n_ad = "cpu", torch.float32, 256, 4096, 8
         decode_ms, prefill = [1, 5, 12], (3, 6)
         rate = None
-    gen, pool = build_pool(n_ad, hidden, page_elems, dtype, device)
+    gen, pool = build_pool(n_ad, hidden, page_elems, dtype, device, max_rank=args.max_rank)
     if args.profile_decode:
         flat, a_ptr, b_ptr, ranks, scales = pool
         M = args.profile_decode
@@ -403,7 +477,9 @@ def main():
     if args.sweep:
         timer = (lambda fn: gpu_time_us(fn, reps=40)) if cuda else (lambda fn: (fn(), 0.0)[1])
         try:
-            sweep_table = sweep(pool, hidden, device, dtype, gen, timer)
+            sweep_table = sweep_grouped(pool, hidden, device, dtype, gen, timer)
+            if args.sweep == "all":
+                sweep_table += "\n\n" + sweep(pool, hidden, device, dtype, gen, timer)
         except Exception:  # keep the main results even if a configuration breaks
             import traceback
 
@@ -425,12 +501,14 @@ def main():
     configs = {
         "shrink": {"gemv": SHRINK_MOD.GEMV_CONFIG, "gemm": SHRINK_MOD.GEMM_CONFIG},
         "expand": {"gemv": EXPAND_MOD.GEMV_CONFIG, "gemm": EXPAND_MOD.GEMM_CONFIG},
+        "grouped": GROUPED_MOD.GROUPED_CONFIG,
     }
     (out / "lora_kernels.json").write_text(
         json.dumps(
             {
                 "device": torch.cuda.get_device_name(),
                 "copy_rate": rate,
+                "max_rank": args.max_rank,
                 "configs": configs,
                 "sweep": sweep_table,
                 "results": results,

@@ -6,6 +6,11 @@ with every request on its own adapter. Prints wall time per step, GPU kernel tim
 the top CPU and GPU entries.
 
     python bench/profile_engine_gpu.py --tokenizer TOKENIZER_DIR [--num-seqs 200] [--steps 10]
+        [--phase decode|prefill]
+
+``--phase prefill`` profiles instead the steps that prefill the N prompts (chunked by the token
+budget, mixed with the decode of those already prefilled; eager, no graphs), after a first
+round has compiled the kernels and made the adapters resident.
 """
 
 from __future__ import annotations
@@ -38,6 +43,44 @@ MAX_TOKENS = 400  # long enough to outlast cold adapter loads and the profiled s
 
 def profile_steps(engine: LLMEngine, adapters: list[str] | None, args: argparse.Namespace,
                   tag: str) -> None:
+    prefill = args.phase == "prefill"  # the steps that prefill every prompt (chunked, eager)
+    prefill_all(engine, adapters, args, tag)  # also compiles and makes the adapters resident
+    if prefill:
+        finish(engine)
+    else:
+        for _ in range(WARM_STEPS):
+            engine.step()
+
+    def run_phase() -> int:
+        if prefill:
+            return prefill_all(engine, adapters, args, tag)
+        for _ in range(args.steps):
+            engine.step()
+        return args.steps
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n_steps = run_phase()
+    torch.cuda.synchronize()
+    plain_ms = 1e3 * (time.perf_counter() - t0) / n_steps
+    if prefill:
+        finish(engine)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        n_steps = run_phase()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events) / n_steps
+    print(f"\n=== {tag}: {args.num_seqs} sequences, {args.phase} steps ({n_steps}), "
+          f"async={engine.async_scheduling}: {plain_ms:.2f} ms per step (unprofiled), GPU "
+          f"kernels {gpu_us / 1e3:.2f} ms per step")
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    finish(engine)
+
+
+def prefill_all(engine: LLMEngine, adapters: list[str] | None, args: argparse.Namespace,
+                tag: str) -> int:
+    """Queue the requests and step until every one has its first token; returns the steps."""
     rng = random.Random(0)
     for i in range(args.num_seqs):
         prompt = [rng.randrange(FIRST_TOKEN_ID, engine.spec.vocab_size) for _ in range(PROMPT_LEN)]
@@ -45,26 +88,14 @@ def profile_steps(engine: LLMEngine, adapters: list[str] | None, args: argparse.
             adapters[i % len(adapters)] if adapters else None), params=SamplingParams(
             max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
     started: set[str] = set()
-    while len(started) < args.num_seqs:  # prefills done (adapters loaded): decode-only from here
+    steps = 0
+    while len(started) < args.num_seqs:
         started.update(out.request_id for out in engine.step())
-    for _ in range(WARM_STEPS):
-        engine.step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    torch.cuda.synchronize()
-    plain_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            engine.step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events) / args.steps
-    print(f"\n=== {tag}: {args.num_seqs} sequences decoding, async={engine.async_scheduling}: "
-          f"{plain_ms:.2f} ms per step (unprofiled), GPU kernels {gpu_us / 1e3:.2f} ms per step")
-    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+        steps += 1
+    return steps
+
+
+def finish(engine: LLMEngine) -> None:
     engine.abort_all()
     while engine.has_unfinished():
         engine.step()
@@ -77,6 +108,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--num-adapters", type=int, default=100)
     p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--phase", default="decode", choices=("decode", "prefill"),
+                   help="profile decode steps (default) or the steps that prefill the prompts")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="profile-engine-") as tmp:
         model_dir = make_model_dir(Path(tmp), args.tokenizer, LLAMA7B_CONFIG)

@@ -2,8 +2,10 @@
 # Everything measured on the GPU machine in one go (docs/BENCHMARKS.md records its output):
 #   bench/run_gpu_suite.sh OUT_DIR TOKENIZER_DIR
 # 1. the engine end to end at Llama-7B scale, LoRA vs base (bench_engine_gpu.py);
-# 2. the kernel and CUDA tests at real shapes (tests/kernels, tests/model/test_model_cuda.py);
-# 3. the LoRA kernel, attention and adapter-load benchmarks.
+# 2. the kernel and CUDA tests at real shapes (tests/kernels, tests/model/test_model_cuda.py,
+#    the CUDA cases of tests/engine/test_async_scheduling.py);
+# 3. profiles of decode and prefill steps (profile_engine_gpu.py);
+# 4. the LoRA kernel, attention and adapter-load benchmarks.
 # Each step has its own time limit so that one stuck step leaves the others' results.
 set -u
 out=${1:?OUT_DIR}
@@ -19,8 +21,11 @@ step() {  # step SECONDS NAME CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 step 220 engine python bench/bench_engine_gpu.py --tokenizer "$tok" --out "$out/engine_gpu.json"
-step 130 tests python -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model_cuda.py
-step 70 lora_kernels python bench/bench_lora_kernels.py --out "$out"
+step 300 tests python -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model_cuda.py \
+    tests/engine/test_async_scheduling.py
+step 120 profile_decode python bench/profile_engine_gpu.py --tokenizer "$tok"
+step 120 profile_prefill python bench/profile_engine_gpu.py --tokenizer "$tok" --phase prefill
+step 150 lora_kernels python bench/bench_lora_kernels.py --sweep grouped --out "$out"
 step 50 attention python bench/bench_attention.py --out "$out"
 step 50 adapter_load python bench/bench_adapter_load.py --llama7b --no-ttft \
     --out "$out/adapter_load.json"

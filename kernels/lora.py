@@ -1,8 +1,15 @@
-"""One call site for the LoRA delta of 1-3 modules: shrink then expand (two launches).
+"""One call site for the LoRA delta of 1-3 modules.
 
 ``add_lora(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, ...)`` adds
 ``scales[s] * (x[t] @ A^T) @ B^T`` of each token's adapter into ``y`` in place, reading A and B
 rows where they live in the pool (``flat = storage[l].view(-1)``) through the slot tables.
+
+Which kernels run: a prefill batch (``segments``) takes MBGMM shrink then expand; a decode batch
+(``lora_slots``) of at least GROUPED_MIN_TOKENS tokens takes the grouped MBGMV (one launch,
+each adapter read once per chunk of its tokens, ``lora_grouped.py``); a smaller one takes the
+per-token MBGMV shrink then expand, whose split-K and column tiles put more programs in flight
+when there is little work (on the H200 the two are even at 32 tokens, and the grouped kernel
+is 1.3-1.7x faster from 128 tokens: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ import torch
 
 from .lora_common import LoraSegments
 from .lora_expand import lora_expand, lora_expand_ref
+from .lora_grouped import add_lora_grouped
 from .lora_shrink import lora_shrink, lora_shrink_ref
+
+GROUPED_MIN_TOKENS = 32
 
 
 def add_lora(
@@ -32,11 +42,23 @@ def add_lora(
     segments: LoraSegments | None = None,
     split_k: int | None = None,
     aligned: bool | None = None,
+    grouped: bool | None = None,
 ) -> torch.Tensor:
     """MBGMV with ``lora_slots`` (decode), MBGMM with ``segments`` (prefill); returns ``y``.
 
     ``aligned``: every row offset is a multiple of 8 elements (None: checked on the device once
-    per table version, a sync that CUDA-graph capture cannot have)."""
+    per table version, a sync that CUDA-graph capture cannot have). ``grouped`` (decode only):
+    force the grouped (True) or per-token (False) MBGMV; None: by the batch size. ``split_k``
+    applies to the shrink of the two-launch paths."""
+    if grouped is None:
+        grouped = lora_slots is not None and x.shape[0] >= GROUPED_MIN_TOKENS
+    if grouped:
+        if lora_slots is None:
+            raise ValueError("the grouped MBGMV serves decode batches (lora_slots)")
+        return add_lora_grouped(
+            y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, y_offsets,
+            lora_slots=lora_slots, aligned=aligned,
+        )  # fmt: skip
     v = lora_shrink(
         x, flat, a_ptr, ranks, modules, lora_slots=lora_slots, segments=segments,
         split_k=split_k, aligned=aligned,

@@ -133,6 +133,49 @@ def check_tables(flat, ptr, ranks, modules, name="a_ptr"):
     return mods
 
 
+def check_x(x, flat):
+    """The input ``x`` [T, in_dim] of a LoRA call: unit last stride, the pool's dtype and device."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D [T, in_dim] with unit last stride, got {tuple(x.shape)}")
+    if x.dtype != flat.dtype:
+        raise TypeError(f"x dtype {x.dtype} must match the pool dtype {flat.dtype}")
+    if x.device != flat.device:
+        raise ValueError(f"x is on {x.device} but the pool is on {flat.device}")
+
+
+def check_y_columns(y, flat, b_ptr, scales, num_modules, out_dims, y_offsets):
+    """The output ``y`` [T, N], each module's column range in it, and the scales table.
+
+    Returns (out_dims, y_offsets) as int lists (default offsets: out_dims packed from column 0,
+    the fused q|k|v layout)."""
+    out_dims = [int(d) for d in out_dims]
+    if len(out_dims) != num_modules:
+        raise ValueError(f"{num_modules} modules but {len(out_dims)} out_dims")
+    if y_offsets is None:
+        y_offsets = [sum(out_dims[:i]) for i in range(len(out_dims))]
+    y_offsets = [int(o) for o in y_offsets]
+    if len(y_offsets) != num_modules:
+        raise ValueError(f"{num_modules} modules but {len(y_offsets)} y_offsets")
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError(f"y must be 2-D [T, N] with unit last stride, got {tuple(y.shape)}")
+    if y.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"y dtype must be fp16/bf16/fp32, got {y.dtype}")
+    N = y.shape[1]
+    if any(o < 0 or o + d > N for o, d in zip(y_offsets, out_dims)):
+        raise ValueError(
+            f"module column ranges {list(zip(y_offsets, out_dims))} exceed y's {N} columns"
+        )
+    if y.device != flat.device:
+        raise ValueError("y and the pool must be on the same device")
+    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.shape[0] != b_ptr.shape[0]:
+        raise ValueError(
+            f"scales must be fp32 [{b_ptr.shape[0]}], got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if scales.device != flat.device:
+        raise ValueError("scales must be on the pool's device")
+    return out_dims, y_offsets
+
+
 def check_batch(lora_slots, segments, num_tokens, device):
     """Exactly one of lora_slots (MBGMV) / segments (MBGMM); returns 'gemv' or 'gemm'."""
     if (lora_slots is None) == (segments is None):

@@ -16,8 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_common import LoraSegments, cdiv, check_batch, check_tables, next_pow2, rows_aligned
-from .lora_shrink import gather_rows
+from .lora_common import (
+    LoraSegments,
+    cdiv,
+    check_batch,
+    check_tables,
+    check_y_columns,
+    next_pow2,
+    rows_aligned,
+)
+from .lora_shrink import GEMM_MAX_SPLIT_ROWS, gather_rows
 
 
 @triton.jit
@@ -63,7 +71,9 @@ def _b_chunk(acc, flat_ptr, rows, r_mask, v, offs_n, n_mask,
     return acc
 
 
-@triton.jit
+# per-step values: no recompilation when they become 1 or a multiple of 16 (Triton's
+# default specialisation), which would compile new variants in the middle of serving
+@triton.jit(do_not_specialize=["n_mtiles", "split_k"])
 def _lora_expand_kernel(
     y_ptr,
     v_ptr,
@@ -183,6 +193,9 @@ GEMV_CONFIG = {
     "block_r": 16, "block_n": 128, "block_n_small": 128, "n_iters": 1, "warps": 4, "stages": 2
 }  # fmt: skip
 GEMM_CONFIG = {"block_r": 32, "block_n": 256, "warps": 8, "stages": 2}
+# MBGMM unrolls its split-partial loads to the largest split the shrink may use at that BLOCK_M
+# (GEMM_MAX_SPLIT_ROWS // BLOCK_M; loads past the real split are masked): one compiled variant
+# per BLOCK_M, not one per split of the step, so serving does not hit JIT compiles mid-run
 
 
 def lora_expand(
@@ -208,31 +221,10 @@ def lora_expand(
     (``lora_slots`` or ``segments``).
     """
     mods = check_tables(flat, b_ptr, ranks, modules, name="b_ptr")
-    out_dims = [int(d) for d in out_dims]
-    if len(out_dims) != len(mods):
-        raise ValueError(f"{len(mods)} modules but {len(out_dims)} out_dims")
-    if y_offsets is None:
-        y_offsets = [sum(out_dims[:i]) for i in range(len(out_dims))]
-    y_offsets = [int(o) for o in y_offsets]
-    if len(y_offsets) != len(mods):
-        raise ValueError(f"{len(mods)} modules but {len(y_offsets)} y_offsets")
-    if y.dim() != 2 or y.stride(1) != 1:
-        raise ValueError(f"y must be 2-D [T, N] with unit last stride, got {tuple(y.shape)}")
-    if y.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"y dtype must be fp16/bf16/fp32, got {y.dtype}")
-    T, N = y.shape
-    if any(o < 0 or o + d > N for o, d in zip(y_offsets, out_dims)):
-        raise ValueError(
-            f"module column ranges {list(zip(y_offsets, out_dims))} exceed y's {N} columns"
-        )
-    if y.device != flat.device or v.device != flat.device:
-        raise ValueError("y, v and the pool must be on the same device")
-    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.shape[0] != b_ptr.shape[0]:
-        raise ValueError(
-            f"scales must be fp32 [{b_ptr.shape[0]}], got {scales.dtype} {tuple(scales.shape)}"
-        )
-    if scales.device != flat.device:
-        raise ValueError("scales must be on the pool's device")
+    out_dims, y_offsets = check_y_columns(y, flat, b_ptr, scales, len(mods), out_dims, y_offsets)
+    T = y.shape[0]
+    if v.device != flat.device:
+        raise ValueError("v and the pool must be on the same device")
     if (
         v.dtype != torch.float32
         or v.dim() != 4
@@ -256,6 +248,9 @@ def lora_expand(
             return y
         cfg = GEMM_CONFIG
         block_m = 64 if segments.max_seg_len > 32 else (32 if segments.max_seg_len > 16 else 16)
+        if split_k > GEMM_MAX_SPLIT_ROWS // block_m:
+            raise ValueError(f"v has {split_k} splits; MBGMM at BLOCK_M {block_m} takes at most "
+                             f"{GEMM_MAX_SPLIT_ROWS // block_m} (lora_shrink caps it)")
         block_n = cfg["block_n"]
         n_mtiles = cdiv(max(segments.max_seg_len, 1), block_m)
         n_rows = segments.num_segments
@@ -285,7 +280,7 @@ def lora_expand(
         HAS_TOK_IDX=gemm and segments.token_idx is not None,
         ALIGNED=bool(aligned),
         FP32=y.dtype == torch.float32,
-        SPLIT_PAD=next_pow2(split_k),
+        SPLIT_PAD=GEMM_MAX_SPLIT_ROWS // block_m if gemm else next_pow2(split_k),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=cfg["block_r"],

@@ -25,13 +25,16 @@ from .lora_common import (
     cdiv,
     check_batch,
     check_tables,
+    check_x,
     next_pow2,
     num_sms,
     rows_aligned,
 )
 
 
-@triton.jit
+# per-step values: no recompilation when they become 1 or a multiple of 16 (Triton's
+# default specialisation), which would compile new variants in the middle of serving
+@triton.jit(do_not_specialize=["k_per_split", "split_k"])
 def _lora_shrink_kernel(
     x_ptr,
     flat_ptr,
@@ -215,12 +218,7 @@ def lora_shrink(
     per table version, see ``rows_aligned``).
     """
     mods = check_tables(flat, a_ptr, ranks, modules)
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"x must be 2-D [T, in_dim] with unit last stride, got {tuple(x.shape)}")
-    if x.dtype != flat.dtype:
-        raise TypeError(f"x dtype {x.dtype} must match the pool dtype {flat.dtype}")
-    if x.device != flat.device:
-        raise ValueError(f"x is on {x.device} but the pool is on {flat.device}")
+    check_x(x, flat)
     T, in_dim = x.shape
     mode = check_batch(lora_slots, segments, T, x.device)
     max_rank = a_ptr.shape[2]

@@ -86,7 +86,8 @@ def _attn_block(
     return acc, l_i, m_new
 
 
-@triton.jit
+# the block table width changes with the step: no recompile when it is 1 or a multiple of 16
+@triton.jit(do_not_specialize=["stride_bts"])
 def _prefill_kernel(
     q_ptr,
     kv_ptr,

@@ -11,8 +11,17 @@ from __future__ import annotations
 import torch
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device with an index: a bare "cuda" is the calling thread's current
+    GPU, so that the engine's other threads can be bound to the same one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def use_device(device: torch.device | str) -> None:
     """Make `device` this thread's current CUDA device (nothing to do for the CPU)."""
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -16,7 +16,7 @@ import torch
 from slora_backend.adapters.host_cache import HostCache
 from slora_backend.adapters.source import AdapterSource
 from slora_backend.config import DEFAULT_CPU_POOL_BYTES, EngineConfig
-from slora_backend.device import use_device
+from slora_backend.device import resolve_device, use_device
 from slora_backend.engine.adapter_manager import AdapterManager
 from slora_backend.engine.kv_manager import KVManager, pages_for_tokens
 from slora_backend.engine.memory_pool import PagePool, PoolStorage, pages_for_bytes
@@ -82,7 +82,7 @@ class LLMEngine:
         build random Llama-7B-shaped weights on the GPU); default: loaded from config.model,
         which holds the tokenizer either way."""
         self.config = config
-        self.device = torch.device(config.resolved_device)
+        self.device = resolve_device(config.resolved_device)
         use_device(self.device)  # kernels, graphs and events of this thread go to this GPU
         if self.device.type == "cpu" and config.cpu_threads > 0:
             torch.set_num_threads(config.cpu_threads)

@@ -107,22 +107,23 @@ def test_tokens_arrive_one_step_later(tiny_model_dir: Path, tiny_adapter_dir: Pa
     assert lagged == [[]] + sync
 
 
-@pytest.mark.parametrize("gpu", [0, 1])
+@pytest.mark.parametrize("device,gpu", [("cuda", 0), ("cuda:1", 1)])
 def test_async_equals_sync_on_cuda(tiny_model_dir: Path, tiny_adapter_dir: Path,
-                                   gpu: int) -> None:
+                                   device: str, gpu: int) -> None:
     """On the GPU: Triton kernels, decode steps replayed from CUDA graphs that take their input
     tokens from the previous step's device tensor; greedy tokens equal the synchronous run.
-    On the second GPU too (the kernels, graphs and events must follow the engine's device)."""
+    A bare "cuda" (what device "auto" gives) is the current GPU; on the second GPU too (the
+    kernels, graphs and events must follow the engine's device)."""
     if torch.cuda.device_count() <= gpu:
         pytest.skip(f"needs {gpu + 1} CUDA device(s) (the GPU machine)")
     greedy = [r for r in REQUESTS if r[0].startswith("g_")]
     results = {}
     for mode in ("off", "on"):
         eng = make_engine(tiny_model_dir, tiny_adapter_dir, async_scheduling=mode,
-                          device=f"cuda:{gpu}", dtype="float16", pool_bytes=None,
+                          device=device, dtype="float16", pool_bytes=None,
                           pool_fraction=0.05,
                           cuda_graph_max_batch=16)
-        assert eng.runner.graphs is not None
+        assert eng.runner.graphs is not None and eng.device == torch.device("cuda", gpu)
         for _ in range(2):  # the first run makes the adapters resident: same batches after
             for rid, prompt, adapter, kw in greedy:
                 eng.add_request(rid, prompt_token_ids=prompt, adapter_id=adapter,

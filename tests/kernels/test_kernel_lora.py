@@ -1,4 +1,5 @@
-"""LoRA shrink/expand kernels (MBGMV decode, MBGMM prefill) against the float64 reference.
+"""LoRA shrink/expand kernels (per-token MBGMV decode, MBGMM prefill) against the float64
+reference (the grouped MBGMV: test_kernel_lora_grouped.py).
 
 CPU: Triton interpreter, fp32, SmolLM2 dims (hidden 576), few tokens. CUDA: fp16/bf16, SmolLM2
 and Llama-7B dims, real batch sizes. Pools are random everywhere (never zeros) with the adapters'
@@ -9,6 +10,16 @@ import sys
 
 import pytest
 import torch
+from lora_helpers import (
+    DEVICE,
+    DTYPES,
+    MODELS,
+    ON_CUDA,
+    TOL,
+    build,
+    check_delta,
+    random_slots,
+)
 
 from kernels import (
     add_lora,
@@ -20,81 +31,11 @@ from kernels import (
     rows_aligned,
 )
 from kernels.lora_shrink import GEMM_MAX_SPLIT_ROWS
-from kernels.testing import make_lora_pool
 
 # The shrink buffer is torch.empty: entries past a token's rank are never written, and the expand
 # loads them unmasked before the rank is known, then zeroes them (tl.where). The interpreter's
 # numpy warns when that garbage happens to be NaN; the result is unaffected.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-ON_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if ON_CUDA else "cpu"
-DTYPES = [torch.float16, torch.bfloat16] if ON_CUDA else [torch.float32]
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-# (hidden, kv_out, intermediate, page_elems)
-SMOL = (576, 192, 1536, 2 * 16 * 3 * 64)
-LLAMA7B = (4096, 4096, 11008, 2 * 16 * 32 * 128)
-MODELS = [SMOL, LLAMA7B] if ON_CUDA else [SMOL]
-SLOT_RANKS = [4, 128, 16, 8, 64, 32, 12, 128, 4, 24]
-
-
-def module_dims(model):
-    hidden, kv, inter, _ = model
-    return [
-        (hidden, hidden),
-        (hidden, kv),
-        (hidden, kv),
-        (hidden, hidden),
-        (hidden, inter),
-        (hidden, inter),
-        (inter, hidden),
-    ]
-
-
-def slot_table(rank_list):
-    """Per slot: its rank on a varying subset of the 7 modules (some slots skip some modules)."""
-    out = []
-    for i, r in enumerate(rank_list):
-        out.append([0 if (i + m) % 4 == 3 else r for m in range(7)])
-    return out
-
-
-def build(model, dtype, seed, row_pad=0):
-    gen = torch.Generator().manual_seed(seed)
-    dims = module_dims(model)
-    pool = make_lora_pool(
-        slot_table(SLOT_RANKS),
-        dims,
-        page_elems=model[3],
-        dtype=dtype,
-        device=DEVICE,
-        gen=gen,
-        row_pad=row_pad,
-    )
-    return gen, dims, pool
-
-
-def random_slots(gen, n, module, with_base=True):
-    """Random adapter slots; a fifth of the tokens without adapter; token 0 uses ``module``."""
-    num_slots = len(SLOT_RANKS)
-    slots = torch.randint(0, num_slots, (n,), generator=gen, dtype=torch.int32)
-    if with_base and n > 1:
-        slots[1 + torch.randperm(n - 1, generator=gen)[: max(1, n // 5)]] = -1
-    table = slot_table(SLOT_RANKS)
-    slots[0] = next(s for s in range(num_slots) if table[s][module] > 0)
-    return slots
-
-
-def check_delta(y_out, y_in, ref, slots, dtype):
-    delta = (ref - y_in.double()).norm()
-    assert delta > 0, "the test drew no LoRA work"
-    assert torch.isfinite(y_out).all()
-    err = ((y_out.double() - ref).norm() / delta).item()
-    assert err < TOL[dtype], f"relative error {err:.2e}"
-    base = slots.to(y_in.device) < 0
-    assert torch.equal(y_out[base], y_in[base]), "tokens without adapter were modified"
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: f"h{m[0]}")
@@ -114,8 +55,9 @@ def test_mbgmv_decode(dtype, model, modules, batch):
     slots_d = slots.to(DEVICE)
     ref = add_lora_ref(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, None, slots_d)
     y_out = add_lora(
-        y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, lora_slots=slots_d
-    )
+        y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, lora_slots=slots_d,
+        grouped=False,
+    )  # fmt: skip
     check_delta(y_out, y, ref, slots, dtype)
 
 
@@ -143,8 +85,9 @@ def test_mbgmv_other_launch_configs(shrink_cfg, expand_cfg, monkeypatch):
     slots_d = slots.to(DEVICE)
     ref = add_lora_ref(y, x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, None, slots_d)
     y_out = add_lora(
-        y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, lora_slots=slots_d
-    )
+        y.clone(), x, flat, a_ptr, b_ptr, ranks, scales, modules, out_dims, lora_slots=slots_d,
+        grouped=False,
+    )  # fmt: skip
     check_delta(y_out, y, ref, slots, dtype)
 
 
@@ -338,6 +281,9 @@ def test_launcher_errors():
         lora_shrink(x, flat, a_ptr, ranks, (7,), lora_slots=slots)
     with pytest.raises(ValueError, match="flat must be the 1-D"):
         lora_shrink(x, flat.view(2, -1), a_ptr, ranks, (0,), lora_slots=slots)
+    with pytest.raises(ValueError, match="serves decode batches"):
+        add_lora(x, x, flat, a_ptr, b_ptr, ranks, scales, (0,), [dims[0][1]], segments=seg,
+                 grouped=True)  # fmt: skip
     with pytest.raises(ValueError, match="segments were built for"):
         lora_shrink(x[:2], flat, a_ptr, ranks, (0,), segments=seg)
     v = lora_shrink(x, flat, a_ptr, ranks, (0,), lora_slots=slots, split_k=1)

@@ -1,0 +1,255 @@
+"""Grouped MBGMV: the decode LoRA delta in ONE launch that reads each adapter once per call.
+
+``y[t, off:off+out] += scale_s * (x[t] @ A_s^T) @ B_s^T`` for every token t of a decode batch,
+``s = lora_slots[t]`` (-1: no adapter), A and B read in place from the unified pool through the
+slot tables (layout: ``kernels/lora_common.py``).
+
+Why grouped and fused: in a decode batch several requests often share an adapter, and the
+per-token MBGMV (``lora_shrink`` + ``lora_expand``) reads that adapter's A and B once per token,
+in two dependent launches. Here one program owns one adapter's tokens (a chunk of up to
+BLOCK_M of them), one module and one tile of BLOCK_R rank rows: it reduces ``x @ A_tile^T``
+over the whole input dimension for all its tokens at once (a [BLOCK_M, BLOCK_R] tile that
+stays in registers), then streams the tile's B^T rows through ``v @ B^T`` into ``y``. A and B
+cross HBM once per adapter and chunk, and the rank is never padded: tiles past an adapter's
+true rank exit at once, rows past it in the last tile are masked and never fetched. Nothing is
+sorted beforehand: a program finds its adapter's tokens from the per-token slots (a prefix
+count over the batch), and only the programs of a chunk's first token work.
+
+Rank tiles spread a large adapter over several programs (a single program streams at a few
+tens of GB/s, so one program per rank-64 adapter would bound the whole launch). When an
+adapter's rank fits one tile, its program owns its outputs and adds into ``y`` with a plain
+read-modify-write; above that, the tiles of one adapter add their parts atomically (the order
+of those additions, hence the last bits of ``y``, may vary from run to run).
+
+``n_split`` > 1 gives each tile that many programs, each redoing the shrink (A is then read
+from L2) and writing its share of the output columns: more programs in flight when a batch has
+few adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora_common import cdiv, check_tables, check_x, check_y_columns, next_pow2, rows_aligned
+
+
+@triton.jit
+def _index_in_adapter(slots_ptr, t, slot, num_tokens, T_PAD: tl.constexpr):
+    """How many tokens before t use t's adapter, and the mask of the tokens that use it."""
+    offs = tl.arange(0, T_PAD)
+    same = tl.load(slots_ptr + offs, mask=offs < num_tokens, other=-1) == slot
+    return tl.sum((same & (offs < t)).to(tl.int32), axis=0), same
+
+
+@triton.jit
+def _chunk_tokens(same, index, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr):
+    """Ids of the adapter's tokens with indices [index, index + BLOCK_M) among its tokens
+    (``m_mask``: which of the BLOCK_M exist)."""
+    offs = tl.arange(0, T_PAD)
+    pos = tl.cumsum(same.to(tl.int32), axis=0) - 1  # each token's index within its adapter
+    want = index + tl.arange(0, BLOCK_M)
+    hit = same[None, :] & (pos[None, :] == want[:, None])  # [BLOCK_M, T_PAD], <= 1 per row
+    tok = tl.sum(tl.where(hit, offs[None, :], 0), axis=1)
+    m_mask = tl.max(hit.to(tl.int32), axis=1) > 0
+    return tok.to(tl.int64), m_mask
+
+
+@triton.jit
+def _lora_grouped_kernel(
+    y_ptr,
+    x_ptr,
+    flat_ptr,
+    aptr_ptr,
+    bptr_ptr,
+    ranks_ptr,
+    scales_ptr,
+    slots_ptr,
+    num_tokens,
+    in_dim,
+    n_split,
+    n_per_split,
+    stride_xt,
+    stride_yt,
+    stride_ps,
+    stride_pm,
+    stride_rs,
+    mod0,
+    mod1,
+    mod2,
+    out0,
+    out1,
+    out2,
+    yoff0,
+    yoff1,
+    yoff2,
+    ALIGNED: tl.constexpr,
+    FP32: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_STAGES: tl.constexpr,
+    N_STAGES: tl.constexpr,
+):
+    t = tl.program_id(0)
+    mod_i = tl.program_id(1)
+    r_begin = (tl.program_id(2) // n_split) * BLOCK_R
+    n_begin = (tl.program_id(2) % n_split) * n_per_split
+    mod = tl.where(mod_i == 0, mod0, tl.where(mod_i == 1, mod1, mod2))
+    out_dim = tl.where(mod_i == 0, out0, tl.where(mod_i == 1, out1, out2))
+    y_off = tl.where(mod_i == 0, yoff0, tl.where(mod_i == 1, yoff1, yoff2))
+    slot = tl.load(slots_ptr + t)
+    if (slot < 0) | (n_begin >= out_dim):
+        return
+    rank = tl.load(ranks_ptr + slot * stride_rs + mod)
+    if r_begin >= rank:  # past this adapter's true rank (or module not targeted)
+        return
+    # the row pointers are fetched before the chunk is known: their latency overlaps it
+    offs_r = r_begin + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    p_rows = slot * stride_ps + mod * stride_pm + offs_r
+    a_rows = tl.load(aptr_ptr + p_rows, mask=r_mask, other=0)
+    b_rows = tl.load(bptr_ptr + p_rows, mask=r_mask, other=0)
+    if ALIGNED:
+        a_rows = tl.multiple_of(a_rows, 8)
+        b_rows = tl.multiple_of(b_rows, 8)
+    scale = tl.load(scales_ptr + slot)
+    index, same = _index_in_adapter(slots_ptr, t, slot, num_tokens, T_PAD)
+    if index % BLOCK_M != 0:  # not the first token of a chunk: that program does the work
+        return
+    tok, m_mask = _chunk_tokens(same, index, BLOCK_M, T_PAD)
+
+    # shrink: v = x[chunk] @ A_tile^T over the whole input dimension (A read once per chunk)
+    v = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k in tl.range(0, in_dim, BLOCK_K, num_stages=K_STAGES):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_dim
+        a = tl.load(
+            flat_ptr + a_rows[:, None] + offs_k[None, :],
+            mask=r_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        xt = tl.load(
+            x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if FP32:
+            v += tl.dot(xt, tl.trans(a), input_precision="ieee")
+        else:
+            v += tl.dot(xt, tl.trans(a))
+    if not FP32:
+        v = v.to(flat_ptr.dtype.element_ty)
+
+    # expand: y[chunk, cols] += scale * v @ B_tile^T, column tile by column tile
+    single_tile = rank <= BLOCK_R  # this program is the only one adding into these outputs
+    n_end = tl.minimum(n_begin + n_per_split, out_dim)
+    for n in tl.range(n_begin, n_end, BLOCK_N, num_stages=N_STAGES):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_end
+        bt = tl.load(
+            flat_ptr + b_rows[:, None] + offs_n[None, :],
+            mask=r_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        if FP32:
+            d = tl.dot(v, bt, input_precision="ieee") * scale
+        else:
+            d = tl.dot(v, bt) * scale
+        yp = y_ptr + tok[:, None] * stride_yt + y_off + offs_n[None, :]
+        ym = m_mask[:, None] & n_mask[None, :]
+        if single_tile:
+            y = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+            tl.store(yp, (y + d).to(y_ptr.dtype.element_ty), mask=ym)
+        else:
+            tl.atomic_add(yp, d.to(y_ptr.dtype.element_ty), mask=ym, sem="relaxed")
+
+
+# Launch configuration (a benchmark sweep may override it). block_m: tokens of one adapter per
+# program (16: the smallest tensor-core tile); block_r: rank rows per program (capped by the
+# slot tables' max rank); A and B tiles are block_r x block_k and block_r x block_n, with
+# tile_elems capping their elements (registers and shared memory per pipeline stage).
+# (defaults: the fastest of bench_lora_kernels.py --sweep on an H200, docs/BENCHMARKS.md)
+GROUPED_CONFIG = {
+    "block_m": 16, "block_r": 16, "tile_elems": 8192, "max_block_k": 1024,
+    "max_block_n": 1024, "warps": 4, "k_stages": 3, "n_stages": 3, "n_split": 1,
+}  # fmt: skip
+MIN_DOT_DIM = 16  # tl.dot needs every dimension >= 16
+
+
+def add_lora_grouped(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    flat: torch.Tensor,
+    a_ptr: torch.Tensor,
+    b_ptr: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    modules: Sequence[int],
+    out_dims: Sequence[int],
+    y_offsets: Sequence[int] | None = None,
+    *,
+    lora_slots: torch.Tensor,
+    aligned: bool | None = None,
+) -> torch.Tensor:
+    """Add the LoRA delta of 1-3 modules sharing the input ``x`` [T, in_dim] into ``y`` [T, N]
+    in place (and return it); ``lora_slots`` int32 [T], -1 = no adapter. Module ``modules[i]``
+    writes columns ``y_offsets[i] : y_offsets[i] + out_dims[i]`` (default: packed from 0, the
+    fused q|k|v layout). ``aligned``: every row offset is a multiple of 8 elements (None:
+    checked on the device once per table version, a sync that graph capture cannot have)."""
+    mods = check_tables(flat, a_ptr, ranks, modules)
+    check_tables(flat, b_ptr, ranks, modules, name="b_ptr")
+    if b_ptr.shape != a_ptr.shape or b_ptr.stride() != a_ptr.stride():
+        raise ValueError("a_ptr and b_ptr must have the same shape and strides")
+    check_x(x, flat)
+    out_dims, y_offsets = check_y_columns(y, flat, b_ptr, scales, len(mods), out_dims, y_offsets)
+    T, in_dim = x.shape
+    if y.shape[0] != T:
+        raise ValueError(f"y has {y.shape[0]} rows but x has {T}")
+    if lora_slots.dtype != torch.int32 or tuple(lora_slots.shape) != (T,):
+        raise ValueError(
+            f"lora_slots must be int32 [{T}], got {lora_slots.dtype} {tuple(lora_slots.shape)}"
+        )
+    if lora_slots.device != x.device or not lora_slots.is_contiguous():
+        raise ValueError(f"lora_slots must be contiguous on {x.device}")
+    if T == 0:
+        return y
+    cfg = GROUPED_CONFIG
+    block_r = max(MIN_DOT_DIM, min(cfg["block_r"], next_pow2(a_ptr.shape[2])))
+    block_k = max(MIN_DOT_DIM, min(cfg["max_block_k"], cfg["tile_elems"] // block_r,
+                                   next_pow2(in_dim)))  # fmt: skip
+    max_out = max(out_dims)
+    n_split = max(1, min(cfg["n_split"], cdiv(max_out, MIN_DOT_DIM)))
+    n_per_split = cdiv(cdiv(max_out, n_split), MIN_DOT_DIM) * MIN_DOT_DIM
+    block_n = max(MIN_DOT_DIM, min(cfg["max_block_n"], cfg["tile_elems"] // block_r,
+                                   next_pow2(n_per_split)))  # fmt: skip
+    if aligned is None:
+        aligned = (in_dim % 8 == 0 and all(d % 8 == 0 for d in out_dims)
+                   and rows_aligned(flat, a_ptr) and rows_aligned(flat, b_ptr))  # fmt: skip
+    m3 = mods + [mods[-1]] * (3 - len(mods))
+    d3 = out_dims + [out_dims[-1]] * (3 - len(mods))
+    o3 = y_offsets + [y_offsets[-1]] * (3 - len(mods))
+    n_split = cdiv(max_out, n_per_split)
+    grid = (T, len(mods), cdiv(a_ptr.shape[2], block_r) * n_split)
+    _lora_grouped_kernel[grid](
+        y, x, flat, a_ptr, b_ptr, ranks, scales, lora_slots,
+        T, in_dim, n_split, n_per_split,
+        x.stride(0), y.stride(0), a_ptr.stride(0), a_ptr.stride(1), ranks.stride(0),
+        m3[0], m3[1], m3[2], d3[0], d3[1], d3[2], o3[0], o3[1], o3[2],
+        ALIGNED=bool(aligned),
+        FP32=x.dtype == torch.float32,
+        T_PAD=next_pow2(T),
+        BLOCK_M=cfg["block_m"],
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        K_STAGES=cfg["k_stages"],
+        N_STAGES=cfg["n_stages"],
+        num_warps=cfg["warps"],
+    )  # fmt: skip
+    return y
