@@ -58,7 +58,11 @@ def _chunk_tokens(same, index, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr):
     return tok.to(tl.int64), m_mask
 
 
-@triton.jit
+# the batch size varies per step: no variant per value (Triton specialises integers that are 1
+# or multiples of 16 by default), so steps never wait on a JIT compile. n_per_split keeps its
+# specialisation: it is always a multiple of 16, and it tells the compiler that the B and y
+# columns of a split start 16-aligned (vector loads)
+@triton.jit(do_not_specialize=["num_tokens"])
 def _lora_grouped_kernel(
     y_ptr,
     x_ptr,
@@ -180,6 +184,9 @@ GROUPED_CONFIG = {
     "max_block_n": 1024, "warps": 4, "k_stages": 3, "n_stages": 3, "n_split": 1,
 }  # fmt: skip
 MIN_DOT_DIM = 16  # tl.dot needs every dimension >= 16
+# the slot vector a program scans is padded to at least this many tokens: every batch up to it
+# (all decode graph sizes by default) shares one compiled variant; the scan is a few KiB
+MIN_T_PAD = 256
 
 
 def add_lora_grouped(
@@ -243,7 +250,7 @@ def add_lora_grouped(
         m3[0], m3[1], m3[2], d3[0], d3[1], d3[2], o3[0], o3[1], o3[2],
         ALIGNED=bool(aligned),
         FP32=x.dtype == torch.float32,
-        T_PAD=next_pow2(T),
+        T_PAD=max(MIN_T_PAD, next_pow2(T)),
         BLOCK_M=cfg["block_m"],
         BLOCK_R=block_r,
         BLOCK_K=block_k,

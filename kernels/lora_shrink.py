@@ -32,9 +32,11 @@ from .lora_common import (
 )
 
 
-# per-step values: no recompilation when they become 1 or a multiple of 16 (Triton's
-# default specialisation), which would compile new variants in the middle of serving
-@triton.jit(do_not_specialize=["k_per_split", "split_k"])
+# split_k varies per step: no variant when it becomes 1 (Triton's default specialisation of
+# integers that are 1 or multiples of 16), which would compile mid-serving. k_per_split keeps
+# its specialisation: always a multiple of BLOCK_K, it tells the compiler that each split's
+# columns start 16-aligned (vector loads of A)
+@triton.jit(do_not_specialize=["split_k"])
 def _lora_shrink_kernel(
     x_ptr,
     flat_ptr,
