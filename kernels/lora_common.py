@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 NUM_MODULES = 7  # MODULE_ORDER = (q, k, v, o, gate, up, down)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -102,6 +104,22 @@ def make_lora_segments(
 
 # ---------------------------------------------------------------------------------------------
 # checks shared by the launchers
+
+
+# ---------------------------------------------------------------------------------------------
+# fused modules: a launch serves 1-3 modules (q/k/v, gate/up), each with its own index, output
+# width and column offset, passed as three scalar arguments per quantity
+
+
+def per_module3(values: list[int]) -> list[int]:
+    """Per-module launch arguments padded to the kernels' three slots (the last repeated)."""
+    return values + [values[-1]] * (3 - len(values))
+
+
+@triton.jit
+def pick_module(i, v0, v1, v2):
+    """The value for fused module ``i`` (0..2) of a per-module scalar argument."""
+    return tl.where(i == 0, v0, tl.where(i == 1, v1, v2))
 
 
 def check_tables(flat, ptr, ranks, modules, name="a_ptr"):

@@ -23,6 +23,8 @@ from .lora_common import (
     check_tables,
     check_y_columns,
     next_pow2,
+    per_module3,
+    pick_module,
     rows_aligned,
 )
 from .lora_shrink import GEMM_MAX_SPLIT_ROWS, gather_rows
@@ -121,9 +123,9 @@ def _lora_expand_kernel(
         mt = pid2 % n_mtiles
     else:
         mod_i = pid2
-    mod = tl.where(mod_i == 0, mod0, tl.where(mod_i == 1, mod1, mod2))
-    out_dim = tl.where(mod_i == 0, out0, tl.where(mod_i == 1, out1, out2))
-    y_off = tl.where(mod_i == 0, yoff0, tl.where(mod_i == 1, yoff1, yoff2))
+    mod = pick_module(mod_i, mod0, mod1, mod2)
+    out_dim = pick_module(mod_i, out0, out1, out2)
+    y_off = pick_module(mod_i, yoff0, yoff1, yoff2)
     n_begin = pid_n * (BLOCK_N * N_ITERS)
     if n_begin >= out_dim:
         return
@@ -266,9 +268,9 @@ def lora_expand(
     grid = (cdiv(max_out, block_n * n_iters), n_rows, len(mods) * n_mtiles)
     if aligned is None:
         aligned = all(d % 8 == 0 for d in out_dims) and rows_aligned(flat, b_ptr)
-    m3 = mods + [mods[-1]] * (3 - len(mods))
-    d3 = out_dims + [out_dims[-1]] * (3 - len(mods))
-    o3 = y_offsets + [y_offsets[-1]] * (3 - len(mods))
+    m3 = per_module3(mods)
+    d3 = per_module3(out_dims)
+    o3 = per_module3(y_offsets)
     _lora_expand_kernel[grid](
         y, v, flat, b_ptr, ranks, scales,
         slots_t, seg_start, tok_idx,

@@ -34,7 +34,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_common import cdiv, check_tables, check_x, check_y_columns, next_pow2, rows_aligned
+from .lora_common import (
+    cdiv,
+    check_batch,
+    check_tables,
+    check_x,
+    check_y_columns,
+    next_pow2,
+    per_module3,
+    pick_module,
+    rows_aligned,
+)
 
 
 @triton.jit
@@ -104,9 +114,9 @@ def _lora_grouped_kernel(
     mod_i = tl.program_id(1)
     r_begin = (tl.program_id(2) // n_split) * BLOCK_R
     n_begin = (tl.program_id(2) % n_split) * n_per_split
-    mod = tl.where(mod_i == 0, mod0, tl.where(mod_i == 1, mod1, mod2))
-    out_dim = tl.where(mod_i == 0, out0, tl.where(mod_i == 1, out1, out2))
-    y_off = tl.where(mod_i == 0, yoff0, tl.where(mod_i == 1, yoff1, yoff2))
+    mod = pick_module(mod_i, mod0, mod1, mod2)
+    out_dim = pick_module(mod_i, out0, out1, out2)
+    y_off = pick_module(mod_i, yoff0, yoff1, yoff2)
     slot = tl.load(slots_ptr + t)
     if (slot < 0) | (n_begin >= out_dim):
         return
@@ -218,12 +228,7 @@ def add_lora_grouped(
     T, in_dim = x.shape
     if y.shape[0] != T:
         raise ValueError(f"y has {y.shape[0]} rows but x has {T}")
-    if lora_slots.dtype != torch.int32 or tuple(lora_slots.shape) != (T,):
-        raise ValueError(
-            f"lora_slots must be int32 [{T}], got {lora_slots.dtype} {tuple(lora_slots.shape)}"
-        )
-    if lora_slots.device != x.device or not lora_slots.is_contiguous():
-        raise ValueError(f"lora_slots must be contiguous on {x.device}")
+    check_batch(lora_slots, None, T, x.device)
     if T == 0:
         return y
     cfg = GROUPED_CONFIG
@@ -231,17 +236,17 @@ def add_lora_grouped(
     block_k = max(MIN_DOT_DIM, min(cfg["max_block_k"], cfg["tile_elems"] // block_r,
                                    next_pow2(in_dim)))  # fmt: skip
     max_out = max(out_dims)
-    n_split = max(1, min(cfg["n_split"], cdiv(max_out, MIN_DOT_DIM)))
-    n_per_split = cdiv(cdiv(max_out, n_split), MIN_DOT_DIM) * MIN_DOT_DIM
+    want_split = max(1, min(cfg["n_split"], cdiv(max_out, MIN_DOT_DIM)))
+    n_per_split = cdiv(cdiv(max_out, want_split), MIN_DOT_DIM) * MIN_DOT_DIM
+    n_split = cdiv(max_out, n_per_split)  # after rounding up: no empty splits
     block_n = max(MIN_DOT_DIM, min(cfg["max_block_n"], cfg["tile_elems"] // block_r,
                                    next_pow2(n_per_split)))  # fmt: skip
     if aligned is None:
         aligned = (in_dim % 8 == 0 and all(d % 8 == 0 for d in out_dims)
                    and rows_aligned(flat, a_ptr) and rows_aligned(flat, b_ptr))  # fmt: skip
-    m3 = mods + [mods[-1]] * (3 - len(mods))
-    d3 = out_dims + [out_dims[-1]] * (3 - len(mods))
-    o3 = y_offsets + [y_offsets[-1]] * (3 - len(mods))
-    n_split = cdiv(max_out, n_per_split)
+    m3 = per_module3(mods)
+    d3 = per_module3(out_dims)
+    o3 = per_module3(y_offsets)
     grid = (T, len(mods), cdiv(a_ptr.shape[2], block_r) * n_split)
     _lora_grouped_kernel[grid](
         y, x, flat, a_ptr, b_ptr, ranks, scales, lora_slots,

@@ -28,6 +28,8 @@ from .lora_common import (
     check_x,
     next_pow2,
     num_sms,
+    per_module3,
+    pick_module,
     rows_aligned,
 )
 
@@ -76,7 +78,7 @@ def _lora_shrink_kernel(
     pid2 = tl.program_id(2)
     mod_i = pid2 // split_k
     split = pid2 % split_k
-    mod = tl.where(mod_i == 0, mod0, tl.where(mod_i == 1, mod1, mod2))
+    mod = pick_module(mod_i, mod0, mod1, mod2)
 
     if GEMM:
         seg = pid0 // n_rtiles
@@ -254,7 +256,7 @@ def lora_shrink(
         return out
     if aligned is None:
         aligned = in_dim % 8 == 0 and rows_aligned(flat, a_ptr)
-    m3 = mods + [mods[-1]] * (3 - len(mods))
+    m3 = per_module3(mods)
     if gemm:
         grid = (segments.num_segments * n_rtiles, m_tiles, len(mods) * split_k)
         slots_t, seg_start = segments.seg_slot, segments.seg_start
