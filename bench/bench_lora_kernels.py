@@ -13,8 +13,9 @@ engine's default ``max_rank``).
 Compared in the same run:
 - ours: ``add_lora`` as the engine calls it: MBGMM shrink + expand for prefill; for decode the
   per-token MBGMV (shrink + expand, two launches) below ``GROUPED_MIN_TOKENS`` tokens, the
-  grouped MBGMV (one launch, each adapter read once) from there. Decode also shows each of the
-  two alone, and MBGMM over tokens sorted by adapter;
+  grouped MBGMV (one launch, each adapter read once) from there, with the chunk plan built
+  beforehand (once per step in the engine). Decode also shows each of the two alone (the
+  grouped one with its plan inside the call), and MBGMM over tokens sorted by adapter;
 - torch "padded": gather the A/B rows of the batch's adapters padded to the batch's max rank,
   tokens grouped per adapter (padded to the largest group), two bmm, index_add into y;
 - torch "loop": a loop over the batch's adapters gathering each one's true-rank rows;
@@ -27,10 +28,13 @@ sleep that lets the host launch ahead (``kernels.testing.gpu_time_us``: CUDA eve
 launch overhead of the Python launchers is not in it). A second table gives the wall time per
 call of back-to-back eager calls (host overhead included, L2 warm). Each implementation is
 checked against the float64 reference first. Prints markdown tables; saves a PNG and a JSON
-under --out (default bench/results). ``--sweep`` first times a few launch configurations of
-each kernel (``--sweep grouped``: of the grouped MBGMV only) and keeps the fastest.
+under --out (default bench/results). ``--sweep`` first searches launch configurations and keeps
+the fastest: ``grouped`` (the grouped MBGMV, coordinate search over decode batches of one
+module and q,k,v-fused batches shaped like the engine's), ``mbgmm-expand`` (the prefill expand,
+coordinate search) and ``shrink-expand`` (a fixed list for the per-token and MBGMM shrink /
+per-token expand); a comma list, all three by default.
 
-    python bench/bench_lora_kernels.py [--out DIR] [--sweep [all|grouped]] [--max-rank R]
+    python bench/bench_lora_kernels.py [--out DIR] [--sweep [KINDS]] [--max-rank R]
 Without CUDA it runs a small correctness pass of the same code paths under the interpreter.
 """
 
@@ -53,6 +57,8 @@ from kernels import (  # noqa: E402
     add_lora,
     add_lora_grouped,
     add_lora_ref,
+    decode_chunks,
+    lora_chunks,
     lora_expand,
     lora_shrink,
     make_lora_segments,
@@ -68,9 +74,11 @@ RANKS = (8, 16, 32, 64)
 MAX_RANK = 64  # the engine's default max_rank (slot tables [slots, 7, max_rank])
 
 
-def build_pool(n_adapters, hidden, page_elems, dtype, device, max_rank, seed=0):
+def build_pool(n_adapters, hidden, page_elems, dtype, device, max_rank, seed=0, n_modules=1):
+    """Adapters of ranks RANKS round robin on the first ``n_modules`` modules (hidden -> hidden)."""
     gen = torch.Generator().manual_seed(seed)
-    slot_ranks = [[RANKS[i % len(RANKS)]] + [0] * 6 for i in range(n_adapters)]
+    slot_ranks = [[RANKS[i % len(RANKS)]] * n_modules + [0] * (7 - n_modules)
+                  for i in range(n_adapters)]  # fmt: skip
     dims = [(hidden, hidden)] * 7
     pool = make_lora_pool(
         slot_ranks, dims, page_elems=page_elems, dtype=dtype, device=device, gen=gen,
@@ -161,10 +169,12 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
     mods, outs = (0,), [hidden]
     seg = make_lora_segments(slots, sort=True, device=device)
     impls = {}
+    chunks = decode_chunks(slots_d) if name.startswith("decode") else None
     if name.startswith("decode"):
         impls["ours"] = lambda y: add_lora(
-            y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, lora_slots=slots_d
-        )
+            y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, lora_slots=slots_d,
+            chunks=chunks,
+        )  # fmt: skip
         impls["ours_mbgmm_sorted"] = lambda y: add_lora(
             y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, segments=seg
         )
@@ -173,8 +183,9 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
             grouped=False,
         )  # fmt: skip
         impls["ours_grouped"] = lambda y: add_lora_grouped(
-            y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, lora_slots=slots_d
-        )
+            y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, lora_slots=slots_d,
+            chunks=lora_chunks(slots_d),
+        )  # fmt: skip
     else:
         impls["ours"] = lambda y: add_lora(
             y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, segments=seg
@@ -223,6 +234,7 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
         row["ours_pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
         if "ours_grouped_us" in row:
             row["grouped_pct_floor"] = 100 * row["floor_us"] / row["ours_grouped_us"]
+            row["chunks_us"] = gpu_time_us(lambda: lora_chunks(slots_d))
     results.append(row)
     print(json.dumps(row), flush=True)
 
@@ -338,42 +350,98 @@ def sweep(pool, hidden, device, dtype, gen, timer):
     return "\n".join(lines)
 
 
-def sweep_grouped(pool, hidden, device, dtype, gen, timer):
-    """Time launch configurations of the grouped MBGMV (decode M in {8, 32, 128, 256});
-    the fastest (sum over the cases) is kept."""
-    flat, a_ptr, b_ptr, ranks, scales = pool
-    n_ad = ranks.shape[0]
-    cases = []
-    for M in (8, 32, 128, 256):
-        slots = (torch.arange(M, dtype=torch.int32) % n_ad).to(device)
-        x = torch.randn(M, hidden, generator=gen).to(device, dtype)
-        y = torch.randn(M, hidden, generator=gen).to(device, dtype)
-        cases.append((M, slots, x, y))
-    space = [
-        dict(block_r=r, tile_elems=te, warps=w, k_stages=st, n_stages=st, n_split=sp)
-        for r, te, w, st, sp in (
-            (16, 8192, 4, 3, 1), (16, 8192, 4, 4, 1), (16, 4096, 4, 3, 1), (16, 8192, 8, 3, 1),
-            (16, 4096, 2, 4, 1), (16, 16384, 4, 3, 1), (32, 8192, 4, 3, 1), (16, 8192, 4, 3, 2),
-        )
-    ]  # fmt: skip
-    base = dict(GROUPED_MOD.GROUPED_CONFIG)
-    lines = ["| config | " + " | ".join(f"M={M} (us)" for M, *_ in cases) + " |"]
-    lines.append("|" + "---|" * (1 + len(cases)))
-    best = None
-    for change in space:
-        cfg = {**base, **change}
-        GROUPED_MOD.GROUPED_CONFIG = cfg
-        times = [
-            timer(lambda s=slots, x=x, y=y: add_lora_grouped(
-                y, x, flat, a_ptr, b_ptr, ranks, scales, (0,), [hidden], lora_slots=s))
-            for _, slots, x, y in cases
-        ]  # fmt: skip
-        lines.append(f"| {change} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
-        if best is None or sum(times) < best[0]:
-            best = (sum(times), cfg)
-    GROUPED_MOD.GROUPED_CONFIG = best[1]
-    lines.append(f"| **kept** {best[1]} |" + " |" * len(cases))
+def coordinate_sweep(mod, attr, axes, cases, timer):
+    """Greedy coordinate search over the launch configuration ``mod.<attr>``: each axis in turn
+    takes the value with the smallest total time over ``cases`` (callables), the others fixed.
+    The best configuration is kept in ``mod``; returns the markdown table of every timing."""
+    best_cfg = dict(getattr(mod, attr))
+    seen = {}
+
+    def total(cfg):
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in seen:
+            setattr(mod, attr, cfg)
+            seen[key] = (cfg, [timer(fn) for _, fn in cases])
+        return sum(seen[key][1])
+
+    best = total(best_cfg)
+    for axis, values in axes.items():
+        for value in values:
+            cfg = {**best_cfg, axis: value}
+            t = total(cfg)
+            if t < best:
+                best, best_cfg = t, cfg
+    setattr(mod, attr, best_cfg)
+    lines = ["| config | " + " | ".join(f"{name} (us)" for name, _ in cases) + " | total |"]
+    lines.append("|" + "---|" * (2 + len(cases)))
+    for cfg, times in sorted(seen.values(), key=lambda ct: sum(ct[1])):
+        diff = {k: v for k, v in cfg.items() if best_cfg.get(k) != v} or "kept"
+        lines.append(f"| {diff} | " + " | ".join(f"{t:.1f}" for t in times)
+                     + f" | {sum(times):.1f} |")  # fmt: skip
+    lines.append(f"\nkept: {best_cfg}")
     return "\n".join(lines)
+
+
+def grouped_cases(pool, qkv_pool, hidden, device, dtype, gen):
+    """Decode M in {8, 32, 128, 256} (one module, each token its own adapter up to 128) and
+    the engine's shape: q,k,v fused, 200 tokens on 100 adapters (two tokens each); the chunk
+    plan is built once outside the timed call, as the engine does once per step."""
+    cases = []
+    cuda = torch.device(device).type == "cuda"
+    decode_ms, (qkv_m, qkv_ad) = ((8, 32, 128, 256), (200, 100)) if cuda else ((5,), (6, 3))
+    QKV_MS = (32, 64, 96, 128, 160, 256) if cuda else (2,)
+    for name, (flat, a_ptr, b_ptr, ranks, scales), M, n_ad, mods in (
+        *((f"M={M}", pool, M, 128, (0,)) for M in decode_ms),
+        (f"qkv M={qkv_m} / {qkv_ad} adapters", qkv_pool, qkv_m, qkv_ad, (0, 1, 2)),
+        (f"o M={qkv_m} / {qkv_ad} adapters", qkv_pool, qkv_m, qkv_ad, (0,)),
+        *((f"qkv M={m}", qkv_pool, m, qkv_ad, (0, 1, 2)) for m in QKV_MS),
+    ):
+        slots = (torch.arange(M, dtype=torch.int32) % min(n_ad, ranks.shape[0])).to(device)
+        x = torch.randn(M, hidden, generator=gen).to(device, dtype)
+        y = torch.randn(M, hidden * len(mods), generator=gen).to(device, dtype)
+        outs = [hidden] * len(mods)
+
+        def fn(flat=flat, a_ptr=a_ptr, b_ptr=b_ptr, ranks=ranks, scales=scales, slots=slots,
+               x=x, y=y, mods=mods, outs=outs):  # fmt: skip
+            add_lora_grouped(y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs,
+                             lora_slots=slots, chunks=GROUPED_MOD.lora_chunks(slots))
+        cases.append((name, fn))
+    return cases
+
+
+GROUPED_AXES = {
+    "block_r": [32], "wide_block_r": [16, 64], "wide_above_rows": [128, 384],
+    "tile_elems": [4096, 16384], "warps": [8], "k_stages": [2, 4], "n_stages": [2, 4],
+    "n_split": [2],
+}  # fmt: skip
+SWEEPS = ("grouped", "mbgmm-expand", "shrink-expand")
+MBGMM_EXPAND_AXES = {"block_n": [64, 128], "block_r": [32, 64], "warps": [8], "stages": [1, 3]}
+
+
+def sweep_grouped(pool, qkv_pool, hidden, device, dtype, gen, timer):
+    """Coordinate search over the grouped MBGMV's launch configuration (``grouped_cases``)."""
+    cases = grouped_cases(pool, qkv_pool, hidden, device, dtype, gen)
+    return coordinate_sweep(GROUPED_MOD, "GROUPED_CONFIG", GROUPED_AXES, cases, timer)
+
+
+def sweep_mbgmm_expand(pool, hidden, device, dtype, gen, timer):
+    """Coordinate search over the MBGMM expand's launch configuration: the prefill case
+    (8 x 256 tokens, 8 adapters) and 16 x 256 tokens on 16 adapters."""
+    flat, a_ptr, b_ptr, ranks, scales = pool
+    cases = []
+    cuda = torch.device(device).type == "cuda"
+    seq_len, seqs = (256, (8, 16)) if cuda else (6, (3, 5))
+    for n_seq in seqs:
+        slots = torch.arange(n_seq, dtype=torch.int32).repeat_interleave(seq_len)
+        seg = make_lora_segments(slots, device=device)
+        x = torch.randn(slots.shape[0], hidden, generator=gen).to(device, dtype)
+        y = torch.randn(slots.shape[0], hidden, generator=gen).to(device, dtype)
+        v = lora_shrink(x, flat, a_ptr, ranks, (0,), segments=seg)
+
+        def fn(y=y, v=v, seg=seg):
+            lora_expand(y, v, flat, b_ptr, ranks, scales, (0,), [hidden], segments=seg)
+        cases.append((f"{n_seq}x{seq_len}", fn))
+    return coordinate_sweep(EXPAND_MOD, "GEMM_CONFIG", MBGMM_EXPAND_AXES, cases, timer)
 
 
 def plot(results, path):
@@ -388,7 +456,7 @@ def plot(results, path):
     Ms = [r["M"] for r in dec]
     for key, label, style in (
         ("ours_per_token_us", "ours, per-token MBGMV (shrink + expand)", "o-"),
-        ("ours_grouped_us", "ours, grouped MBGMV (one launch)", "D-"),
+        ("ours_grouped_us", "ours, grouped MBGMV (plan included)", "D-"),
         ("ours_mbgmm_sorted_us", "ours (MBGMM, sorted)", "s--"),
         ("torch_padded_us", "torch gather + bmm, padded", "^-"),
         ("torch_loop_us", "torch loop over adapters", "v-"),
@@ -422,10 +490,9 @@ def main():
     ap.add_argument(
         "--sweep",
         nargs="?",
-        const="all",
-        choices=["all", "grouped"],
-        help="time launch configurations first, keep the fastest (all kernels, or the grouped "
-        "MBGMV only)",
+        const=",".join(SWEEPS),
+        help="time launch configurations first and keep the fastest: a comma list of "
+        f"{', '.join(SWEEPS)} (default: all)",
     )
     ap.add_argument(
         "--max-rank",
@@ -477,9 +544,20 @@ def main():
     if args.sweep:
         timer = (lambda fn: gpu_time_us(fn, reps=40)) if cuda else (lambda fn: (fn(), 0.0)[1])
         try:
-            sweep_table = sweep_grouped(pool, hidden, device, dtype, gen, timer)
-            if args.sweep == "all":
-                sweep_table += "\n\n" + sweep(pool, hidden, device, dtype, gen, timer)
+            tables = []
+            for kind in args.sweep.split(","):
+                if kind not in SWEEPS:
+                    raise SystemExit(f"--sweep: unknown {kind!r} (choose from {SWEEPS})")
+                if kind == "grouped":
+                    qkv_pool = build_pool(100 if cuda else 3, hidden, page_elems, dtype, device,
+                                          max_rank=args.max_rank, seed=1, n_modules=3)[1]
+                    tables.append(sweep_grouped(pool, qkv_pool, hidden, device, dtype, gen,
+                                                timer))
+                elif kind == "mbgmm-expand":
+                    tables.append(sweep_mbgmm_expand(pool, hidden, device, dtype, gen, timer))
+                else:
+                    tables.append(sweep(pool, hidden, device, dtype, gen, timer))
+            sweep_table = "\n\n".join(tables)
         except Exception:  # keep the main results even if a configuration breaks
             import traceback
 

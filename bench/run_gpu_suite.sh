@@ -25,7 +25,7 @@ step 300 tests python -m pytest -q -p no:cacheprovider tests/kernels tests/model
     tests/engine/test_async_scheduling.py
 step 120 profile_decode python bench/profile_engine_gpu.py --tokenizer "$tok"
 step 120 profile_prefill python bench/profile_engine_gpu.py --tokenizer "$tok" --phase prefill
-step 150 lora_kernels python bench/bench_lora_kernels.py --sweep grouped --out "$out"
+step 200 lora_kernels python bench/bench_lora_kernels.py --sweep grouped,mbgmm-expand --out "$out"
 step 50 attention python bench/bench_attention.py --out "$out"
 step 50 adapter_load python bench/bench_adapter_load.py --llama7b --no-ttft \
     --out "$out/adapter_load.json"

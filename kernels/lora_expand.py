@@ -190,11 +190,12 @@ def _lora_expand_kernel(
 # Launch configurations (a benchmark sweep may override them). GEMV: BLOCK_N is block_n_small
 # when a batch has fewer than 16 tokens, so that few tokens still get many programs;
 # n_iters (GEMV): output tiles per program, sharing the program's table lookups.
-# (defaults: the fastest of bench_lora_kernels.py --sweep on an H100, docs/BENCHMARKS.md)
+# (defaults: the fastest of bench_lora_kernels.py --sweep on an H100 (GEMV) and an H200
+# (GEMM: --sweep mbgmm-expand), docs/BENCHMARKS.md)
 GEMV_CONFIG = {
     "block_r": 16, "block_n": 128, "block_n_small": 128, "n_iters": 1, "warps": 4, "stages": 2
 }  # fmt: skip
-GEMM_CONFIG = {"block_r": 32, "block_n": 256, "warps": 8, "stages": 2}
+GEMM_CONFIG = {"block_r": 16, "block_n": 256, "warps": 4, "stages": 2}
 # MBGMM unrolls its split-partial loads to the largest split the shrink may use at that BLOCK_M
 # (GEMM_MAX_SPLIT_ROWS // BLOCK_M; loads past the real split are masked): one compiled variant
 # per BLOCK_M, not one per split of the step, so serving does not hit JIT compiles mid-run

@@ -11,15 +11,23 @@ BLOCK_M of them), one module and one tile of BLOCK_R rank rows: it reduces ``x @
 over the whole input dimension for all its tokens at once (a [BLOCK_M, BLOCK_R] tile that
 stays in registers), then streams the tile's B^T rows through ``v @ B^T`` into ``y``. A and B
 cross HBM once per adapter and chunk, and the rank is never padded: tiles past an adapter's
-true rank exit at once, rows past it in the last tile are masked and never fetched. Nothing is
-sorted beforehand: a program finds its adapter's tokens from the per-token slots (a prefix
-count over the batch), and only the programs of a chunk's first token work.
+true rank exit at once, rows past it in the last tile are masked and never fetched.
+
+Which tokens form a chunk comes from a plan built once per engine step (``lora_chunks``, one
+small launch shared by every layer and module): row t lists the tokens of the chunk of t's
+adapter that starts at t (-1 padded), or is all -1 when none starts there; only the programs of
+a chunk's first token work. Nothing is sorted: a plan program counts the earlier tokens of its
+adapter in the per-token slots.
 
 Rank tiles spread a large adapter over several programs (a single program streams at a few
-tens of GB/s, so one program per rank-64 adapter would bound the whole launch). When an
-adapter's rank fits one tile, its program owns its outputs and adds into ``y`` with a plain
-read-modify-write; above that, the tiles of one adapter add their parts atomically (the order
-of those additions, hence the last bits of ``y``, may vary from run to run).
+tens of GB/s, so one program per rank-64 adapter would bound the whole launch). Programs add
+their part into ``y`` with fire-and-forget atomic adds: a plain read-modify-write would wait a
+full memory latency on each output tile's load (7-15% slower on an H200). When an adapter's
+rank fits one tile its program is the only writer of its outputs and the result is
+deterministic; above that, the order of the tiles' additions, hence the last bits of ``y``, may
+vary from run to run. The tile height trades program count against program length: narrow
+tiles (``block_r``) while a launch has few (chunk, module) pairs, wider ones (``wide_block_r``)
+above ``wide_above_rows`` tokens x modules, where narrow tiles would queue in a second wave.
 
 ``n_split`` > 1 gives each tile that many programs, each redoing the shrink (A is then read
 from L2) and writing its share of the output columns: more programs in flight when a batch has
@@ -47,32 +55,37 @@ from .lora_common import (
 )
 
 
-@triton.jit
-def _index_in_adapter(slots_ptr, t, slot, num_tokens, T_PAD: tl.constexpr):
-    """How many tokens before t use t's adapter, and the mask of the tokens that use it."""
+# the batch size varies per step: no variant per value (Triton specialises integers that are 1
+# or multiples of 16 by default), so steps never wait on a JIT compile
+@triton.jit(do_not_specialize=["num_tokens"])
+def _lora_chunks_kernel(slots_ptr, chunks_ptr, num_tokens, T_PAD: tl.constexpr,
+                        BLOCK_M: tl.constexpr):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t)
     offs = tl.arange(0, T_PAD)
     same = tl.load(slots_ptr + offs, mask=offs < num_tokens, other=-1) == slot
-    return tl.sum((same & (offs < t)).to(tl.int32), axis=0), same
-
-
-@triton.jit
-def _chunk_tokens(same, index, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr):
-    """Ids of the adapter's tokens with indices [index, index + BLOCK_M) among its tokens
-    (``m_mask``: which of the BLOCK_M exist)."""
-    offs = tl.arange(0, T_PAD)
+    index = tl.sum((same & (offs < t)).to(tl.int32), axis=0)  # t's index among its adapter's
     pos = tl.cumsum(same.to(tl.int32), axis=0) - 1  # each token's index within its adapter
     want = index + tl.arange(0, BLOCK_M)
     hit = same[None, :] & (pos[None, :] == want[:, None])  # [BLOCK_M, T_PAD], <= 1 per row
     tok = tl.sum(tl.where(hit, offs[None, :], 0), axis=1)
-    m_mask = tl.max(hit.to(tl.int32), axis=1) > 0
-    return tok.to(tl.int64), m_mask
+    valid = (tl.max(hit.to(tl.int32), axis=1) > 0) & (slot >= 0) & (index % BLOCK_M == 0)
+    tl.store(chunks_ptr + t * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(valid, tok, -1))
 
 
-# the batch size varies per step: no variant per value (Triton specialises integers that are 1
-# or multiples of 16 by default), so steps never wait on a JIT compile. n_per_split keeps its
-# specialisation: it is always a multiple of 16, and it tells the compiler that the B and y
-# columns of a split start 16-aligned (vector loads)
-@triton.jit(do_not_specialize=["num_tokens"])
+@triton.jit
+def _chunk(chunks_ptr, slots_ptr, t, BLOCK_M: tl.constexpr):
+    """The chunk starting at token t: (its first token, -1 if none; its token ids; which of
+    them exist; its slot)."""
+    first = tl.load(chunks_ptr + t * BLOCK_M)
+    tok = tl.load(chunks_ptr + t * BLOCK_M + tl.arange(0, BLOCK_M))
+    slot = tl.load(slots_ptr + t)
+    return first, tok.to(tl.int64), tok >= 0, slot
+
+
+# n_per_split keeps its specialisation: it is always a multiple of 16, and it tells the
+# compiler that the B and y columns of a split start 16-aligned (vector loads)
+@triton.jit
 def _lora_grouped_kernel(
     y_ptr,
     x_ptr,
@@ -82,7 +95,7 @@ def _lora_grouped_kernel(
     ranks_ptr,
     scales_ptr,
     slots_ptr,
-    num_tokens,
+    chunks_ptr,
     in_dim,
     n_split,
     n_per_split,
@@ -102,7 +115,6 @@ def _lora_grouped_kernel(
     yoff2,
     ALIGNED: tl.constexpr,
     FP32: tl.constexpr,
-    T_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -117,13 +129,12 @@ def _lora_grouped_kernel(
     mod = pick_module(mod_i, mod0, mod1, mod2)
     out_dim = pick_module(mod_i, out0, out1, out2)
     y_off = pick_module(mod_i, yoff0, yoff1, yoff2)
-    slot = tl.load(slots_ptr + t)
-    if (slot < 0) | (n_begin >= out_dim):
+    first, tok, m_mask, slot = _chunk(chunks_ptr, slots_ptr, t, BLOCK_M)
+    if (first < 0) | (n_begin >= out_dim):  # no chunk of an adapter starts at this token
         return
     rank = tl.load(ranks_ptr + slot * stride_rs + mod)
     if r_begin >= rank:  # past this adapter's true rank (or module not targeted)
         return
-    # the row pointers are fetched before the chunk is known: their latency overlaps it
     offs_r = r_begin + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     p_rows = slot * stride_ps + mod * stride_pm + offs_r
@@ -133,10 +144,6 @@ def _lora_grouped_kernel(
         a_rows = tl.multiple_of(a_rows, 8)
         b_rows = tl.multiple_of(b_rows, 8)
     scale = tl.load(scales_ptr + slot)
-    index, same = _index_in_adapter(slots_ptr, t, slot, num_tokens, T_PAD)
-    if index % BLOCK_M != 0:  # not the first token of a chunk: that program does the work
-        return
-    tok, m_mask = _chunk_tokens(same, index, BLOCK_M, T_PAD)
 
     # shrink: v = x[chunk] @ A_tile^T over the whole input dimension (A read once per chunk)
     v = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -161,7 +168,6 @@ def _lora_grouped_kernel(
         v = v.to(flat_ptr.dtype.element_ty)
 
     # expand: y[chunk, cols] += scale * v @ B_tile^T, column tile by column tile
-    single_tile = rank <= BLOCK_R  # this program is the only one adding into these outputs
     n_end = tl.minimum(n_begin + n_per_split, out_dim)
     for n in tl.range(n_begin, n_end, BLOCK_N, num_stages=N_STAGES):
         offs_n = n + tl.arange(0, BLOCK_N)
@@ -177,26 +183,37 @@ def _lora_grouped_kernel(
             d = tl.dot(v, bt) * scale
         yp = y_ptr + tok[:, None] * stride_yt + y_off + offs_n[None, :]
         ym = m_mask[:, None] & n_mask[None, :]
-        if single_tile:
-            y = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
-            tl.store(yp, (y + d).to(y_ptr.dtype.element_ty), mask=ym)
-        else:
-            tl.atomic_add(yp, d.to(y_ptr.dtype.element_ty), mask=ym, sem="relaxed")
+        tl.atomic_add(yp, d.to(y_ptr.dtype.element_ty), mask=ym, sem="relaxed")
 
 
 # Launch configuration (a benchmark sweep may override it). block_m: tokens of one adapter per
 # program (16: the smallest tensor-core tile); block_r: rank rows per program (capped by the
-# slot tables' max rank); A and B tiles are block_r x block_k and block_r x block_n, with
-# tile_elems capping their elements (registers and shared memory per pipeline stage).
+# slot tables' max rank), wide_block_r once tokens x modules exceed wide_above_rows; A and B
+# tiles are block_r x block_k and block_r x block_n, with tile_elems capping their elements
+# (registers and shared memory per pipeline stage).
 # (defaults: the fastest of bench_lora_kernels.py --sweep on an H200, docs/BENCHMARKS.md)
 GROUPED_CONFIG = {
     "block_m": 16, "block_r": 16, "tile_elems": 8192, "max_block_k": 1024,
     "max_block_n": 1024, "warps": 4, "k_stages": 3, "n_stages": 3, "n_split": 1,
+    "wide_block_r": 32, "wide_above_rows": 256,
 }  # fmt: skip
 MIN_DOT_DIM = 16  # tl.dot needs every dimension >= 16
-# the slot vector a program scans is padded to at least this many tokens: every batch up to it
+# the slot vector the plan scans is padded to at least this many tokens: every batch up to it
 # (all decode graph sizes by default) shares one compiled variant; the scan is a few KiB
 MIN_T_PAD = 256
+
+
+def lora_chunks(lora_slots: torch.Tensor) -> torch.Tensor:
+    """The chunk plan of a decode batch (int32 [T, block_m]; see the module docstring): one
+    launch, no host sync; build it once per step and pass it to every ``add_lora_grouped``."""
+    T = int(lora_slots.shape[0]) if lora_slots.dim() == 1 else -1
+    check_batch(lora_slots, None, T, lora_slots.device)
+    block_m = GROUPED_CONFIG["block_m"]
+    chunks = torch.empty((T, block_m), dtype=torch.int32, device=lora_slots.device)
+    if T:
+        _lora_chunks_kernel[(T,)](lora_slots, chunks, T, T_PAD=max(MIN_T_PAD, next_pow2(T)),
+                                  BLOCK_M=block_m)  # fmt: skip
+    return chunks
 
 
 def add_lora_grouped(
@@ -212,13 +229,15 @@ def add_lora_grouped(
     y_offsets: Sequence[int] | None = None,
     *,
     lora_slots: torch.Tensor,
+    chunks: torch.Tensor | None = None,
     aligned: bool | None = None,
 ) -> torch.Tensor:
     """Add the LoRA delta of 1-3 modules sharing the input ``x`` [T, in_dim] into ``y`` [T, N]
     in place (and return it); ``lora_slots`` int32 [T], -1 = no adapter. Module ``modules[i]``
     writes columns ``y_offsets[i] : y_offsets[i] + out_dims[i]`` (default: packed from 0, the
-    fused q|k|v layout). ``aligned``: every row offset is a multiple of 8 elements (None:
-    checked on the device once per table version, a sync that graph capture cannot have)."""
+    fused q|k|v layout). ``chunks``: ``lora_chunks(lora_slots)``, built once per step (None:
+    built here). ``aligned``: every row offset is a multiple of 8 elements (None: checked on
+    the device once per table version, a sync that graph capture cannot have)."""
     mods = check_tables(flat, a_ptr, ranks, modules)
     check_tables(flat, b_ptr, ranks, modules, name="b_ptr")
     if b_ptr.shape != a_ptr.shape or b_ptr.stride() != a_ptr.stride():
@@ -229,10 +248,17 @@ def add_lora_grouped(
     if y.shape[0] != T:
         raise ValueError(f"y has {y.shape[0]} rows but x has {T}")
     check_batch(lora_slots, None, T, x.device)
+    cfg = GROUPED_CONFIG
+    if chunks is None:
+        chunks = lora_chunks(lora_slots)
+    elif (chunks.dtype != torch.int32 or tuple(chunks.shape) != (T, cfg["block_m"])
+          or chunks.device != x.device or not chunks.is_contiguous()):  # fmt: skip
+        raise ValueError(f"chunks must be lora_chunks(lora_slots): contiguous int32 "
+                         f"[{T}, {cfg['block_m']}], got {chunks.dtype} {tuple(chunks.shape)}")
     if T == 0:
         return y
-    cfg = GROUPED_CONFIG
-    block_r = max(MIN_DOT_DIM, min(cfg["block_r"], next_pow2(a_ptr.shape[2])))
+    tile_r = cfg["wide_block_r"] if T * len(mods) > cfg["wide_above_rows"] else cfg["block_r"]
+    block_r = max(MIN_DOT_DIM, min(tile_r, next_pow2(a_ptr.shape[2])))
     block_k = max(MIN_DOT_DIM, min(cfg["max_block_k"], cfg["tile_elems"] // block_r,
                                    next_pow2(in_dim)))  # fmt: skip
     max_out = max(out_dims)
@@ -249,13 +275,12 @@ def add_lora_grouped(
     o3 = per_module3(y_offsets)
     grid = (T, len(mods), cdiv(a_ptr.shape[2], block_r) * n_split)
     _lora_grouped_kernel[grid](
-        y, x, flat, a_ptr, b_ptr, ranks, scales, lora_slots,
-        T, in_dim, n_split, n_per_split,
+        y, x, flat, a_ptr, b_ptr, ranks, scales, lora_slots, chunks,
+        in_dim, n_split, n_per_split,
         x.stride(0), y.stride(0), a_ptr.stride(0), a_ptr.stride(1), ranks.stride(0),
         m3[0], m3[1], m3[2], d3[0], d3[1], d3[2], o3[0], o3[1], o3[2],
         ALIGNED=bool(aligned),
         FP32=x.dtype == torch.float32,
-        T_PAD=max(MIN_T_PAD, next_pow2(T)),
         BLOCK_M=cfg["block_m"],
         BLOCK_R=block_r,
         BLOCK_K=block_k,

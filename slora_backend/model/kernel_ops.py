@@ -50,6 +50,7 @@ class KernelStep:
     tables: LoraTables | None  # None: no LoRA this step
     lora_modules: frozenset[int]  # modules some adapter of the step targets: other sites skip
     lora_slots: torch.Tensor | None  # decode: int32 [T]
+    lora_chunks: torch.Tensor | None  # decode: the grouped MBGMV's plan, once per step
     segments: kernels.LoraSegments | None  # prefill: tokens grouped by adapter
     aligned: bool
 
@@ -63,9 +64,10 @@ class KernelStep:
         lora_modules = tables.modules_of(lora_host) if tables is not None else frozenset()
         if not lora_modules:
             tables = None  # no token of this step has an adapter
-        lora_slots = segments = None
+        lora_slots = chunks = segments = None
         if tables is not None and decode:
             lora_slots = batch.lora_slots.to(device=device, dtype=torch.int32)
+            chunks = kernels.decode_chunks(lora_slots)
         elif tables is not None:
             segments = kernels.make_lora_segments(lora_host, device=device)
         return cls(
@@ -80,6 +82,7 @@ class KernelStep:
             tables=tables,
             lora_modules=lora_modules,
             lora_slots=lora_slots,
+            lora_chunks=chunks,
             segments=segments,
             aligned=aligned,
         )
@@ -102,6 +105,7 @@ class KernelStep:
             tables=tables,
             lora_modules=lora_modules if tables is not None else frozenset(),
             lora_slots=batch.lora_slots if tables is not None else None,
+            lora_chunks=kernels.decode_chunks(batch.lora_slots) if tables is not None else None,
             segments=None,
             aligned=aligned,
         )
@@ -133,4 +137,5 @@ class KernelStep:
         kernels.add_lora(
             y, x, flat, t.a_ptr, t.b_ptr, t.ranks, t.scales, modules,
             [dim for _, dim in columns], [off for off, _ in columns],
-            lora_slots=self.lora_slots, segments=self.segments, aligned=self.aligned)
+            lora_slots=self.lora_slots, segments=self.segments, chunks=self.lora_chunks,
+            aligned=self.aligned)

@@ -1,8 +1,9 @@
-"""Grouped MBGMV (decode LoRA in one launch, each adapter read once) against the float64 reference.
+"""Grouped MBGMV (decode LoRA, each adapter read once per chunk of its tokens) against the float64
+reference, and its chunk plan against a Python one.
 
 Same pools and checks as test_kernel_lora.py (lora_helpers): ranks 4..128 mixed in one launch,
 tokens without adapter, pages scattered, hidden 576 (not a power of two); several tokens on one
-adapter, including more than a program's chunk of them.
+adapter, including more than a chunk of them.
 """
 
 import pytest
@@ -18,7 +19,7 @@ from lora_helpers import (
 )
 
 import kernels.lora_grouped as grouped
-from kernels import add_lora_grouped, add_lora_ref
+from kernels import add_lora_grouped, add_lora_ref, lora_chunks
 
 
 def run_case(dtype, model, modules, slots, seed, y_offsets=None, y_cols=None):
@@ -78,8 +79,9 @@ def test_grouped_adapter_shared_by_many_tokens(dtype, batch):
         {"block_m": 32, "block_r": 32, "tile_elems": 2048, "k_stages": 1, "n_stages": 1,
          "warps": 2},
         {"n_split": 2, "block_r": 64, "max_block_k": 32, "max_block_n": 32},
+        {"wide_above_rows": 0, "wide_block_r": 64},
     ],
-    ids=["nsplit3", "m32-r32-small-tiles", "nsplit2-r64-k32-n32"],
+    ids=["nsplit3", "m32-r32-small-tiles", "nsplit2-r64-k32-n32", "wide-r64"],
 )
 def test_grouped_other_launch_configs(change, monkeypatch):
     """The launch variants a benchmark sweep may pick compute the same function."""
@@ -89,10 +91,32 @@ def test_grouped_other_launch_configs(change, monkeypatch):
     run_case(DTYPES[0], MODELS[-1], (0, 1, 2), slots, seed=9)
 
 
+def chunks_ref(slots, block_m):
+    """Row t: the tokens of the chunk of its adapter that starts at t, or all -1."""
+    out = torch.full((len(slots), block_m), -1, dtype=torch.int32)
+    for s in set(slots) - {-1}:
+        toks = [t for t, v in enumerate(slots) if v == s]
+        for i in range(0, len(toks), block_m):
+            part = toks[i : i + block_m]
+            out[part[0], : len(part)] = torch.tensor(part, dtype=torch.int32)
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 37, 256, 300])
+def test_chunk_plan(batch):
+    """Chunks list each adapter's tokens in order, at most block_m each, every token once;
+    also past the 256-token scan pad."""
+    gen = torch.Generator().manual_seed(batch)
+    slots = shared_slots(gen, batch, 0)
+    got = lora_chunks(slots.to(DEVICE)).cpu()
+    assert torch.equal(got, chunks_ref(slots.tolist(), grouped.GROUPED_CONFIG["block_m"]))
+
+
 def test_grouped_column_offsets_and_determinism(monkeypatch):
     """Modules write their own column ranges of a wider y, nothing else. With every rank in
     one tile (no atomic additions) two runs give the same bits."""
-    monkeypatch.setattr(grouped, "GROUPED_CONFIG", {**grouped.GROUPED_CONFIG, "block_r": 128})
+    monkeypatch.setattr(grouped, "GROUPED_CONFIG",
+                        {**grouped.GROUPED_CONFIG, "block_r": 128, "wide_block_r": 128})
     dtype, model, modules = DTYPES[0], MODELS[0], (2, 1)
     gen = torch.Generator().manual_seed(5)
     slots = shared_slots(gen, 24, 1)
@@ -138,6 +162,8 @@ def test_grouped_launcher_errors():
         call(lora_slots=slots.long())
     with pytest.raises(ValueError, match=r"lora_slots must be int32 \[3\]"):
         call(lora_slots=slots[:2])
+    with pytest.raises(ValueError, match="chunks must be lora_chunks"):
+        call(chunks=lora_chunks(slots)[:, :8])
     with pytest.raises(ValueError, match="same shape and strides"):
         call(b_ptr=b_ptr[:, :, :8])
     with pytest.raises(ValueError, match="y has 2 rows"):
