@@ -22,6 +22,8 @@ Compared in the same run:
 - the byte floor: bytes of x, of y (read and written: y += delta), and of the true-rank A and B
   of the adapters touched, each once, over the measured device copy rate (bytes read + written
   by a 1 GiB device-to-device copy);
+- the grouped MBGMV with one phase made negligible (``x`` or ``y`` 16 wide): the time of its
+  shrink alone and of its expand alone;
 - the latency floor: one launch of a kernel that only walks the chain of dependent loads in
   front of a LoRA program's first byte of A (slot -> rank -> row pointer -> row, one program
   per token, L2 flushed): what no one-launch kernel avoids before its bytes stream.
@@ -178,6 +180,25 @@ def latency_floor_us(slots_d, pool):
         slots_d, ranks, a_ptr, flat, out, ranks.stride(0), a_ptr.stride(0)))  # fmt: skip
 
 
+PHASE_DIM = 16  # an x or y this narrow makes the shrink or the expand negligible
+
+
+def grouped_phases_us(slots_d, pool, hidden, dtype, gen):
+    """Device time of the grouped MBGMV with one phase made negligible: (shrink alone: in
+    hidden -> out 16, expand alone: in 16 -> out hidden), the chunk plan built beforehand."""
+    flat, a_ptr, b_ptr, ranks, scales = pool
+    M = slots_d.shape[0]
+    chunks = lora_chunks(slots_d)
+    times = []
+    for i, o in ((hidden, PHASE_DIM), (PHASE_DIM, hidden)):
+        x = torch.randn(M, i, generator=gen).to(flat.device, dtype)
+        y = torch.randn(M, o, generator=gen).to(flat.device, dtype)
+        times.append(gpu_time_us(lambda x=x, y=y, o=o: add_lora_grouped(
+            y, x, flat, a_ptr, b_ptr, ranks, scales, (0,), [o], lora_slots=slots_d,
+            chunks=chunks)))  # fmt: skip
+    return times
+
+
 def floor_bytes(slots, ranks, hidden, elem):
     uniq = {s for s in slots.tolist() if s >= 0}
     ab = sum(2 * int(ranks[u, 0]) * hidden for u in uniq) * elem
@@ -261,6 +282,8 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
         if "ours_grouped_us" in row:
             row["grouped_pct_floor"] = 100 * row["floor_us"] / row["ours_grouped_us"]
             row["chunks_us"] = gpu_time_us(lambda: lora_chunks(slots_d))
+            row["grouped_shrink_alone_us"], row["grouped_expand_alone_us"] = grouped_phases_us(
+                slots_d, pool, hidden, dtype, gen)
     results.append(row)
     print(json.dumps(row), flush=True)
 
@@ -293,14 +316,16 @@ def markdown(results):
         "ours without the 16-byte row alignment hint (device time):",
         "",
         "| case | ours (us/call) | torch padded bmm (us/call) | torch loop (us/call) "
-        "| ours, no alignment hint (us) | split_k |",
-        "|" + "---|" * 6,
+        "| ours, no alignment hint (us) | split_k | grouped: shrink alone / expand alone (us) |",
+        "|" + "---|" * 7,
     ]
     for r in results:
+        phases = (f"{r['grouped_shrink_alone_us']:.1f} / {r['grouped_expand_alone_us']:.1f}"
+                  if "grouped_shrink_alone_us" in r else "-")  # fmt: skip
         lines.append(
             f"| {r['case']} | {r['ours_call_us']:.1f} | {r['torch_padded_call_us']:.1f} "
             f"| {r['torch_loop_call_us']:.1f} "
-            f"| {r['ours_unaligned_us']:.1f} | {r['split_k']} |"
+            f"| {r['ours_unaligned_us']:.1f} | {r['split_k']} | {phases} |"
         )
     return "\n".join(lines)
 
