@@ -1,8 +1,10 @@
-"""Cancellation returns pool pages (read from the metrics endpoint); metrics are exported."""
+"""Cancellation returns pool pages (read from the metrics endpoint); metrics are exported; the
+cancellation watcher never touches a finished request's sender."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -98,3 +100,20 @@ def test_metrics_exported(srv) -> None:
     srv.wait_for(lambda: srv.metric("slora_adapter_load_seconds_total") > 0
                  and srv.metric("slora_adapter_load_seconds_max") > 0, FREED_TIMEOUT_S,
                  "adapter load time metrics")
+
+
+SHORT_REQUESTS = 160
+SHORT_STREAMS = 32
+
+
+def test_many_short_streams_while_polling_cancellation(srv) -> None:
+    """Requests that end while the watcher polls their cancellation: Triton frees a sender's
+    response factory after its final response, and a poll after that crashed the server
+    (segfault in TRITONBACKEND_ResponseFactoryIsCancelled). Every request gets its final
+    response and the server keeps serving."""
+    reqs = [GenerateRequest(f"Say {i}.", max_tokens=1 + i % 2, temperature=0.0)
+            for i in range(SHORT_REQUESTS)]
+    with ThreadPoolExecutor(SHORT_STREAMS) as pool:
+        finals = [chunks[-1] for chunks in pool.map(srv.stream, reqs)]
+    assert all(f.finish_reason in ("length", "stop") for f in finals)
+    assert srv.generate(GenerateRequest("Hi", max_tokens=2, temperature=0.0)).finish_reason

@@ -64,6 +64,11 @@ class _Active:
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     echoed: bool = False
+    # after the final response Triton frees the sender's response factory, and polling it
+    # (is_cancelled) then crashes the server (use after free in the Python backend): the final
+    # send and the watcher's poll take `guard`, and `closed` stops any poll after the final send
+    closed: bool = False
+    guard: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Metrics:
@@ -198,9 +203,12 @@ class TritonPythonModel:
 
     def _fail(self, rid: str, sender: Any, exc: EngineError) -> None:
         with self._lock:
-            self._active.pop(rid, None)
+            state = self._active.pop(rid, None)
         self._metrics.outcome["error"].increment(1.0)
-        self._send_error(sender, exc)
+        if state is None:
+            self._send(sender, self._error_response(exc), FINAL)
+        else:  # the watcher may be polling this sender
+            self._finish(state, self._error_response(exc))
 
     def _run_command(self, command: str, sender: Any) -> None:
         if command == COMMAND_LIST_ADAPTERS:
@@ -229,7 +237,7 @@ class TritonPythonModel:
             return
         if out.error is not None:
             self._metrics.outcome["error"].increment(1.0)
-            self._send_error(state.sender, out.error)
+            self._finish(state, self._error_response(out.error))
             return
         self._observe_tokens(state, len(out.new_token_ids))
         if state.req.stream:
@@ -239,7 +247,7 @@ class TritonPythonModel:
             state.ids.extend(out.new_token_ids)
             if out.finished:
                 text = state.req.echo_text + "".join(state.text)
-                self._send(state.sender, self._response(text, state.ids, out), FINAL)
+                self._finish(state, self._response(text, state.ids, out))
         if out.finished:
             outcome = "success" if out.finish_reason in SUCCESS_REASONS else "cancelled"
             self._metrics.outcome[outcome].increment(1.0)
@@ -251,8 +259,11 @@ class TritonPythonModel:
         if not (text or out.new_token_ids or out.finished):
             return  # nothing new yet (e.g. half a UTF-8 character held back)
         state.echoed = True
-        self._send(state.sender, self._response(text, out.new_token_ids, out),
-                   FINAL if out.finished else 0)
+        response = self._response(text, out.new_token_ids, out)
+        if out.finished:
+            self._finish(state, response)
+        else:
+            self._send(state.sender, response, 0)
 
     def _observe_tokens(self, state: _Active, n: int) -> None:
         if n == 0:
@@ -278,12 +289,21 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("finish_reason", np.array([reason], np.object_)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
-    def _send_error(self, sender: Any, exc: EngineError) -> None:
-        """A final error response; the message keeps the code (gRPC streams lose the status)."""
+    @staticmethod
+    def _error_response(exc: EngineError) -> Any:
+        """An error response; the message keeps the code (gRPC streams lose the status)."""
         # ErrorCode values are TritonError code names (TritonError exists only after import)
         code = getattr(pb_utils.TritonError, exc.code.value, pb_utils.TritonError.INTERNAL)
         error = pb_utils.TritonError(str(exc), code)
-        self._send(sender, pb_utils.InferenceResponse(output_tensors=[], error=error), FINAL)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+    def _finish(self, state: _Active, response: Any) -> None:
+        """Send a request's final response; its sender is never used again (see _Active)."""
+        with state.guard:
+            if state.closed:
+                return
+            state.closed = True
+            self._send(state.sender, response, FINAL)
 
     def _send(self, sender: Any, response: Any, flags: int) -> None:
         try:
@@ -299,7 +319,9 @@ class TritonPythonModel:
                 with self._lock:
                     active = list(self._active.items())
                 for rid, state in active:
-                    if state.sender.is_cancelled():
+                    with state.guard:
+                        cancelled = not state.closed and state.sender.is_cancelled()
+                    if cancelled:
                         self._loop.abort(rid)
                 self._metrics.refresh(self._engine.stats())
             except Exception:
@@ -319,5 +341,5 @@ class TritonPythonModel:
             self._active.clear()
         shutting_down = EngineError(ErrorCode.UNAVAILABLE, "server shutting down")
         for state in leftover:
-            self._send_error(state.sender, shutting_down)
+            self._finish(state, self._error_response(shutting_down))
         self.logger.log_info("[slora] finalize: done")
