@@ -19,6 +19,10 @@ SMOL = (576, 192, 1536, 2 * 16 * 3 * 64)
 LLAMA7B = (4096, 4096, 11008, 2 * 16 * 32 * 128)
 MODELS = [SMOL, LLAMA7B] if ON_CUDA else [SMOL]
 SLOT_RANKS = [4, 128, 16, 8, 64, 32, 12, 128, 4, 24]
+# the fused module sets of one launch (q; q,k,v; gate,up; down) and the decode batch sizes
+MODULE_SETS = [(0,), (0, 1, 2), (4, 5), (6,)]
+MODULE_SET_IDS = ["q", "qkv", "gate_up", "down"]
+DECODE_BATCHES = [1, 256] if ON_CUDA else [1, 9]
 
 
 def module_dims(model):

@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 from lora_helpers import (
+    DECODE_BATCHES,
     DEVICE,
     DTYPES,
     MODELS,
+    MODULE_SET_IDS,
+    MODULE_SETS,
     ON_CUDA,
     TOL,
     build,
@@ -39,10 +42,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: f"h{m[0]}")
-@pytest.mark.parametrize(
-    "modules", [(0,), (0, 1, 2), (4, 5), (6,)], ids=["q", "qkv", "gate_up", "down"]
-)
-@pytest.mark.parametrize("batch", [1, 256] if ON_CUDA else [1, 9])
+@pytest.mark.parametrize("modules", MODULE_SETS, ids=MODULE_SET_IDS)
+@pytest.mark.parametrize("batch", DECODE_BATCHES)
 def test_mbgmv_decode(dtype, model, modules, batch):
     gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(
         model, dtype, seed=batch * 10 + len(modules)

@@ -9,9 +9,12 @@ adapter, including more than a chunk of them.
 import pytest
 import torch
 from lora_helpers import (
+    DECODE_BATCHES,
     DEVICE,
     DTYPES,
     MODELS,
+    MODULE_SET_IDS,
+    MODULE_SETS,
     ON_CUDA,
     build,
     check_delta,
@@ -53,10 +56,8 @@ def shared_slots(gen, n, module):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: f"h{m[0]}")
-@pytest.mark.parametrize(
-    "modules", [(0,), (0, 1, 2), (4, 5), (6,)], ids=["q", "qkv", "gate_up", "down"]
-)
-@pytest.mark.parametrize("batch", [1, 256] if ON_CUDA else [1, 9])
+@pytest.mark.parametrize("modules", MODULE_SETS, ids=MODULE_SET_IDS)
+@pytest.mark.parametrize("batch", DECODE_BATCHES)
 def test_grouped_decode(dtype, model, modules, batch):
     gen = torch.Generator().manual_seed(batch)
     run_case(dtype, model, modules, random_slots(gen, batch, modules[0]), seed=batch)
