@@ -26,7 +26,11 @@ Compared in the same run:
   shrink alone and of its expand alone;
 - the latency floor: one launch of a kernel that only walks the chain of dependent loads in
   front of a LoRA program's first byte of A (slot -> rank -> row pointer -> row, one program
-  per token, L2 flushed): what no one-launch kernel avoids before its bytes stream.
+  per token, L2 flushed): what no one-launch kernel avoids before its bytes stream;
+- two references for the floor's bytes on the same timer: a device-to-device copy moving as
+  many bytes (no kernel moves them faster: its fixed launch, ramp and drain costs included),
+  and a "row stream", a Triton kernel that only reads the true-rank A and B rows of the
+  touched adapters, 16 rows per program, pipelined like the LoRA kernels.
 
 Times: device time, median of 100 runs, each after a 256 MB L2 flush and a 0.1 ms device
 sleep that lets the host launch ahead (``kernels.testing.gpu_time_us``: CUDA events; the
@@ -52,13 +56,14 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():  # before triton is imported: it reads the switch once
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from kernels import (  # noqa: E402
     add_lora,
@@ -180,6 +185,56 @@ def latency_floor_us(slots_d, pool):
         slots_d, ranks, a_ptr, flat, out, ranks.stride(0), a_ptr.stride(0)))  # fmt: skip
 
 
+STREAM_ROWS = 16  # rows per program of the row stream: the grouped MBGMV's narrow rank tile
+STREAM_BLOCK_K = 512
+
+
+@triton.jit
+def _row_stream_kernel(flat_ptr, rows_ptr, out_ptr, n_rows, row_len,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Read whole pool rows and nothing else (a sum keeps the loads): one program per
+    BLOCK_ROWS rows, the k loop pipelined as the LoRA kernels' are."""
+    offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    r_mask = offs_r < n_rows
+    rows = tl.multiple_of(tl.load(rows_ptr + offs_r, mask=r_mask, other=0), 8)
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_K], dtype=tl.float32)
+    for k in tl.range(0, row_len, BLOCK_K, num_stages=3):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        acc += tl.load(flat_ptr + rows[:, None] + offs_k[None, :],
+                       mask=r_mask[:, None] & (offs_k < row_len)[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_r, tl.sum(acc, axis=1), mask=r_mask)
+
+
+def row_stream(slots, pool, hidden):
+    """A launcher of ``_row_stream_kernel`` over the true-rank A and B rows of the adapters
+    ``slots`` touch (module 0), checked once against torch."""
+    flat, a_ptr, b_ptr, ranks, _ = pool
+    uniq = sorted({s for s in slots.tolist() if s >= 0})
+    rows = torch.cat([torch.cat([a_ptr[u, 0, : int(ranks[u, 0])], b_ptr[u, 0, : int(ranks[u, 0])]])
+                      for u in uniq])  # fmt: skip
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=flat.device)
+    grid = (triton.cdiv(rows.shape[0], STREAM_ROWS),)
+
+    def launch():
+        _row_stream_kernel[grid](flat, rows, out, rows.shape[0], hidden, BLOCK_ROWS=STREAM_ROWS,
+                                 BLOCK_K=min(STREAM_BLOCK_K, triton.next_power_of_2(hidden)))
+
+    launch()
+    want = flat[rows[:, None] + torch.arange(hidden, device=flat.device)].float().sum(1)
+    if not torch.allclose(out, want, rtol=1e-3, atol=1e-2):
+        raise SystemExit("the row stream did not read the adapters' rows")
+    return launch
+
+
+def byte_references_us(slots, pool, hidden, nbytes):
+    """Two references for the bytes a case must move, on the same timer as the kernels:
+    (a device-to-device copy moving ``nbytes`` in all (half read, half written): no kernel
+    moves them faster; ``row_stream``: what only reading the adapters' pool rows costs)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float16, device=pool[0].device)
+    dst = torch.empty_like(src)
+    return gpu_time_us(lambda: dst.copy_(src)), gpu_time_us(row_stream(slots, pool, hidden))
+
+
 PHASE_DIM = 16  # an x or y this narrow makes the shrink or the expand negligible
 
 
@@ -242,6 +297,8 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
     impls["torch_loop"] = lambda y: loop(y, x, flat)
 
     ref = add_lora_ref(y0, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, None, slots_d)
+    if not timed:  # the CPU pass checks the timed reference kernels too
+        row_stream(slots, pool, hidden)
     delta = (ref - y0.double()).norm()
     row = {"case": name, "M": M, "adapters": len({s for s in slots.tolist() if s >= 0})}
     for k, fn in impls.items():
@@ -279,6 +336,7 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
         row["floor_us"] = 1e6 * nbytes / rate
         row["ours_pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
         row["latency_floor_us"] = latency_floor_us(slots_d, pool)
+        row["copy_us"], row["row_stream_us"] = byte_references_us(slots, pool, hidden, nbytes)
         if "ours_grouped_us" in row:
             row["grouped_pct_floor"] = 100 * row["floor_us"] / row["ours_grouped_us"]
             row["chunks_us"] = gpu_time_us(lambda: lora_chunks(slots_d))
@@ -316,8 +374,9 @@ def markdown(results):
         "ours without the 16-byte row alignment hint (device time):",
         "",
         "| case | ours (us/call) | torch padded bmm (us/call) | torch loop (us/call) "
-        "| ours, no alignment hint (us) | split_k | grouped: shrink alone / expand alone (us) |",
-        "|" + "---|" * 7,
+        "| ours, no alignment hint (us) | split_k | grouped: shrink alone / expand alone (us) "
+        "| copy of the floor's bytes (us) | row stream (us) |",
+        "|" + "---|" * 9,
     ]
     for r in results:
         phases = (f"{r['grouped_shrink_alone_us']:.1f} / {r['grouped_expand_alone_us']:.1f}"
@@ -325,7 +384,8 @@ def markdown(results):
         lines.append(
             f"| {r['case']} | {r['ours_call_us']:.1f} | {r['torch_padded_call_us']:.1f} "
             f"| {r['torch_loop_call_us']:.1f} "
-            f"| {r['ours_unaligned_us']:.1f} | {r['split_k']} | {phases} |"
+            f"| {r['ours_unaligned_us']:.1f} | {r['split_k']} | {phases} "
+            f"| {r['copy_us']:.1f} | {r['row_stream_us']:.1f} |"
         )
     return "\n".join(lines)
 
