@@ -525,7 +525,7 @@ def grouped_cases(pool, qkv_pool, hidden, device, dtype, gen):
 GROUPED_AXES = {
     "block_r": [32], "wide_block_r": [16, 64], "wide_above_rows": [128, 384],
     "tile_elems": [4096, 16384], "warps": [8], "k_stages": [2, 4], "n_stages": [2, 4],
-    "n_split": [2],
+    "n_split": [2], "few_tokens": [0, 1], "few_tile_elems": [4096], "few_max_modules": [3],
 }  # fmt: skip
 SWEEPS = ("grouped", "mbgmm-expand", "shrink-expand")
 MBGMM_EXPAND_AXES = {"block_n": [64, 128], "block_r": [32, 64], "warps": [8], "stages": [1, 3]}

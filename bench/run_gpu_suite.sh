@@ -5,7 +5,8 @@
 # 2. the kernel and CUDA tests at real shapes (tests/kernels, tests/model/test_model_cuda.py,
 #    the CUDA cases of tests/engine/test_async_scheduling.py);
 # 3. profiles of decode and prefill steps (profile_engine_gpu.py);
-# 4. the LoRA kernel, attention and adapter-load benchmarks.
+# 4. the LoRA kernel, attention and adapter-load benchmarks, and the side-stream overlap
+#    experiment (bench_lora_overlap.py).
 # Each step has its own time limit so that one stuck step leaves the others' results.
 set -u
 out=${1:?OUT_DIR}
@@ -26,6 +27,7 @@ step 300 tests python -m pytest -q -p no:cacheprovider tests/kernels tests/model
 step 120 profile_decode python bench/profile_engine_gpu.py --tokenizer "$tok"
 step 120 profile_prefill python bench/profile_engine_gpu.py --tokenizer "$tok" --phase prefill
 step 200 lora_kernels python bench/bench_lora_kernels.py --sweep grouped,mbgmm-expand --out "$out"
+step 60 lora_overlap python bench/bench_lora_overlap.py
 step 50 attention python bench/bench_attention.py --out "$out"
 step 50 adapter_load python bench/bench_adapter_load.py --llama7b --no-ttft \
     --out "$out/adapter_load.json"

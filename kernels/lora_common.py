@@ -122,6 +122,20 @@ def pick_module(i, v0, v1, v2):
     return tl.where(i == 0, v0, tl.where(i == 1, v1, v2))
 
 
+@triton.jit
+def shrink_dot_step(acc, a, x_ptr, tok, m_mask, offs_k, k_mask, stride_xt, FP32: tl.constexpr):
+    """One k tile of a tensor-core shrink: ``acc + x[tok, offs_k] @ a^T`` (``a``: the rank rows'
+    [rows, k] tile; ``tok``/``m_mask``: the token rows, padded to a tensor-core tile)."""
+    xt = tl.load(
+        x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+        mask=m_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
+    if FP32:
+        return acc + tl.dot(xt, tl.trans(a), input_precision="ieee")
+    return acc + tl.dot(xt, tl.trans(a))
+
+
 def check_tables(flat, ptr, ranks, modules, name="a_ptr"):
     """Shape/dtype/device checks of the pool slice and the slot tables; returns modules as ints."""
     if not isinstance(flat, torch.Tensor) or flat.dim() != 1:

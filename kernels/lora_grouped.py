@@ -29,6 +29,13 @@ vary from run to run. The tile height trades program count against program lengt
 tiles (``block_r``) while a launch has few (chunk, module) pairs, wider ones (``wide_block_r``)
 above ``wide_above_rows`` tokens x modules, where narrow tiles would queue in a second wave.
 
+A chunk of one or two tokens (most chunks, when a batch spreads over many adapters) has its
+shrink on CUDA cores instead (``few_tokens``): a tensor-core tile needs 16 rows of x, so it
+would stage, load and multiply 15 or 14 rows of padding per tile of A; the lighter loop streams
+A alone. Only launches of one module take it (``few_max_modules``): on an H200 it made the o
+launches 6-13% faster and the q,k,v launches, whose many programs need the occupancy its
+accumulators cost, up to 27% slower.
+
 ``n_split`` > 1 gives each tile that many programs, each redoing the shrink (A is then read
 from L2) and writing its share of the output columns: more programs in flight when a batch has
 few adapters.
@@ -52,6 +59,7 @@ from .lora_common import (
     per_module3,
     pick_module,
     rows_aligned,
+    shrink_dot_step,
 )
 
 
@@ -81,6 +89,52 @@ def _chunk(chunks_ptr, slots_ptr, t, BLOCK_M: tl.constexpr):
     tok = tl.load(chunks_ptr + t * BLOCK_M + tl.arange(0, BLOCK_M))
     slot = tl.load(slots_ptr + t)
     return first, tok.to(tl.int64), tok >= 0, slot
+
+
+@triton.jit
+def _shrink_dot(x_ptr, flat_ptr, a_rows, r_mask, tok, m_mask, in_dim, stride_xt,
+                FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_K: tl.constexpr, K_STAGES: tl.constexpr):
+    """x[chunk] @ A_tile^T on tensor cores: fp32 [BLOCK_M, BLOCK_R]."""
+    v = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k in tl.range(0, in_dim, BLOCK_K, num_stages=K_STAGES):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_dim
+        a = tl.load(
+            flat_ptr + a_rows[:, None] + offs_k[None, :],
+            mask=r_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        v = shrink_dot_step(v, a, x_ptr, tok, m_mask, offs_k, k_mask, stride_xt, FP32)
+    return v
+
+
+@triton.jit
+def _shrink_few(x_ptr, flat_ptr, a_rows, r_mask, tok, in_dim, stride_xt, BLOCK_M: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STAGES: tl.constexpr,
+                FEW_TOKENS: tl.constexpr):
+    """x[chunk] @ A_tile^T for a chunk of at most FEW_TOKENS (1 or 2) tokens, on CUDA cores:
+    fp32 [BLOCK_M, BLOCK_R], rows past the chunk zero. The tensor-core shrink stages and
+    multiplies 16 rows of x for one or two real ones; this loop streams the A tile alone."""
+    rows = tl.arange(0, BLOCK_M)
+    t0 = tl.sum(tl.where(rows == 0, tok, 0), axis=0)
+    t1 = tl.sum(tl.where(rows == 1, tok, 0), axis=0)  # -1: a one-token chunk
+    acc0 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k in tl.range(0, in_dim, BLOCK_K, num_stages=K_STAGES):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_dim
+        a = tl.load(flat_ptr + a_rows[:, None] + offs_k[None, :],
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        x0 = tl.load(x_ptr + t0 * stride_xt + offs_k, mask=k_mask, other=0.0)
+        acc0 += a * x0.to(tl.float32)[None, :]
+        if FEW_TOKENS > 1:
+            x1 = tl.load(x_ptr + t1 * stride_xt + offs_k, mask=tl.where(t1 >= 0, k_mask, False),
+                         other=0.0)
+            acc1 += a * x1.to(tl.float32)[None, :]
+    v0 = tl.sum(acc0, axis=1)
+    v1 = tl.sum(acc1, axis=1)
+    return tl.where(rows[:, None] == 0, v0[None, :], tl.where(rows[:, None] == 1, v1[None, :], 0.0))
 
 
 # n_per_split keeps its specialisation: it is always a multiple of 16, and it tells the
@@ -119,8 +173,10 @@ def _lora_grouped_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_KC: tl.constexpr,
     K_STAGES: tl.constexpr,
     N_STAGES: tl.constexpr,
+    FEW_TOKENS: tl.constexpr,
 ):
     t = tl.program_id(0)
     mod_i = tl.program_id(1)
@@ -146,24 +202,15 @@ def _lora_grouped_kernel(
     scale = tl.load(scales_ptr + slot)
 
     # shrink: v = x[chunk] @ A_tile^T over the whole input dimension (A read once per chunk)
-    v = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k in tl.range(0, in_dim, BLOCK_K, num_stages=K_STAGES):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < in_dim
-        a = tl.load(
-            flat_ptr + a_rows[:, None] + offs_k[None, :],
-            mask=r_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        xt = tl.load(
-            x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if FP32:
-            v += tl.dot(xt, tl.trans(a), input_precision="ieee")
-        else:
-            v += tl.dot(xt, tl.trans(a))
+    if FEW_TOKENS == 0:
+        v = _shrink_dot(x_ptr, flat_ptr, a_rows, r_mask, tok, m_mask, in_dim, stride_xt, FP32,
+                        BLOCK_M, BLOCK_R, BLOCK_K, K_STAGES)
+    elif tl.sum(m_mask.to(tl.int32), axis=0) <= FEW_TOKENS:
+        v = _shrink_few(x_ptr, flat_ptr, a_rows, r_mask, tok, in_dim, stride_xt, BLOCK_M,
+                        BLOCK_R, BLOCK_KC, K_STAGES, FEW_TOKENS)
+    else:
+        v = _shrink_dot(x_ptr, flat_ptr, a_rows, r_mask, tok, m_mask, in_dim, stride_xt, FP32,
+                        BLOCK_M, BLOCK_R, BLOCK_K, K_STAGES)
     if not FP32:
         v = v.to(flat_ptr.dtype.element_ty)
 
@@ -190,12 +237,16 @@ def _lora_grouped_kernel(
 # program (16: the smallest tensor-core tile); block_r: rank rows per program (capped by the
 # slot tables' max rank), wide_block_r once tokens x modules exceed wide_above_rows; A and B
 # tiles are block_r x block_k and block_r x block_n, with tile_elems capping their elements
-# (registers and shared memory per pipeline stage).
+# (registers and shared memory per pipeline stage). Launches of at most few_max_modules modules
+# run the shrink of chunks of at most few_tokens tokens on CUDA cores, over block_r x
+# (few_tile_elems / block_r) tiles of A (0 tokens: always tensor cores); in q,k,v launches the
+# extra registers of that path cost more occupancy than its lighter loop saves.
 # (defaults: the fastest of bench_lora_kernels.py --sweep on an H200, docs/BENCHMARKS.md)
 GROUPED_CONFIG = {
     "block_m": 16, "block_r": 16, "tile_elems": 8192, "max_block_k": 1024,
     "max_block_n": 1024, "warps": 4, "k_stages": 3, "n_stages": 3, "n_split": 1,
     "wide_block_r": 32, "wide_above_rows": 256,
+    "few_tokens": 2, "few_tile_elems": 8192, "few_max_modules": 1,
 }  # fmt: skip
 MIN_DOT_DIM = 16  # tl.dot needs every dimension >= 16
 # the slot vector the plan scans is padded to at least this many tokens: every batch up to it
@@ -261,6 +312,7 @@ def add_lora_grouped(
     block_r = max(MIN_DOT_DIM, min(tile_r, next_pow2(a_ptr.shape[2])))
     block_k = max(MIN_DOT_DIM, min(cfg["max_block_k"], cfg["tile_elems"] // block_r,
                                    next_pow2(in_dim)))  # fmt: skip
+    block_kc = max(MIN_DOT_DIM, min(cfg["few_tile_elems"] // block_r, next_pow2(in_dim)))
     max_out = max(out_dims)
     want_split = max(1, min(cfg["n_split"], cdiv(max_out, MIN_DOT_DIM)))
     n_per_split = cdiv(cdiv(max_out, want_split), MIN_DOT_DIM) * MIN_DOT_DIM
@@ -285,8 +337,10 @@ def add_lora_grouped(
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         BLOCK_N=block_n,
+        BLOCK_KC=block_kc,
         K_STAGES=cfg["k_stages"],
         N_STAGES=cfg["n_stages"],
+        FEW_TOKENS=cfg["few_tokens"] if len(mods) <= cfg["few_max_modules"] else 0,
         num_warps=cfg["warps"],
     )  # fmt: skip
     return y

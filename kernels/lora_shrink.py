@@ -31,6 +31,7 @@ from .lora_common import (
     per_module3,
     pick_module,
     rows_aligned,
+    shrink_dot_step,
 )
 
 
@@ -149,15 +150,7 @@ def _shrink_tile(x_ptr, flat_ptr, o_base, rows, offs_r, r_mask, tok, m_mask, k_b
             other=0.0,
         )
         if GEMM:
-            xt = tl.load(
-                x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if FP32:
-                acc += tl.dot(xt, tl.trans(a), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(a))
+            acc = shrink_dot_step(acc, a, x_ptr, tok, m_mask, offs_k, k_mask, stride_xt, FP32)
         else:
             xv = tl.load(x_ptr + tok * stride_xt + offs_k, mask=k_mask, other=0.0)
             acc += a.to(tl.float32) * xv.to(tl.float32)[None, :]

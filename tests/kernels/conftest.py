@@ -19,6 +19,7 @@ if not ON_CUDA:
         "kernels.lora_common",
         "kernels.lora_shrink",
         "kernels.lora_expand",
+        "kernels.lora_grouped",
         "kernels.lora",
         "kernels.kv_write",
         "kernels.paged_attention",

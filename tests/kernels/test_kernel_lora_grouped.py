@@ -81,8 +81,11 @@ def test_grouped_adapter_shared_by_many_tokens(dtype, batch):
          "warps": 2},
         {"n_split": 2, "block_r": 64, "max_block_k": 32, "max_block_n": 32},
         {"wide_above_rows": 0, "wide_block_r": 64},
+        {"few_tokens": 0},  # every shrink on tensor cores
+        {"few_tokens": 1, "few_tile_elems": 1024, "few_max_modules": 3},  # q,k,v on CUDA cores
     ],
-    ids=["nsplit3", "m32-r32-small-tiles", "nsplit2-r64-k32-n32", "wide-r64"],
+    ids=["nsplit3", "m32-r32-small-tiles", "nsplit2-r64-k32-n32", "wide-r64", "few0",
+         "few1-qkv-small-tiles"],
 )
 def test_grouped_other_launch_configs(change, monkeypatch):
     """The launch variants a benchmark sweep may pick compute the same function."""
