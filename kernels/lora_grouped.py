@@ -33,8 +33,8 @@ A chunk of one or two tokens (most chunks, when a batch spreads over many adapte
 shrink on CUDA cores instead (``few_tokens``): a tensor-core tile needs 16 rows of x, so it
 would stage, load and multiply 15 or 14 rows of padding per tile of A; the lighter loop streams
 A alone. Only launches of one module take it (``few_max_modules``): on an H200 it made the o
-launches 6-13% faster and the q,k,v launches, whose many programs need the occupancy its
-accumulators cost, up to 27% slower.
+launch of a 200-token step 13% faster and smaller one-module launches 2-8%, but the q,k,v
+launches, whose many programs need the occupancy its accumulators cost, up to 27% slower.
 
 ``n_split`` > 1 gives each tile that many programs, each redoing the shrink (A is then read
 from L2) and writing its share of the output columns: more programs in flight when a batch has
@@ -249,6 +249,7 @@ GROUPED_CONFIG = {
     "few_tokens": 2, "few_tile_elems": 8192, "few_max_modules": 1,
 }  # fmt: skip
 MIN_DOT_DIM = 16  # tl.dot needs every dimension >= 16
+MAX_FEW_TOKENS = 2  # the CUDA-core shrink keeps one accumulator per token: at most this many
 # the slot vector the plan scans is padded to at least this many tokens: every batch up to it
 # (all decode graph sizes by default) shares one compiled variant; the scan is a few KiB
 MIN_T_PAD = 256
@@ -300,6 +301,8 @@ def add_lora_grouped(
         raise ValueError(f"y has {y.shape[0]} rows but x has {T}")
     check_batch(lora_slots, None, T, x.device)
     cfg = GROUPED_CONFIG
+    if not 0 <= cfg["few_tokens"] <= MAX_FEW_TOKENS:
+        raise ValueError(f"few_tokens must be 0..{MAX_FEW_TOKENS}, got {cfg['few_tokens']}")
     if chunks is None:
         chunks = lora_chunks(lora_slots)
     elif (chunks.dtype != torch.int32 or tuple(chunks.shape) != (T, cfg["block_m"])

@@ -149,7 +149,7 @@ def test_grouped_unaligned_rows_and_no_adapter():
     assert torch.equal(add_lora_grouped(y.clone(), x, *args, lora_slots=none), y)
 
 
-def test_grouped_launcher_errors():
+def test_grouped_launcher_errors(monkeypatch):
     dtype = DTYPES[0]
     gen, dims, (flat, a_ptr, b_ptr, ranks, scales) = build(MODELS[0], dtype, seed=1)
     x = torch.randn(3, dims[0][0], generator=gen).to(DEVICE, dtype)
@@ -180,3 +180,6 @@ def test_grouped_launcher_errors():
         call(x=x.to(torch.float16 if dtype != torch.float16 else torch.float32))
     with pytest.raises(ValueError, match="1 to 3 modules"):
         call(modules=(0, 1, 2, 3), out_dims=out * 4)
+    monkeypatch.setattr(grouped, "GROUPED_CONFIG", {**grouped.GROUPED_CONFIG, "few_tokens": 3})
+    with pytest.raises(ValueError, match="few_tokens must be 0..2"):
+        call()
