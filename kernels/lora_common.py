@@ -123,6 +123,14 @@ def pick_module(i, v0, v1, v2):
 
 
 @triton.jit
+def load_pool_rows(flat_ptr, rows, r_mask, offs, c_mask):
+    """The [rows, offs] tile of pool rows starting at element offsets ``rows`` (A rows, B^T
+    rows); zeros where ``r_mask`` (past the rank) or ``c_mask`` (past the row) is False."""
+    return tl.load(flat_ptr + rows[:, None] + offs[None, :], mask=r_mask[:, None] & c_mask[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def shrink_dot_step(acc, a, x_ptr, tok, m_mask, offs_k, k_mask, stride_xt, FP32: tl.constexpr):
     """One k tile of a tensor-core shrink: ``acc + x[tok, offs_k] @ a^T`` (``a``: the rank rows'
     [rows, k] tile; ``tok``/``m_mask``: the token rows, padded to a tensor-core tile)."""

@@ -22,6 +22,7 @@ from .lora_common import (
     check_batch,
     check_tables,
     check_y_columns,
+    load_pool_rows,
     next_pow2,
     per_module3,
     pick_module,
@@ -56,11 +57,7 @@ def _b_chunk(acc, flat_ptr, rows, r_mask, v, offs_n, n_mask,
     """acc += v[:, r] @ Bt[r, n] for the rank rows of one chunk (rows past the rank masked)."""
     if ALIGNED:
         rows = tl.multiple_of(rows, 8)
-    bt = tl.load(
-        flat_ptr + rows[:, None] + offs_n[None, :],
-        mask=r_mask[:, None] & n_mask[None, :],
-        other=0.0,
-    )
+    bt = load_pool_rows(flat_ptr, rows, r_mask, offs_n, n_mask)
     if GEMM:
         v = tl.where(r_mask[None, :], v, 0.0)
         if FP32:

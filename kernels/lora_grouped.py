@@ -55,6 +55,7 @@ from .lora_common import (
     check_tables,
     check_x,
     check_y_columns,
+    load_pool_rows,
     next_pow2,
     per_module3,
     pick_module,
@@ -100,11 +101,7 @@ def _shrink_dot(x_ptr, flat_ptr, a_rows, r_mask, tok, m_mask, in_dim, stride_xt,
     for k in tl.range(0, in_dim, BLOCK_K, num_stages=K_STAGES):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < in_dim
-        a = tl.load(
-            flat_ptr + a_rows[:, None] + offs_k[None, :],
-            mask=r_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
+        a = load_pool_rows(flat_ptr, a_rows, r_mask, offs_k, k_mask)
         v = shrink_dot_step(v, a, x_ptr, tok, m_mask, offs_k, k_mask, stride_xt, FP32)
     return v
 
@@ -124,8 +121,7 @@ def _shrink_few(x_ptr, flat_ptr, a_rows, r_mask, tok, in_dim, stride_xt, BLOCK_M
     for k in tl.range(0, in_dim, BLOCK_K, num_stages=K_STAGES):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < in_dim
-        a = tl.load(flat_ptr + a_rows[:, None] + offs_k[None, :],
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        a = load_pool_rows(flat_ptr, a_rows, r_mask, offs_k, k_mask).to(tl.float32)
         x0 = tl.load(x_ptr + t0 * stride_xt + offs_k, mask=k_mask, other=0.0)
         acc0 += a * x0.to(tl.float32)[None, :]
         if FEW_TOKENS > 1:
@@ -219,11 +215,7 @@ def _lora_grouped_kernel(
     for n in tl.range(n_begin, n_end, BLOCK_N, num_stages=N_STAGES):
         offs_n = n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_end
-        bt = tl.load(
-            flat_ptr + b_rows[:, None] + offs_n[None, :],
-            mask=r_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
+        bt = load_pool_rows(flat_ptr, b_rows, r_mask, offs_n, n_mask)
         if FP32:
             d = tl.dot(v, bt, input_precision="ieee") * scale
         else:

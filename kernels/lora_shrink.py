@@ -26,6 +26,7 @@ from .lora_common import (
     check_batch,
     check_tables,
     check_x,
+    load_pool_rows,
     next_pow2,
     num_sms,
     per_module3,
@@ -144,11 +145,7 @@ def _shrink_tile(x_ptr, flat_ptr, o_base, rows, offs_r, r_mask, tok, m_mask, k_b
     for k in tl.range(k_begin, k_begin + k_per_split, BLOCK_K, num_stages=K_STAGES):
         offs_k = k + offs_k0
         k_mask = offs_k < in_dim
-        a = tl.load(
-            flat_ptr + rows[:, None] + offs_k[None, :],
-            mask=r_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
+        a = load_pool_rows(flat_ptr, rows, r_mask, offs_k, k_mask)
         if GEMM:
             acc = shrink_dot_step(acc, a, x_ptr, tok, m_mask, offs_k, k_mask, stride_xt, FP32)
         else:
