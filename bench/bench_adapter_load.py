@@ -34,7 +34,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slora_backend.adapters import AdapterSource, HostCache  # noqa: E402 (after the path fix)
-from slora_backend.adapters.synthetic import (  # noqa: E402
+from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_testing.synthetic_adapters import (  # noqa: E402
     LLAMA7B_CONFIG,
     AdapterRecipe,
     adapter_config,
@@ -42,7 +43,6 @@ from slora_backend.adapters.synthetic import (  # noqa: E402
     load_spec,
     write_adapter,
 )
-from slora_backend.model.spec import ModelSpec  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"

@@ -13,7 +13,7 @@ expanded to 32 heads before timing).
   floor (K and V read once, over the measured device copy rate).
 
 Times: device time, median of 100 runs, each after an L2 flush and a short device sleep that
-hides the host's launch overhead (``kernels.testing.gpu_time_us``, CUDA events).
+hides the host's launch overhead (``slora_kernels.testing.gpu_time_us``, CUDA events).
 Prints a markdown table; saves a PNG and a JSON under --out (default bench/results).
 ``--sweep`` first times a few launch configurations and keeps the fastest.
 Without CUDA it runs a small correctness pass under the interpreter.
@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import paged_attention_decode, paged_attention_prefill  # noqa: E402
-from kernels.testing import gpu_time_us, measure_copy_rate  # noqa: E402
+from slora_kernels import paged_attention_decode, paged_attention_prefill  # noqa: E402
+from slora_testing.kernel_pools import gpu_time_us, measure_copy_rate  # noqa: E402
 
-ATTN_MOD = sys.modules["kernels.paged_attention"]
+ATTN_MOD = sys.modules["slora_kernels.paged_attention"]
 
 BLOCK = 16
 

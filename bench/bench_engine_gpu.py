@@ -36,15 +36,15 @@ sys.path.insert(0, str(REPO))
 
 from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from slora_backend.adapters.source import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
-from slora_backend.adapters.synthetic import (  # noqa: E402
+from slora_backend.model.llama import LlamaModel  # noqa: E402
+from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_testing.synthetic_adapters import (  # noqa: E402
     LLAMA7B_CONFIG,
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
     write_adapter,
 )
-from slora_backend.model.llama import LlamaModel  # noqa: E402
-from slora_backend.model.spec import ModelSpec  # noqa: E402
 
 # --tiny: the same run on a small model (a smoke test of this script, CPU included)
 TINY_CONFIG = dict(LLAMA7B_CONFIG, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -172,7 +172,7 @@ def compiled_kernels() -> dict[str, int]:
     is a JIT compile (seconds on this host) inside it."""
     counts = {}
     for name, mod in list(sys.modules.items()):
-        if not name.startswith("kernels."):
+        if not name.startswith("slora_kernels."):
             continue
         for attr, obj in vars(mod).items():
             caches = getattr(obj, "device_caches", None)

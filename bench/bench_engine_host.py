@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from slora_backend.adapters.synthetic import make_tiny_model  # noqa: E402
+from slora_testing.synthetic_adapters import make_tiny_model  # noqa: E402
 
 FIRST_TOKEN_ID = 3
 PROMPT_LEN = (8, 64)

@@ -33,7 +33,7 @@ Compared in the same run:
   touched adapters, 16 rows per program, pipelined like the LoRA kernels.
 
 Times: device time, median of 100 runs, each after a 256 MB L2 flush and a 0.1 ms device
-sleep that lets the host launch ahead (``kernels.testing.gpu_time_us``: CUDA events; the
+sleep that lets the host launch ahead (``slora_kernels.testing.gpu_time_us``: CUDA events; the
 launch overhead of the Python launchers is not in it). A second table gives the wall time per
 call of back-to-back eager calls (host overhead included, L2 warm). Each implementation is
 checked against the float64 reference first. Prints markdown tables; saves a PNG and a JSON
@@ -65,7 +65,7 @@ if not torch.cuda.is_available():  # before triton is imported: it reads the swi
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels import (  # noqa: E402
+from slora_kernels import (  # noqa: E402
     add_lora,
     add_lora_grouped,
     add_lora_ref,
@@ -75,12 +75,12 @@ from kernels import (  # noqa: E402
     lora_shrink,
     make_lora_segments,
 )
-from kernels.testing import call_time_us, gpu_time_us, make_lora_pool, measure_copy_rate  # noqa: E402
+from slora_testing.kernel_pools import call_time_us, gpu_time_us, make_lora_pool, measure_copy_rate  # noqa: E402
 
 # the launchers' modules (the package re-exports functions of the same names)
-SHRINK_MOD = sys.modules["kernels.lora_shrink"]
-EXPAND_MOD = sys.modules["kernels.lora_expand"]
-GROUPED_MOD = sys.modules["kernels.lora_grouped"]
+SHRINK_MOD = sys.modules["slora_kernels.lora_shrink"]
+EXPAND_MOD = sys.modules["slora_kernels.lora_expand"]
+GROUPED_MOD = sys.modules["slora_kernels.lora_grouped"]
 
 RANKS = (8, 16, 32, 64)
 MAX_RANK = 64  # the engine's default max_rank (slot tables [slots, 7, max_rank])

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_lora_kernels import build_pool  # noqa: E402
-from kernels import add_lora_grouped, decode_chunks  # noqa: E402
+from slora_kernels import add_lora_grouped, decode_chunks  # noqa: E402
 
 HIDDEN, INTER, LAYERS, N_ADAPTERS, MAX_RANK = 4096, 11008, 32, 100, 64
 PAGE_ELEMS = 2 * 16 * 32 * 128  # a Llama-7B pool page: 16 tokens x 32 KV heads x 128 x K/V

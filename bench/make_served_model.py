@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_engine_gpu import make_adapters, make_model_dir  # noqa: E402
 
-from slora_backend.adapters.synthetic import LLAMA7B_CONFIG  # noqa: E402
 from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_testing.synthetic_adapters import LLAMA7B_CONFIG  # noqa: E402
 
 
 def tokenizer_vocab_size(tokenizer_dir: Path) -> int:

@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_engine_gpu import FIRST_TOKEN_ID, make_adapters, make_model_dir  # noqa: E402
 
 from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from slora_backend.adapters.synthetic import LLAMA7B_CONFIG  # noqa: E402
 from slora_backend.model.llama import LlamaModel  # noqa: E402
 from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_testing.synthetic_adapters import LLAMA7B_CONFIG  # noqa: E402
 
 PROMPT_LEN = 256
 WARM_STEPS = 8

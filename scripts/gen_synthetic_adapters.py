@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slora_backend.adapters.synthetic import (  # noqa: E402 (after the path fix above)
+from slora_testing.synthetic_adapters import (  # noqa: E402 (after the path fix above)
     adapter_config,
     adapter_name,
     adapter_tensors,

@@ -4,7 +4,7 @@
 # Finds tritonserver (on PATH, e.g. in the NGC container, or the build inside the
 # nvidia-pytriton wheel, prepared in .cache/tritonserver by scripts/get_tritonserver.sh),
 # puts the venv's bin first on PATH (the Python backend stub runs the `python3` it finds
-# there), makes the repo importable (slora_backend, kernels, ...) for the stub, sets
+# there), makes the repo importable (slora_backend, slora_kernels, ...) for the stub, sets
 # LD_LIBRARY_PATH / --backend-directory as needed, and execs tritonserver with ARGS.
 #
 # Env: VENV (default <repo>/.venv), TRITON_HOME (default <repo>/.cache/tritonserver),

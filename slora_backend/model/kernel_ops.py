@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import slora_kernels
 
 from .batch import BatchInput
 from .lora import LoraTables
@@ -51,7 +51,7 @@ class KernelStep:
     lora_modules: frozenset[int]  # modules some adapter of the step targets: other sites skip
     lora_slots: torch.Tensor | None  # decode: int32 [T]
     lora_chunks: torch.Tensor | None  # decode: the grouped MBGMV's plan, once per step
-    segments: kernels.LoraSegments | None  # prefill: tokens grouped by adapter
+    segments: slora_kernels.LoraSegments | None  # prefill: tokens grouped by adapter
     aligned: bool
 
     @classmethod
@@ -67,9 +67,9 @@ class KernelStep:
         lora_slots = chunks = segments = None
         if tables is not None and decode:
             lora_slots = batch.lora_slots.to(device=device, dtype=torch.int32)
-            chunks = kernels.decode_chunks(lora_slots)
+            chunks = slora_kernels.decode_chunks(lora_slots)
         elif tables is not None:
-            segments = kernels.make_lora_segments(lora_host, device=device)
+            segments = slora_kernels.make_lora_segments(lora_host, device=device)
         return cls(
             decode=decode,
             query_start_loc=batch.query_start_loc.to(device=device, dtype=torch.int32),
@@ -105,25 +105,26 @@ class KernelStep:
             tables=tables,
             lora_modules=lora_modules if tables is not None else frozenset(),
             lora_slots=batch.lora_slots if tables is not None else None,
-            lora_chunks=kernels.decode_chunks(batch.lora_slots) if tables is not None else None,
+            lora_chunks=(slora_kernels.decode_chunks(batch.lora_slots)
+                         if tables is not None else None),
             segments=None,
             aligned=aligned,
         )
 
     # ---- the ops (same roles as ops.TorchStep) -----------------------------------------------
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        kernels.kv_write(k, v, kv_cache, self.slot_mapping)
+        slora_kernels.kv_write(k, v, kv_cache, self.slot_mapping)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q [T, H, hd] over the pool (the new K/V were written there): [T, H * hd]."""
         del k, v  # the kernels read the new tokens' K/V from the pool
         if self.decode:
-            out = kernels.paged_attention_decode(
+            out = slora_kernels.paged_attention_decode(
                 q, kv_cache, self.context_lens, self.block_tables, scale=scale,
                 max_context_len=self.max_context_len, num_splits=self.num_splits)
         else:
-            out = kernels.paged_attention_prefill(
+            out = slora_kernels.paged_attention_prefill(
                 q, kv_cache, self.query_start_loc, self.context_lens, self.block_tables,
                 scale=scale, max_query_len=self.max_query_len)
         return out.view(q.shape[0], -1)
@@ -134,7 +135,7 @@ class KernelStep:
         t = self.tables
         if t is None or self.lora_modules.isdisjoint(modules):
             return
-        kernels.add_lora(
+        slora_kernels.add_lora(
             y, x, flat, t.a_ptr, t.b_ptr, t.ranks, t.scales, modules,
             [dim for _, dim in columns], [off for off, _ in columns],
             lora_slots=self.lora_slots, segments=self.segments, chunks=self.lora_chunks,

@@ -8,12 +8,12 @@ kernels in kernels/ can be dispatched behind later (same arguments, same pool la
 Per-forward metadata (AttentionMeta, LoraBatchInfo) is built once per step and shared by all layers.
 
 Where the kernels/ launchers fit (CUDA, fp16/bf16), all taking BatchInput fields as they are:
-  write_kv          -> kernels.kv_write(k, v, kv_cache, batch.slot_mapping)
-  paged_attention   -> kernels.paged_attention_decode(q, kv_cache, context_lens, block_tables)
-                       when batch.is_decode_only, else kernels.paged_attention_prefill(q,
+  write_kv          -> slora_kernels.kv_write(k, v, kv_cache, batch.slot_mapping)
+  paged_attention   -> slora_kernels.paged_attention_decode(q, kv_cache, context_lens, block_tables)
+                       when batch.is_decode_only, else slora_kernels.paged_attention_prefill(q,
                        kv_cache, query_start_loc, context_lens, block_tables)
                        (decode rows are 1-token queries there)
-  lora_shrink_expand-> kernels.add_lora(y_fused, x, layer_flat, tables.a_ptr, tables.b_ptr,
+  lora_shrink_expand-> slora_kernels.add_lora(y_fused, x, layer_flat, tables.a_ptr, tables.b_ptr,
                        tables.ranks, tables.scales, module_ids, out_dims, y_offsets,
                        lora_slots=... (decode) | segments=make_lora_segments(...) (once per step))
 

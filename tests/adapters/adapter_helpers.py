@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from slora_backend.adapters.synthetic import AdapterRecipe
+from slora_testing.synthetic_adapters import AdapterRecipe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2_DIR = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"

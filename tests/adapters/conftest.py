@@ -10,7 +10,8 @@ import torch
 from adapter_helpers import MAX_RANK, SMOLLM2_DIR, MakeAdapter, recipe
 
 from slora_backend.adapters import AdapterSource
-from slora_backend.adapters.synthetic import (
+from slora_backend.model.spec import ModelSpec
+from slora_testing.synthetic_adapters import (
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
@@ -18,7 +19,6 @@ from slora_backend.adapters.synthetic import (
     make_tiny_model,
     write_adapter,
 )
-from slora_backend.model.spec import ModelSpec
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import torch
 from adapter_helpers import MAX_RANK, REPO_ROOT
 
 from slora_backend.adapters import AdapterSource
-from slora_backend.adapters.synthetic import load_spec
 from slora_backend.model.spec import ModelSpec
+from slora_testing.synthetic_adapters import load_spec
 
 SCRIPT = REPO_ROOT / "scripts" / "gen_synthetic_adapters.py"
 COUNT = 60

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slora_backend.adapters import AdapterSource, HostCache
-from slora_backend.adapters.synthetic import adapter_config, adapter_tensors, write_adapter
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.model.spec import MODULE_ORDER, ModelSpec
+from slora_testing.synthetic_adapters import adapter_config, adapter_tensors, write_adapter
 
 WAIT_S = 30.0
 LRU_RANKS = (4, 8, 16, 32, 8, 4, 64, 16)  # distinct sizes: the byte bound matters, not counts

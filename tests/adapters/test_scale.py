@@ -17,15 +17,15 @@ import torch
 from adapter_helpers import MAX_RANK
 
 from slora_backend import EngineConfig, LLMEngine, SamplingParams
-from slora_backend.adapters.synthetic import (
+from slora_backend.model.lora import plan_adapter_rows
+from slora_backend.model.spec import ModelSpec
+from slora_testing.synthetic_adapters import (
     adapter_config,
     adapter_name,
     adapter_tensors,
     random_recipe,
     write_adapter,
 )
-from slora_backend.model.lora import plan_adapter_rows
-from slora_backend.model.spec import ModelSpec
 
 pytestmark = pytest.mark.slow
 

@@ -16,14 +16,14 @@ ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
     for name in (
-        "kernels.lora_common",
-        "kernels.lora_shrink",
-        "kernels.lora_expand",
-        "kernels.lora_grouped",
-        "kernels.lora",
-        "kernels.kv_write",
-        "kernels.paged_attention",
-        "kernels",
+        "slora_kernels.lora_common",
+        "slora_kernels.lora_shrink",
+        "slora_kernels.lora_expand",
+        "slora_kernels.lora_grouped",
+        "slora_kernels.lora",
+        "slora_kernels.kv_write",
+        "slora_kernels.paged_attention",
+        "slora_kernels",
     ):
         if name in sys.modules:
             importlib.reload(sys.modules[name])

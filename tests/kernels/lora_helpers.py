@@ -7,7 +7,7 @@ pages shuffled; ranks 4..128 are mixed in every batch, with tokens that have no 
 
 import torch
 
-from kernels.testing import make_lora_pool
+from slora_testing.kernel_pools import make_lora_pool
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

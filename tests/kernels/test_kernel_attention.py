@@ -7,7 +7,7 @@ NaN before each launch so that an unwritten element fails. GQA ratios 1, 3, 4; h
 import pytest
 import torch
 
-from kernels import (
+from slora_kernels import (
     kv_write,
     kv_write_ref,
     paged_attention_decode,

@@ -26,7 +26,7 @@ from model_helpers import (  # noqa: E402
 )
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-import kernels.lora  # noqa: E402
+import slora_kernels.lora  # noqa: E402
 from slora_backend.engine.cuda_graphs import (  # noqa: E402
     ALL_MODULES,
     ATTENTION_MODULES,
@@ -89,14 +89,14 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.mark.parametrize("grouped_min_tokens", [1, kernels.lora.GROUPED_MIN_TOKENS],
+@pytest.mark.parametrize("grouped_min_tokens", [1, slora_kernels.lora.GROUPED_MIN_TOKENS],
                          ids=["grouped-mbgmv", "per-token-mbgmv"])
 def test_decode_graph_buffers_pad_and_match_peft(setup, grouped_min_tokens, monkeypatch):
     """Decode steps through DecodeGraphs.run (padded to a graph size, stale rows from a larger
     earlier step left in the buffers) give the logits HF + PEFT give at those positions. On CUDA
     the graphs are captured and replayed; elsewhere the same buffers run eagerly. Both decode
     LoRA kernels: grouped by adapter (r16 serves two sequences) and per token."""
-    monkeypatch.setattr(kernels.lora, "GROUPED_MIN_TOKENS", grouped_min_tokens)
+    monkeypatch.setattr(slora_kernels.lora, "GROUPED_MIN_TOKENS", grouped_min_tokens)
     spec, model, peft_model, pool, tables, slot_of = setup
     rng = random.Random(11)
     names = ["r64", None, "r4", "r16", "r32", "r16"]

@@ -24,7 +24,7 @@ from lora_helpers import (
     random_slots,
 )
 
-from kernels import (
+from slora_kernels import (
     add_lora,
     add_lora_ref,
     lora_expand,
@@ -33,7 +33,7 @@ from kernels import (
     make_lora_segments,
     rows_aligned,
 )
-from kernels.lora_shrink import GEMM_MAX_SPLIT_ROWS
+from slora_kernels.lora_shrink import GEMM_MAX_SPLIT_ROWS
 
 # The shrink buffer is torch.empty: entries past a token's rank are never written, and the expand
 # loads them unmasked before the rank is known, then zeroes them (tl.where). The interpreter's
@@ -72,8 +72,8 @@ def test_mbgmv_decode(dtype, model, modules, batch):
 )
 def test_mbgmv_other_launch_configs(shrink_cfg, expand_cfg, monkeypatch):
     """The launch variants a benchmark sweep may pick compute the same function."""
-    shrink_mod = sys.modules["kernels.lora_shrink"]
-    expand_mod = sys.modules["kernels.lora_expand"]
+    shrink_mod = sys.modules["slora_kernels.lora_shrink"]
+    expand_mod = sys.modules["slora_kernels.lora_expand"]
     monkeypatch.setattr(shrink_mod, "GEMV_CONFIG", {**shrink_mod.GEMV_CONFIG, **shrink_cfg})
     monkeypatch.setattr(expand_mod, "GEMV_CONFIG", {**expand_mod.GEMV_CONFIG, **expand_cfg})
     dtype, model, modules = DTYPES[0], MODELS[-1], (0, 1, 2)

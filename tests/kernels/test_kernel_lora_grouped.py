@@ -21,8 +21,8 @@ from lora_helpers import (
     random_slots,
 )
 
-import kernels.lora_grouped as grouped
-from kernels import add_lora_grouped, add_lora_ref, lora_chunks
+import slora_kernels.lora_grouped as grouped
+from slora_kernels import add_lora_grouped, add_lora_ref, lora_chunks
 
 
 def run_case(dtype, model, modules, slots, seed, y_offsets=None, y_cols=None):

@@ -1,6 +1,6 @@
 """LoRA expand: ``y[t, off:off+out] += scale_s * v[t, :r] @ B^T_s`` read in place from the pool.
 
-``v`` is the fp32 partial-sum buffer of :func:`kernels.lora_shrink.lora_shrink`
+``v`` is the fp32 partial-sum buffer of :func:`slora_kernels.lora_shrink.lora_shrink`
 (``[n_modules, split_k, T, max_rank]``); the split partials are summed here while loading.
 The loop over the rank stops at each adapter's TRUE rank (tiles of BLOCK_R, last one masked).
 All split partials of a rank chunk are loaded at once (no serial chain of loads).
