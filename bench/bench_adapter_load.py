@@ -97,7 +97,7 @@ def pool_tier(
     """A timer of host -> pool residency through the engine's AdapterManager (None when the
     engine's pool tier cannot be imported)."""
     try:
-        from slora_backend.engine.adapter_manager import AdapterManager
+        from slora_backend.adapters.adapter_manager import AdapterManager
         from slora_backend.engine.memory_pool import PagePool, PoolStorage
         from slora_backend.model.lora import plan_adapter_rows
     except ImportError:

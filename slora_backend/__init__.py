@@ -15,9 +15,9 @@ _EXPORTS = {
     "ErrorCode": "slora_backend.errors",
     "SamplingParams": "slora_backend.sampling_params",
     "LLMEngine": "slora_backend.engine.engine",
-    "EngineLoop": "slora_backend.engine.engine",
+    "EngineLoop": "slora_backend.engine.loop",
     "EngineStats": "slora_backend.engine.engine",
-    "RequestOutput": "slora_backend.engine.engine",
+    "RequestOutput": "slora_backend.engine.outputs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from slora_backend.engine.memory_pool import PagePool
+from slora_backend.pages import ceil_div
 
 KV_KIND = "kv"
-
-
-def pages_for_tokens(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
 
 
 class KVManager:
@@ -26,7 +23,7 @@ class KVManager:
     def pages_needed(self, seq_id: str, num_tokens: int) -> int:
         """Extra pages `seq_id` needs so that `num_tokens` tokens have KV slots."""
         have = len(self._tables.get(seq_id, ()))
-        return max(0, pages_for_tokens(num_tokens, self.block_size) - have)
+        return max(0, ceil_div(num_tokens, self.block_size) - have)
 
     def grow(self, seq_id: str, num_tokens: int) -> None:
         """Allocate pages to cover `num_tokens`; PoolExhaustedError (nothing changed) if short."""
@@ -40,10 +37,6 @@ class KVManager:
         if pages:
             self.pool.free(pages)
         return len(pages)
-
-    def slot(self, seq_id: str, position: int) -> int:
-        table = self._tables[seq_id]
-        return table[position // self.block_size] * self.block_size + position % self.block_size
 
     @property
     def num_seqs(self) -> int:

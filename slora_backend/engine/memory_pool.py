@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from slora_backend.errors import PoolExhaustedError
+from slora_backend.pages import page_elems
 
 KINDS = ("kv", "lora")
 
@@ -101,10 +102,6 @@ class PoolStorage:
     def flat(self, layer: int) -> torch.Tensor:
         """The layer slice as one flat vector (adapter rows are addressed in it)."""
         return self.tensor[layer].view(-1)
-
-
-def page_elems(block_size: int, num_kv_heads: int, head_dim: int) -> int:
-    return 2 * block_size * num_kv_heads * head_dim
 
 
 def pages_for_bytes(pool_bytes: int, num_layers: int, elems_per_page: int,

@@ -18,13 +18,13 @@ from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.memory_pool import PoolStorage
 from slora_backend.engine.scheduler import SchedulerOutput
 from slora_backend.engine.sequence import PLACEHOLDER, Sequence
-from slora_backend.model.batch import BatchInput
+from slora_backend.model.batch import BatchInput, TokenFeed
 from slora_backend.model.llama import LlamaModel
 from slora_backend.model.lora import LoraTables
 from slora_backend.sampler import Sampler
 
 if TYPE_CHECKING:  # cuda_graphs imports the Triton kernels: only loaded when graphs are on
-    from slora_backend.engine.cuda_graphs import DecodeGraphs
+    from slora_backend.model.cuda_graphs import DecodeGraphs
 
 # called with (request ids of the sampled rows, their fp32 logits) after every forward
 LogitsHook = Callable[[list[str], torch.Tensor], None]
@@ -53,18 +53,6 @@ class StepResult:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
-
-
-@dataclass
-class TokenFeed:
-    """Input rows whose token the previous step sampled and has not been read back yet: they
-    are filled on the device from that step's token tensor, after the batch is copied in."""
-
-    rows: torch.Tensor  # int64 [k]: positions in the batch's input_ids (device)
-    tokens: torch.Tensor  # int64 [k]: their tokens (device)
-
-    def apply(self, input_ids: torch.Tensor) -> None:
-        input_ids.index_copy_(0, self.rows, self.tokens)
 
 
 class ModelRunner:
@@ -135,7 +123,7 @@ class ModelRunner:
         if self.logits_hook is not None:
             self.logits_hook([seq.request_id for seq in sampled], logits)
         tokens = self.sampler.sample_tensor(logits, [seq.params for seq in sampled],
-                                            [seq.extra.get("generator") for seq in sampled])
+                                            [seq.generator for seq in sampled])
         if self.device.type == "cpu":
             return StepResult(sampled, tokens, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

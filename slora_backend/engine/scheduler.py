@@ -11,28 +11,21 @@ freed, it goes back to the front of the queue and is prefilled again later).
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from slora_backend.engine.kv_manager import KVManager, pages_for_tokens
+from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.memory_pool import PagePool
 from slora_backend.engine.sequence import SeqStatus, Sequence
 from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.pages import ceil_div
+
+if TYPE_CHECKING:
+    from slora_backend.adapters.adapter_manager import AdapterManager
 
 CANCELLED = "cancelled"
-
-
-class AdapterPool(Protocol):
-    """What the scheduler needs from the adapter manager (pool tier)."""
-
-    def ready(self, adapter_id: str) -> bool: ...
-
-    def acquire(self, adapter_id: str, reserve_pages: int = 0) -> int | None: ...
-
-    def release(self, adapter_id: str) -> None: ...
-
-    def evict_idle(self, pages_needed: int) -> int: ...
 
 
 @dataclass
@@ -62,7 +55,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, kv: KVManager, adapters: AdapterPool | None,
+    def __init__(self, pool: PagePool, kv: KVManager, adapters: AdapterManager | None,
                  max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int) -> None:
         self.pool = pool
         self.kv = kv
@@ -74,41 +67,53 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by arrival
         self.seqs: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        # add() runs on any thread, the rest on the step's: the lock keeps the queues whole
+        # (re-entrant: scheduling finishes requests whose adapter failed)
+        self._lock = threading.RLock()
 
     # ---- queue ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        """Queue a new request; UNAVAILABLE at once when the waiting queue is full."""
-        if len(self.waiting) >= self.max_waiting:
-            raise EngineError(ErrorCode.UNAVAILABLE,
-                              f"queue full: {len(self.waiting)} requests waiting "
-                              f"(max_waiting={self.max_waiting})")
-        if seq.request_id in self.seqs:
-            raise EngineError.invalid("request_id", f"{seq.request_id!r} is already in use")
-        self.seqs[seq.request_id] = seq
-        self.waiting.append(seq)
+        """Queue a new request (thread-safe; the only way into the queue): INVALID_ARG at once
+        when its id is in use, UNAVAILABLE when the waiting queue is full."""
+        with self._lock:
+            if seq.request_id in self.seqs:
+                raise EngineError.invalid("request_id", f"{seq.request_id!r} is already in use")
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineError(ErrorCode.UNAVAILABLE,
+                                  f"queue full: {len(self.waiting)} requests waiting "
+                                  f"(max_waiting={self.max_waiting}); retry later")
+            self.seqs[seq.request_id] = seq
+            self.waiting.append(seq)
+
+    def live_ids(self) -> list[str]:
+        """Ids of the requests added and not finished (thread-safe)."""
+        with self._lock:
+            return list(self.seqs)
 
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Finish a request as cancelled and free its pages; None if unknown / already done."""
-        seq = self.seqs.get(request_id)
-        if seq is None:
-            return None
-        self.finish(seq, CANCELLED)
-        return seq
+        with self._lock:
+            seq = self.seqs.get(request_id)
+            if seq is None:
+                return None
+            self.finish(seq, CANCELLED)
+            return seq
 
     def finish(self, seq: Sequence, reason: str | None, error: EngineError | None = None) -> None:
         """Take `seq` out of the queues and free its KV pages and adapter reference."""
-        if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SeqStatus.WAITING:
-            self.waiting.remove(seq)
-        self._free_resources(seq)
-        seq.status = SeqStatus.FINISHED
-        seq.finish_reason = reason
-        seq.error = error
-        self.seqs.pop(seq.request_id, None)
+        with self._lock:
+            if seq.status is SeqStatus.RUNNING:
+                self.running.remove(seq)
+            elif seq.status is SeqStatus.WAITING:
+                self.waiting.remove(seq)
+            self._free_resources(seq)
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = reason
+            seq.error = error
+            self.seqs.pop(seq.request_id, None)
 
     def _free_resources(self, seq: Sequence) -> None:
         self.kv.free(seq.request_id)
@@ -120,8 +125,9 @@ class Scheduler:
     # ---- scheduling ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
-        self._admit_waiting(out, budget)
+        with self._lock:
+            budget = self._schedule_running(out, self.max_num_batched_tokens)
+            self._admit_waiting(out, budget)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -186,7 +192,7 @@ class Scheduler:
         """'admitted' (now RUNNING), 'not_ready', 'no_room' or 'failed' (finished with error)."""
         if seq.finishing:  # preempted while its last token is in flight: it ends when read
             return "not_ready"
-        kv_pages = pages_for_tokens(seq.num_tokens, self.kv.block_size)
+        kv_pages = ceil_div(seq.num_tokens, self.kv.block_size)
         if seq.adapter_id is not None:
             assert self.adapters is not None, "adapter request without an adapter manager"
             try:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from slora_backend.errors import EngineError
 from slora_backend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from slora_backend.tokenizer import TextStream
 
 # an output token sampled by a step still running on the device (async scheduling): the next
 # step reads it on the device; the engine writes the value in when it reads the step back
@@ -42,8 +47,10 @@ class Sequence:
     num_preemptions: int = 0
     # its last sampled token (still a PLACEHOLDER) ends it by length: not scheduled again
     finishing: bool = False
-    # filled by the engine: detokenizer state, sampler generator, emitted counters
-    extra: dict[str, Any] = field(default_factory=dict)
+    # set at admission: the incremental detokenizer with its stop strings, and the sampler's
+    # RNG (None for greedy requests)
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -73,11 +80,6 @@ class Sequence:
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt:end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - n_prompt]
-
-    @property
-    def max_total_tokens(self) -> int:
-        """Tokens whose K/V the request can ever hold (the last sampled one is never computed)."""
-        return self.num_prompt_tokens + self.params.max_tokens - 1
 
     @property
     def finished(self) -> bool:

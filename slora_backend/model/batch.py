@@ -123,3 +123,15 @@ class BatchInput:
             lora_slots_host=lora,
         )
         return b.to(device) if str(device) != "cpu" else b
+
+
+@dataclass
+class TokenFeed:
+    """Input rows whose token the previous step sampled and has not been read back yet: they
+    are filled on the device from that step's token tensor, after the batch is copied in."""
+
+    rows: torch.Tensor  # int64 [k]: positions in the batch's input_ids (device)
+    tokens: torch.Tensor  # int64 [k]: their tokens (device)
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.tokens)

@@ -5,7 +5,7 @@ device: that is how CI checks it). A `KernelStep` is built once per engine step 
 every layer: device metadata for attention, per-token adapter slots (MBGMV) for a decode-only
 step or adapter segments (MBGMM) for a step with prefill tokens. A decode step built by
 `KernelStep.decode_graph` from static buffers, with a fixed split-K factor, neither allocates on
-the host nor synchronises, so CUDA graphs can capture it (engine/cuda_graphs.py).
+the host nor synchronises, so CUDA graphs can capture it (model/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -15,14 +15,11 @@ from dataclasses import dataclass
 import torch
 
 import slora_kernels
+from slora_kernels.lora_common import ROW_ALIGN_ELEMS
 
 from .batch import BatchInput
 from .lora import LoraTables
 from .spec import MODULE_ORDER, ModelSpec
-
-# kernels/ promise 16-byte row alignment (vector loads) when every row offset is a multiple
-# of this many elements
-ROW_ALIGN_ELEMS = 8
 
 
 def rows_always_aligned(spec: ModelSpec, page_elems: int) -> bool:

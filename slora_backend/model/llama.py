@@ -2,7 +2,7 @@
 
 The weight matmuls are single batched matmuls over all T tokens of the step (q/k/v fused into
 one, gate/up fused into one). KV write, attention and LoRA go through a per-step plan of one of
-two backends: "torch" (ops.TorchStep: torch ops, the CPU path) or "triton" (kernel_ops.KernelStep:
+two backends: "torch" (TorchStep: torch ops, the CPU path) or "triton" (kernel_ops.KernelStep:
 the Triton-lang kernels of kernels/, the CUDA path for fp16/bf16).
 """
 
@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from . import ops
 from .batch import BatchInput
+from .layers import apply_rope, kv_cache_view, rms_norm, rope_cos_sin, rope_inv_freq
 from .lora import LoraTables
 from .spec import MODULE_INDEX, ModelSpec
+from .torch_step import TorchStep
 
 if TYPE_CHECKING:  # kernel_ops imports triton: only loaded for the triton backend
     from .kernel_ops import KernelStep
@@ -67,7 +68,7 @@ class LlamaModel:
         self.lm_head = lm_head
         self.dtype = embed.dtype
         self.device = embed.device
-        self.inv_freq = ops.rope_inv_freq(spec, self.device)
+        self.inv_freq = rope_inv_freq(spec, self.device)
         self.scale = spec.head_dim**-0.5
         self.backend = default_backend(self.device, self.dtype)
 
@@ -78,6 +79,12 @@ class LlamaModel:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be auto or one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+
+    @property
+    def graphable(self) -> bool:
+        """Whether decode steps can be captured in CUDA graphs (model/cuda_graphs.py): the
+        triton backend's decode step neither syncs with the host nor allocates."""
+        return self.device.type == "cuda" and self.backend == TRITON_BACKEND
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -170,15 +177,12 @@ class LlamaModel:
         return cls(spec, embed, layers, ones(), lm_head)
 
     # ---- pool helpers ----------------------------------------------------------------------
-    def page_elems(self, block_size: int) -> int:
-        return self.spec.page_elems(block_size)
-
     def allocate_pool(self, num_pages: int, block_size: int) -> torch.Tensor:
         """A zeroed pool tensor [L, P, page_elems] in the model's dtype and device."""
         return torch.zeros(
             self.spec.num_layers,
             num_pages,
-            self.page_elems(block_size),
+            self.spec.page_elems(block_size),
             dtype=self.dtype,
             device=self.device,
         )
@@ -190,7 +194,7 @@ class LlamaModel:
         L, _, pe = storage.shape
         if L != spec.num_layers:
             raise ValueError(f"storage has {L} layers, model has {spec.num_layers}")
-        kv_elems = 2 * spec.num_kv_heads * spec.head_dim
+        kv_elems = spec.page_elems(1)  # K and V of one token
         if pe % kv_elems:
             raise ValueError(
                 f"page_elems {pe} is not a multiple of 2*num_kv_heads*head_dim = {kv_elems}"
@@ -202,10 +206,10 @@ class LlamaModel:
     def prepare_step(
         self, batch: BatchInput, storage: torch.Tensor, block_size: int,
         lora: LoraTables | None = None,
-    ) -> ops.TorchStep | KernelStep:
+    ) -> TorchStep | KernelStep:
         """The per-step plan that every layer shares, for this model's backend."""
         if self.backend == TORCH_BACKEND:
-            return ops.TorchStep.prepare(batch, lora, self.spec, block_size, self.device,
+            return TorchStep.prepare(batch, lora, self.spec, block_size, self.device,
                                          self.dtype)
         from .kernel_ops import KernelStep, rows_always_aligned
 
@@ -218,7 +222,7 @@ class LlamaModel:
         batch: BatchInput,
         storage: torch.Tensor,
         lora: LoraTables | None = None,
-        step: ops.TorchStep | KernelStep | None = None,
+        step: TorchStep | KernelStep | None = None,
     ) -> torch.Tensor:
         """Logits (fp32) [len(logits_indices), vocab]; writes the new tokens' K/V into the pool.
 
@@ -236,23 +240,23 @@ class LlamaModel:
         qkv_cols = ((0, qs), (qs, kvs), (qs + kvs, kvs))
         gate_up_cols = ((0, inter), (inter, inter))
 
-        cos, sin = ops.rope_cos_sin(batch.positions.to(dev), self.inv_freq, self.dtype)
+        cos, sin = rope_cos_sin(batch.positions.to(dev), self.inv_freq, self.dtype)
         x = F.embedding(batch.input_ids.to(dev), self.embed)
         for li, w in enumerate(self.layers):
             flat = storage[li].view(-1)
-            h = ops.rms_norm(x, w.attn_norm, eps)
+            h = rms_norm(x, w.attn_norm, eps)
             qkv = F.linear(h, w.w_qkv)
             step.lora(h, qkv, flat, QKV_MODULES, qkv_cols)
-            q = ops.apply_rope(qkv[:, :qs].view(T, H, hd), cos, sin)
-            k = ops.apply_rope(qkv[:, qs : qs + kvs].view(T, kvh, hd), cos, sin)
+            q = apply_rope(qkv[:, :qs].view(T, H, hd), cos, sin)
+            k = apply_rope(qkv[:, qs : qs + kvs].view(T, kvh, hd), cos, sin)
             v = qkv[:, qs + kvs :].view(T, kvh, hd)
-            kv_cache = ops.kv_cache_view(storage[li], block_size, kvh, hd)
+            kv_cache = kv_cache_view(storage[li], block_size, kvh, hd)
             step.write_kv(kv_cache, k, v)
             attn = step.attention(q, k, v, kv_cache, self.scale)
             o = F.linear(attn, w.w_o)
             step.lora(attn, o, flat, O_MODULES, ((0, spec.hidden_size),))
             x = x + o
-            h = ops.rms_norm(x, w.mlp_norm, eps)
+            h = rms_norm(x, w.mlp_norm, eps)
             gu = F.linear(h, w.w_gate_up)
             step.lora(h, gu, flat, GATE_UP_MODULES, gate_up_cols)
             a = F.silu(gu[:, :inter]) * gu[:, inter:]
@@ -260,7 +264,7 @@ class LlamaModel:
             step.lora(a, d, flat, DOWN_MODULES, ((0, spec.hidden_size),))
             x = x + d
         idx = batch.logits_indices.to(dev)
-        hs = ops.rms_norm(x.index_select(0, idx), self.norm, eps)
+        hs = rms_norm(x.index_select(0, idx), self.norm, eps)
         return F.linear(hs, self.lm_head).float()
 
     __call__ = forward

@@ -164,8 +164,6 @@ def plan_adapter_rows(
     return RowPlan(num_pages=num_pages, page_elems=page_elems, offsets=offsets)
 
 
-def adapter_num_pages(spec: ModelSpec, modules: Sequence[str], rank: int, page_elems: int) -> int:
-    return plan_adapter_rows(spec, modules, rank, page_elems).num_pages
 
 
 def write_adapter_rows(

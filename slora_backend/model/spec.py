@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from slora_backend.pages import page_elems
+
 MODULE_ORDER: tuple[str, ...] = (
     "q_proj",
     "k_proj",
@@ -149,7 +151,7 @@ class ModelSpec:
 
     def page_elems(self, block_size: int) -> int:
         """Elements of one pool page: K and V of `block_size` tokens (one layer)."""
-        return 2 * block_size * self.num_kv_heads * self.head_dim
+        return page_elems(block_size, self.num_kv_heads, self.head_dim)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

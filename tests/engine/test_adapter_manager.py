@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slora_backend.adapters.adapter_manager import AdapterManager
 from slora_backend.adapters.host_cache import HostCache
 from slora_backend.adapters.source import AdapterSource
-from slora_backend.engine.adapter_manager import AdapterManager
 from slora_backend.engine.memory_pool import PagePool, PoolStorage
 from slora_backend.model.spec import MODULE_INDEX, ModelSpec
 

@@ -1,7 +1,7 @@
 """The model's triton backend (kernel_ops.KernelStep) end to end against HF transformers + PEFT:
 chunked prefill, mixed prefill/decode steps and decode-only steps over a scattered, NaN-filled
 pool, many adapters of mixed ranks and module subsets plus base-model tokens; and the decode
-CUDA-graph buffers (engine/cuda_graphs.py: padding, static metadata) run eagerly. On a machine
+CUDA-graph buffers (model/cuda_graphs.py: padding, static metadata) run eagerly. On a machine
 without CUDA the kernels run under the Triton interpreter (conftest.py)."""
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from model_helpers import (  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import slora_kernels.lora  # noqa: E402
-from slora_backend.engine.cuda_graphs import (  # noqa: E402
+from slora_backend.model import BatchInput, LoraTables, load_model  # noqa: E402
+from slora_backend.model.cuda_graphs import (  # noqa: E402
     ALL_MODULES,
     ATTENTION_MODULES,
     DecodeGraphs,
     graph_batch_sizes,
     lora_variant,
 )
-from slora_backend.model import BatchInput, LoraTables, load_model  # noqa: E402
 from slora_backend.model.llama import TRITON_BACKEND  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

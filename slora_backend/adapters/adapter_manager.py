@@ -1,35 +1,27 @@
-"""Pool tier of the adapter hierarchy (disk -> host RAM -> unified pool).
+"""The pool tier of the adapter hierarchy (disk -> host RAM -> pool; slora_backend/adapters).
 
 An adapter is resident when its A rows and B^T rows (all layers) sit in pages of the SAME
 PagePool the KV cache uses (kind "lora") and a slot of the slot tables points at them.
 Running requests hold a reference; idle adapters (refcount 0) stay resident and are evicted
-LRU when pages or slots are needed.
+LRU when pages or slots are needed. The engine reaches the lower tiers only through here.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from slora_backend.engine.memory_pool import PagePool, PoolStorage
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.model.lora import LoraTables, RowPlan, plan_adapter_rows, write_adapter_rows
 from slora_backend.model.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from slora_backend.adapters.host_cache import HostCache
+    from slora_backend.adapters.source import HostAdapter
+
 LORA_KIND = "lora"
-
-
-class HostTier(Protocol):
-    """What the pool tier needs from the host cache (slora_backend.adapters.HostCache)."""
-
-    def prefetch(self, adapter_id: str) -> None: ...
-
-    def get(self, adapter_id: str) -> Any: ...
-
-    def error(self, adapter_id: str) -> EngineError | None: ...
-
-    def stats(self) -> dict: ...
 
 
 @dataclass
@@ -37,11 +29,11 @@ class _Resident:
     slot: int
     pages: list[int]
     refcount: int
-    host: Any  # the HostAdapter it was written from (a reloaded host copy replaces it)
+    host: HostAdapter  # the one it was written from (a reloaded host copy replaces it)
 
 
 class AdapterManager:
-    def __init__(self, spec: ModelSpec, storage: PoolStorage, pool: PagePool, host: HostTier,
+    def __init__(self, spec: ModelSpec, storage: PoolStorage, pool: PagePool, host: HostCache,
                  max_slots: int, max_rank: int) -> None:
         self.spec = spec
         self.storage = storage
@@ -55,8 +47,15 @@ class AdapterManager:
         self.num_loads = 0
         self.num_evictions = 0
 
-    # ---- host tier -------------------------------------------------------------------------
+    # ---- lower tiers ---------------------------------------------------------------------
+    def pages_for(self, adapter_id: str) -> int:
+        """Validate an adapter on disk (EngineError INVALID_ARG / NOT_FOUND, no weight read);
+        the pool pages it occupies when resident."""
+        settings = self.host.source.inspect(adapter_id).settings
+        return self._plan(settings.modules, settings.rank).num_pages
+
     def prefetch(self, adapter_id: str) -> None:
+        """Start the disk -> host load of an adapter that is not resident."""
         if adapter_id not in self._resident:
             self.host.prefetch(adapter_id)
 
@@ -66,7 +65,7 @@ class AdapterManager:
             return True
         return self._host_copy(adapter_id) is not None
 
-    def _host_copy(self, adapter_id: str) -> Any:
+    def _host_copy(self, adapter_id: str) -> HostAdapter | None:
         host = self.host.get(adapter_id)
         if host is None:
             err = self.host.error(adapter_id)
@@ -75,7 +74,7 @@ class AdapterManager:
             self.host.prefetch(adapter_id)  # no-op while loading; reloads an evicted copy
         return host
 
-    # ---- pool tier -------------------------------------------------------------------------
+    # ---- the pool ---------------------------------------------------------------------------
     def acquire(self, adapter_id: str, reserve_pages: int = 0) -> int | None:
         """Take a reference and return the adapter's slot, making it resident if needed.
 
@@ -96,8 +95,8 @@ class AdapterManager:
             return None
         return self._load(adapter_id, host, reserve_pages)
 
-    def _load(self, adapter_id: str, host: Any, reserve_pages: int) -> int | None:
-        plan = self._plan(host)
+    def _load(self, adapter_id: str, host: HostAdapter, reserve_pages: int) -> int | None:
+        plan = self._plan(host.modules, host.rank)
         if not self._free_slots and not self._evict_lru_idle():
             return None
         if not self._free_pages_for(plan.num_pages + reserve_pages, keep=None):
@@ -123,16 +122,12 @@ class AdapterManager:
         self._resident.move_to_end(adapter_id)
         return res.slot
 
-    def _plan(self, host: Any) -> RowPlan:
-        key = (tuple(host.modules), int(host.rank))
+    def _plan(self, modules: tuple[str, ...], rank: int) -> RowPlan:
+        key = (tuple(modules), int(rank))
         if key not in self._plans:
-            self._plans[key] = plan_adapter_rows(self.spec, host.modules, host.rank,
+            self._plans[key] = plan_adapter_rows(self.spec, modules, rank,
                                                  self.storage.page_elems)
         return self._plans[key]
-
-    def pages_for(self, host: Any) -> int:
-        """Pool pages an adapter (a HostAdapter) occupies when resident."""
-        return self._plan(host).num_pages
 
     def release(self, adapter_id: str) -> None:
         res = self._resident.get(adapter_id)
@@ -177,15 +172,7 @@ class AdapterManager:
         """Resident adapter ids, least recently used first."""
         return list(self._resident)
 
-    def refcount(self, adapter_id: str) -> int:
-        res = self._resident.get(adapter_id)
-        return 0 if res is None else res.refcount
-
-    def slot_of(self, adapter_id: str) -> int | None:
-        res = self._resident.get(adapter_id)
-        return None if res is None else res.slot
-
     def stats(self) -> dict[str, Any]:
-        """Host cache counters plus the pool tier's (prefixed 'pool_')."""
+        """Host cache counters plus the pool's (prefixed 'pool_')."""
         return {**self.host.stats(), "pool_resident": len(self._resident),
                 "pool_loads": self.num_loads, "pool_evictions": self.num_evictions}

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from slora_backend.engine.model_runner import TokenFeed
-from slora_backend.model.batch import BatchInput
+from slora_backend.model.batch import BatchInput, TokenFeed
 from slora_backend.model.kernel_ops import KernelStep, rows_always_aligned
 from slora_backend.model.llama import (
     DOWN_MODULES,
