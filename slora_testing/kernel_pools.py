@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-NUM_MODULES = 7
+from slora_kernels.lora_common import NUM_MODULES
 
 
 def make_lora_pool(

@@ -22,6 +22,10 @@ import triton
 import triton.language as tl
 
 NUM_MODULES = 7  # MODULE_ORDER = (q, k, v, o, gate, up, down)
+# rows whose offsets are multiples of this many elements are 16-byte aligned in fp16/bf16: the
+# kernels then promise it to the compiler (vector loads); ROW_ALIGN is the same for @triton.jit
+ROW_ALIGN_ELEMS = 8
+ROW_ALIGN = tl.constexpr(ROW_ALIGN_ELEMS)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -250,7 +254,7 @@ def check_batch(lora_slots, segments, num_tokens, device):
 _ALIGN_CACHE: dict[int, tuple] = {}
 
 
-def rows_aligned(flat: torch.Tensor, ptr: torch.Tensor, align: int = 8) -> bool:
+def rows_aligned(flat: torch.Tensor, ptr: torch.Tensor, align: int = ROW_ALIGN_ELEMS) -> bool:
     """True when every row pointer and the pool slice base are multiples of ``align`` elements.
 
     Lets the kernels promise 16-byte aligned rows to the compiler (vector loads). The device

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 
 from .lora_common import (
+    ROW_ALIGN,
+    ROW_ALIGN_ELEMS,
     LoraSegments,
     cdiv,
     check_batch,
@@ -28,7 +30,7 @@ from .lora_common import (
     pick_module,
     rows_aligned,
 )
-from .lora_shrink import GEMM_MAX_SPLIT_ROWS, gather_rows
+from .lora_shrink import GEMM_MAX_SPLIT_ROWS, gather_rows, mbgmm_block_m
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def _b_chunk(acc, flat_ptr, rows, r_mask, v, offs_n, n_mask,
              GEMM: tl.constexpr, ALIGNED: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
     """acc += v[:, r] @ Bt[r, n] for the rank rows of one chunk (rows past the rank masked)."""
     if ALIGNED:
-        rows = tl.multiple_of(rows, 8)
+        rows = tl.multiple_of(rows, ROW_ALIGN)
     bt = load_pool_rows(flat_ptr, rows, r_mask, offs_n, n_mask)
     if GEMM:
         v = tl.where(r_mask[None, :], v, 0.0)
@@ -247,7 +249,7 @@ def lora_expand(
         if segments.num_segments == 0:
             return y
         cfg = GEMM_CONFIG
-        block_m = 64 if segments.max_seg_len > 32 else (32 if segments.max_seg_len > 16 else 16)
+        block_m = mbgmm_block_m(segments.max_seg_len)
         if split_k > GEMM_MAX_SPLIT_ROWS // block_m:
             raise ValueError(f"v has {split_k} splits; MBGMM at BLOCK_M {block_m} takes at most "
                              f"{GEMM_MAX_SPLIT_ROWS // block_m} (lora_shrink caps it)")
@@ -265,7 +267,7 @@ def lora_expand(
     n_iters = 1 if gemm else cfg["n_iters"]
     grid = (cdiv(max_out, block_n * n_iters), n_rows, len(mods) * n_mtiles)
     if aligned is None:
-        aligned = all(d % 8 == 0 for d in out_dims) and rows_aligned(flat, b_ptr)
+        aligned = all(d % ROW_ALIGN_ELEMS == 0 for d in out_dims) and rows_aligned(flat, b_ptr)
     m3 = per_module3(mods)
     d3 = per_module3(out_dims)
     o3 = per_module3(y_offsets)

@@ -50,6 +50,8 @@ import triton
 import triton.language as tl
 
 from .lora_common import (
+    ROW_ALIGN,
+    ROW_ALIGN_ELEMS,
     cdiv,
     check_batch,
     check_tables,
@@ -193,8 +195,8 @@ def _lora_grouped_kernel(
     a_rows = tl.load(aptr_ptr + p_rows, mask=r_mask, other=0)
     b_rows = tl.load(bptr_ptr + p_rows, mask=r_mask, other=0)
     if ALIGNED:
-        a_rows = tl.multiple_of(a_rows, 8)
-        b_rows = tl.multiple_of(b_rows, 8)
+        a_rows = tl.multiple_of(a_rows, ROW_ALIGN)
+        b_rows = tl.multiple_of(b_rows, ROW_ALIGN)
     scale = tl.load(scales_ptr + slot)
 
     # shrink: v = x[chunk] @ A_tile^T over the whole input dimension (A read once per chunk)
@@ -315,7 +317,7 @@ def add_lora_grouped(
     block_n = max(MIN_DOT_DIM, min(cfg["max_block_n"], cfg["tile_elems"] // block_r,
                                    next_pow2(n_per_split)))  # fmt: skip
     if aligned is None:
-        aligned = (in_dim % 8 == 0 and all(d % 8 == 0 for d in out_dims)
+        aligned = (in_dim % ROW_ALIGN_ELEMS == 0 and all(d % ROW_ALIGN_ELEMS == 0 for d in out_dims)
                    and rows_aligned(flat, a_ptr) and rows_aligned(flat, b_ptr))  # fmt: skip
     m3 = per_module3(mods)
     d3 = per_module3(out_dims)

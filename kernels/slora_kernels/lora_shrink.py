@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 
 from .lora_common import (
+    ROW_ALIGN,
+    ROW_ALIGN_ELEMS,
     LoraSegments,
     cdiv,
     check_batch,
@@ -136,7 +138,7 @@ def _shrink_tile(x_ptr, flat_ptr, o_base, rows, offs_r, r_mask, tok, m_mask, k_b
                  K_STAGES: tl.constexpr):  # fmt: skip
     """Partial sums over this split's in_dim range for one tile of rank rows; stores them."""
     if ALIGNED:
-        rows = tl.multiple_of(rows, 8)
+        rows = tl.multiple_of(rows, ROW_ALIGN)
     offs_k0 = tl.arange(0, BLOCK_K)
     if GEMM:
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -176,6 +178,12 @@ GEMM_CONFIG = {"block_r": 16, "block_k": 128, "warps": 4, "stages": 3, "waves": 
 # shared memory, so split_k * BLOCK_M is capped (at BLOCK_M 64, split 16 needed 276 KiB on an
 # H200, whose limit is 227 KiB: a few short prefill segments asked for that much split)
 GEMM_MAX_SPLIT_ROWS = 256
+
+
+def mbgmm_block_m(max_seg_len: int) -> int:
+    """MBGMM's token tile (BLOCK_M) for segments of at most `max_seg_len` tokens; the shrink
+    and the expand of one launch must use the same (the partial-sum buffer is laid out by it)."""
+    return 64 if max_seg_len > 32 else (32 if max_seg_len > 16 else 16)
 
 
 def _pick_split_k(
@@ -219,7 +227,7 @@ def lora_shrink(
     gemm = mode == "gemm"
     if gemm:
         cfg = GEMM_CONFIG
-        block_m = 64 if segments.max_seg_len > 32 else (32 if segments.max_seg_len > 16 else 16)
+        block_m = mbgmm_block_m(segments.max_seg_len)
         m_tiles = cdiv(max(segments.max_seg_len, 1), block_m)
         programs = segments.num_segments * m_tiles * len(mods) * 2
     else:
@@ -245,7 +253,7 @@ def lora_shrink(
     if T == 0 or (gemm and segments.num_segments == 0):
         return out
     if aligned is None:
-        aligned = in_dim % 8 == 0 and rows_aligned(flat, a_ptr)
+        aligned = in_dim % ROW_ALIGN_ELEMS == 0 and rows_aligned(flat, a_ptr)
     m3 = per_module3(mods)
     if gemm:
         grid = (segments.num_segments * n_rtiles, m_tiles, len(mods) * split_k)
