@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,6 @@ class ParsedCommand:
     """A control request (no generation): e.g. `list_adapters`."""
 
     command: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _one(get: InputGetter, name: str) -> Any | None:
