@@ -13,7 +13,7 @@ expanded to 32 heads before timing).
   floor (K and V read once, over the measured device copy rate).
 
 Times: device time, median of 100 runs, each after an L2 flush and a short device sleep that
-hides the host's launch overhead (``slora_kernels.testing.gpu_time_us``, CUDA events).
+hides the host's launch overhead (``slora_testing.kernel_pools.gpu_time_us``, CUDA events).
 Prints a markdown table; saves a PNG and a JSON under --out (default bench/results).
 ``--sweep`` first times a few launch configurations and keeps the fastest.
 Without CUDA it runs a small correctness pass under the interpreter.

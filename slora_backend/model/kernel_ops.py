@@ -1,6 +1,6 @@
 """The kernel path of the model's hot ops: kernels/ (Triton-lang) over the unified pool.
 
-ops.py (torch) serves the CPU; this path serves CUDA (and, under TRITON_INTERPRET=1, any
+torch_step.py (torch) serves the CPU; this path serves CUDA (and, under TRITON_INTERPRET=1, any
 device: that is how CI checks it). A `KernelStep` is built once per engine step and shared by
 every layer: device metadata for attention, per-token adapter slots (MBGMV) for a decode-only
 step or adapter segments (MBGMM) for a step with prefill tokens. A decode step built by
