@@ -98,7 +98,7 @@ def pool_tier(
     engine's pool tier cannot be imported)."""
     try:
         from slora_backend.adapters.adapter_manager import AdapterManager
-        from slora_backend.engine.memory_pool import PagePool, PoolStorage
+        from slora_backend.memory_pool import PagePool, PoolStorage
         from slora_backend.model.lora import plan_adapter_rows
     except ImportError:
         return None

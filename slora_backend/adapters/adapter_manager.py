@@ -12,8 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from slora_backend.engine.memory_pool import PagePool, PoolStorage
 from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.memory_pool import PagePool, PoolStorage
 from slora_backend.model.lora import LoraTables, RowPlan, plan_adapter_rows, write_adapter_rows
 from slora_backend.model.spec import ModelSpec
 

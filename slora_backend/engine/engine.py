@@ -19,12 +19,12 @@ from slora_backend.config import DEFAULT_CPU_POOL_BYTES, EngineConfig
 from slora_backend.device import resolve_device, use_device
 from slora_backend.engine.admission import Admission, Prompt
 from slora_backend.engine.kv_manager import KVManager
-from slora_backend.engine.memory_pool import PagePool, PoolStorage, pages_for_bytes
 from slora_backend.engine.model_runner import ModelRunner, StepResult
 from slora_backend.engine.outputs import OutputProcessor, RequestOutput, make_output
 from slora_backend.engine.scheduler import Scheduler
 from slora_backend.engine.sequence import PLACEHOLDER, Sequence
 from slora_backend.errors import EngineError
+from slora_backend.memory_pool import PagePool, PoolStorage, pages_for_bytes
 from slora_backend.model import LlamaModel, ModelSpec, UnsupportedModelError, load_model, load_spec
 from slora_backend.pages import ceil_div
 from slora_backend.sampling_params import SamplingParams

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slora_backend.engine.memory_pool import PagePool
+from slora_backend.memory_pool import PagePool
 from slora_backend.pages import ceil_div
 
 KV_KIND = "kv"

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from slora_backend.engine.kv_manager import KVManager
-from slora_backend.engine.memory_pool import PoolStorage
 from slora_backend.engine.scheduler import SchedulerOutput
 from slora_backend.engine.sequence import PLACEHOLDER, Sequence
+from slora_backend.memory_pool import PoolStorage
 from slora_backend.model.batch import BatchInput, TokenFeed
 from slora_backend.model.llama import LlamaModel
 from slora_backend.model.lora import LoraTables

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from slora_backend.engine.kv_manager import KVManager
-from slora_backend.engine.memory_pool import PagePool
 from slora_backend.engine.sequence import SeqStatus, Sequence
 from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.memory_pool import PagePool
 from slora_backend.pages import ceil_div
 
 if TYPE_CHECKING:

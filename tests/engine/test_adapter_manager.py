@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from slora_backend.adapters.adapter_manager import AdapterManager
 from slora_backend.adapters.host_cache import HostCache
 from slora_backend.adapters.source import AdapterSource
-from slora_backend.engine.memory_pool import PagePool, PoolStorage
+from slora_backend.memory_pool import PagePool, PoolStorage
 from slora_backend.model.spec import MODULE_INDEX, ModelSpec
 
 BLOCK = 16

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slora_backend.engine.memory_pool import PagePool, PoolStorage, pages_for_bytes
 from slora_backend.errors import PoolExhaustedError
+from slora_backend.memory_pool import PagePool, PoolStorage, pages_for_bytes
 
 NUM_PAGES = 24
 

@@ -7,10 +7,10 @@ import itertools
 import pytest
 
 from slora_backend.engine.kv_manager import KVManager
-from slora_backend.engine.memory_pool import PagePool
 from slora_backend.engine.scheduler import Scheduler, SchedulerOutput
 from slora_backend.engine.sequence import SeqStatus, Sequence
 from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.memory_pool import PagePool
 from slora_backend.sampling_params import SamplingParams
 
 BLOCK = 4
