@@ -24,6 +24,7 @@ from slora_backend.engine.model_runner import ModelRunner, StepResult
 from slora_backend.engine.scheduler import CANCELLED, Scheduler
 from slora_backend.engine.sequence import PLACEHOLDER, Sequence
 from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.logprobs import CUMULATIVE_KEY, TokenLogprobs, record, take
 from slora_backend.model import (
     LlamaModel,
     ModelSpec,
@@ -58,6 +59,9 @@ class RequestOutput:
     num_input_tokens: int
     num_output_tokens: int
     error: EngineError | None = None
+    # only for requests whose params.logprobs is set: one entry per token of new_token_ids
+    new_logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs so far
 
 
 @dataclass
@@ -303,10 +307,13 @@ class LLMEngine:
         """Write a step's tokens over their placeholders and stream them. Rows of sequences
         that ended meanwhile (stopped by their previous token, aborted) are dropped."""
         outputs = []
-        for seq, index, token in zip(result.seqs, result.output_index, result.token_ids()):
+        tokens = result.token_ids()
+        logprobs = result.token_logprobs()
+        for row, (seq, index, token) in enumerate(zip(result.seqs, result.output_index, tokens)):
             if seq.finished:
                 continue
             seq.output_token_ids[index] = token
+            record(seq.extra, token, logprobs.get(row))
             self._num_generated += 1
             outputs.append(self._process_token(seq, token, index + 1))
         return outputs
@@ -330,8 +337,10 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, tokens: list[int], text: str,
                 finished: bool) -> RequestOutput:
+        asked = seq.params.logprobs is not None
         return RequestOutput(seq.request_id, tokens, text, finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_output_tokens, seq.error)
+                             seq.num_prompt_tokens, seq.num_output_tokens, seq.error,
+                             take(seq.extra, asked), seq.extra.get(CUMULATIVE_KEY))
 
     def _final_output(self, seq: Sequence, tokens: list[int], text: str) -> RequestOutput:
         with self._lock:
