@@ -104,7 +104,7 @@ def grpc_inputs(values: dict[str, Any]) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def _chunk_from_result(result: Any) -> Chunk:
+def chunk_from_result(result: Any) -> Chunk:
     def get(name: str) -> np.ndarray | None:
         return result.as_numpy(name)
 
@@ -145,7 +145,7 @@ def stream_grpc_values(
                 raise ClientError(error.message() if hasattr(error, "message") else str(error))
             final = _is_final(result)
             if result.get_response().outputs:
-                yield _chunk_from_result(result)
+                yield chunk_from_result(result)
             if final:
                 return
     finally:
