@@ -15,6 +15,7 @@ import pytest
 
 from client import Chunk
 
+pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 12
 
