@@ -22,8 +22,9 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 # fields accepted only at OpenAI's neutral value (the engine does not implement them)
 NEUTRAL_FIELDS = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1}
+# ignore_eos: an extension that vLLM's and Triton's OpenAI servers accept too
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop",
-                           "stream", "stream_options", "logit_bias"})
+                           "stream", "stream_options", "logit_bias", "ignore_eos"})
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -172,8 +173,9 @@ def _sampling_inputs(data: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     temperature = _number(data, "temperature", 0.0, MAX_TEMPERATURE, lo_open=False)
     top_p = _number(data, "top_p", 0.0, 1.0, lo_open=True)
     seed = _int(data, "seed", 0)
+    ignore_eos = _bool(data, "ignore_eos") or None
     for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed),
-                        ("stop", _stop(data))):
+                        ("stop", _stop(data)), ("ignore_eos", ignore_eos)):
         if value is not None:
             inputs[name] = value
     return inputs

@@ -6,11 +6,7 @@ client that disconnects cancels its request on the server."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,41 +16,12 @@ import requests
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 60.0
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def api_url(triton_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("openai_api") / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "client.openai_api", "--port", str(port),
-                                 "--triton-url", triton_server.grpc_url], cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://localhost:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    try:
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"OpenAI server did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(api_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0)
+def client(openai_api: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{openai_api}/v1", api_key="unused", max_retries=0)
 
 
 def mostly_upper(text: str) -> bool:
@@ -146,9 +113,9 @@ def triton_requests(triton_server: Any) -> float:
                if line.startswith("slora_requests_total{"))
 
 
-def test_bad_bodies_refused_here(api_url: str, triton_server: Any) -> None:
+def test_bad_bodies_refused_here(openai_api: str, triton_server: Any) -> None:
     before = triton_requests(triton_server)
-    url = f"{api_url}/v1/chat/completions"
+    url = f"{openai_api}/v1/chat/completions"
     deep = '{"model": "slora", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
     huge = json.dumps({"model": "slora", "messages": [{"role": "user",
                                                         "content": "x" * (2 << 20)}]})
@@ -163,7 +130,7 @@ def test_bad_bodies_refused_here(api_url: str, triton_server: Any) -> None:
     assert triton_requests(triton_server) == before  # nothing reached the model
 
 
-def test_disconnect_cancels_on_server(api_url: str, triton_server: Any) -> None:
+def test_disconnect_cancels_on_server(openai_api: str, triton_server: Any) -> None:
     def count(outcome: str) -> float:
         text = requests.get(triton_server.metrics_url, timeout=10).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -173,7 +140,7 @@ def test_disconnect_cancels_on_server(api_url: str, triton_server: Any) -> None:
     cancelled = count("cancelled")
     body = {"model": "slora", "prompt": "Count: 1, 2, 3, 4,", "max_tokens": 2000,
             "temperature": 0, "stream": True}
-    with requests.post(f"{api_url}/v1/completions", json=body, stream=True, timeout=60) as r:
+    with requests.post(f"{openai_api}/v1/completions", json=body, stream=True, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith(b"data: ")
         next(lines)
