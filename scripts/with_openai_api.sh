@@ -31,10 +31,13 @@ SERVER_PID=$!
     --triton-url "localhost:$GRPC") &
 API_PID=$!
 
-trap 'kill -TERM "$SERVER_PID" 2>/dev/null || true' INT TERM
+# a trapped signal ends `wait` early: wait again for the server's own exit status
+interrupted=0
+trap 'interrupted=1; kill -TERM "$SERVER_PID" 2>/dev/null || true' INT TERM
 rc=0
 wait "$SERVER_PID" || rc=$?
-while kill -0 "$SERVER_PID" 2>/dev/null; do  # a signal interrupted `wait`: it is stopping
+while ((interrupted)); do
+    interrupted=0
     rc=0
     wait "$SERVER_PID" || rc=$?
 done

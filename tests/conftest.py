@@ -147,16 +147,14 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
         _stop(proc)
 
 
-@pytest.fixture(scope="session")
-def openai_api(triton_server: TritonServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The OpenAI API server (python -m client.openai_api) in front of `triton_server`, on a
-    free port: its base URL (http://localhost:PORT)."""
+@contextlib.contextmanager
+def openai_api_server(grpc_url: str, log: Path, *args: str) -> Iterator[str]:
+    """`python -m client.openai_api ARGS` in front of the Triton server at grpc_url, on a
+    free port, until the block ends: its base URL (http://localhost:PORT)."""
     (port,) = free_ports(1)
-    log = tmp_path_factory.mktemp("openai_api") / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "client.openai_api", "--port", str(port),
-                                 "--triton-url", triton_server.grpc_url], cwd=REPO_ROOT,
+                                 "--triton-url", grpc_url, *args], cwd=REPO_ROOT,
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://localhost:{port}"
     deadline = time.monotonic() + OPENAI_READY_TIMEOUT_S
@@ -169,3 +167,25 @@ def openai_api(triton_server: TritonServer,
     finally:
         proc.terminate()
         proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def openai_api(triton_server: TritonServer,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The OpenAI API server in front of `triton_server`: its base URL."""
+    log = tmp_path_factory.mktemp("openai_api") / "server.log"
+    with openai_api_server(triton_server.grpc_url, log) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def openai_api_factory(tmp_path_factory: pytest.TempPathFactory
+                       ) -> Callable[..., contextlib.AbstractContextManager[str]]:
+    """Another OpenAI API server with other flags: `with openai_api_factory(grpc_url,
+    "--max-in-flight", "1") as url:`."""
+
+    def factory(grpc_url: str, *args: str) -> contextlib.AbstractContextManager[str]:
+        log = tmp_path_factory.mktemp("openai_api") / "server.log"
+        return openai_api_server(grpc_url, log, *args)
+
+    return factory

@@ -44,6 +44,10 @@ def test_api_runs_next_to_the_server_and_stops_with_it() -> None:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         assert _health(port) == 503
+        r = requests.post(f"http://localhost:{port}/v1/completions", timeout=30,
+                          json={"model": "slora", "prompt": "Hi"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert f"localhost:{grpc}" in r.json()["error"]["message"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 3  # the server command's own exit status
         assert _health(port) is None

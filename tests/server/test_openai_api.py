@@ -130,21 +130,46 @@ def test_bad_bodies_refused_here(openai_api: str, triton_server: Any) -> None:
     assert triton_requests(triton_server) == before  # nothing reached the model
 
 
-def test_disconnect_cancels_on_server(openai_api: str, triton_server: Any) -> None:
-    def count(outcome: str) -> float:
-        text = requests.get(triton_server.metrics_url, timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("slora_requests_total{")
-                   and f'outcome="{outcome}"' in line)
+def count(triton_server: Any, outcome: str) -> float:
+    text = requests.get(triton_server.metrics_url, timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("slora_requests_total{") and f'outcome="{outcome}"' in line)
 
-    cancelled = count("cancelled")
-    body = {"model": "slora", "prompt": "Count: 1, 2, 3, 4,", "max_tokens": 2000,
-            "temperature": 0, "stream": True}
-    with requests.post(f"{openai_api}/v1/completions", json=body, stream=True, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith(b"data: ")
-        next(lines)
+
+def wait_cancelled(triton_server: Any, target: float) -> None:
     deadline = time.monotonic() + 30
-    while count("cancelled") < cancelled + 1:
+    while count(triton_server, "cancelled") < target:
         assert time.monotonic() < deadline, "the server never cancelled the request"
         time.sleep(0.2)
+
+
+LONG = {"model": "slora", "prompt": "Count: 1, 2, 3, 4,", "max_tokens": 2000,
+        "temperature": 0, "ignore_eos": True}
+
+
+def test_disconnect_cancels_on_server(openai_api: str, triton_server: Any) -> None:
+    cancelled = count(triton_server, "cancelled")
+    with requests.post(f"{openai_api}/v1/completions", json={**LONG, "stream": True},
+                       stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: ")
+    wait_cancelled(triton_server, cancelled + 1)
+    with pytest.raises(requests.ReadTimeout):  # not streaming: the client gives up waiting
+        requests.post(f"{openai_api}/v1/completions", json=LONG, timeout=(10, 1.5))
+    wait_cancelled(triton_server, cancelled + 2)
+
+
+def test_overload_429(triton_server: Any, openai_api_factory: Any) -> None:
+    with openai_api_factory(triton_server.grpc_url, "--max-in-flight", "1") as url:
+        cancelled = count(triton_server, "cancelled")
+        with requests.post(f"{url}/v1/completions", json={**LONG, "stream": True},
+                           stream=True, timeout=60) as first:
+            lines = first.iter_lines()  # kept: dropping it would close the connection
+            assert next(lines).startswith(b"data: ")
+            r = requests.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 2},
+                              timeout=30)
+            assert r.status_code == 429
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        wait_cancelled(triton_server, cancelled + 1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="slora", prompt="Hi", max_tokens=2).usage
