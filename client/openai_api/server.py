@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from client.openai_api.protocol import (
 )
 from client.openai_api.triton import TritonLink
 
+log = logging.getLogger("openai_api")
 OWNER = "slora"
 DONE = b"data: [DONE]\n\n"
 
@@ -83,6 +85,12 @@ class OpenAIServer:
                 raise
             err = ApiError(exc.status, exc.reason or "error", None, None)
             return web.json_response(err.body(), status=exc.status)
+        except ConnectionResetError:  # the client went away mid-stream: nobody to answer
+            raise
+        except Exception as exc:  # a bug: answer it, keep serving the others
+            log.exception("request %s failed", request.path)
+            err = ApiError(500, f"internal error: {exc!r}", None, "internal", "server_error")
+            return web.json_response(err.body(), status=500)
 
     # ---------------------------------------------------------------- models
     async def _model_ids(self) -> list[str]:
