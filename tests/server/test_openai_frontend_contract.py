@@ -95,6 +95,26 @@ def test_vllm_return_flags(srv: Any) -> None:
     assert chunk.finish_reason in ("stop", "length")
 
 
+def test_frontend_completion_request_with_echo(srv: Any) -> None:
+    """A /v1/completions request (its schema's defaults, best_of from older frontends, an int
+    `logprobs`, echo -> exclude_input_in_output false), sampled with a seed."""
+    prompt = "Once upon a time"
+    sampling = {"best_of": 1, "frequency_penalty": 0, "ignore_eos": True, "n": 1,
+                "presence_penalty": 0, "temperature": 1, "top_p": 1, "seed": 7,
+                "max_tokens": 6, "logprobs": 2}
+    values = {"text_input": prompt, "stream": False, "exclude_input_in_output": False,
+              "sampling_parameters": json.dumps(sampling), "return_logprobs": True,
+              "return_num_input_tokens": True, "return_num_output_tokens": True}
+    (first,) = srv.stream_values(values)
+    (again,) = srv.stream_values(values)
+    assert first.text.startswith(prompt) and len(first.text) > len(prompt)
+    assert (first.text, first.token_ids) == (again.text, again.token_ids)  # seeded
+    assert first.num_output_tokens == len(first.token_ids) == 6
+    for token, entry in zip(first.token_ids, first.logprobs):
+        ranks = sorted(d["rank"] for d in entry.values())
+        assert ranks[:2] == [1, 2] and str(token) in entry  # top-2 plus the sampled one
+
+
 def test_frontend_unsupported_values_refused(srv: Any) -> None:
     values = frontend_chat_request("Hi", False, None, None)
     values["sampling_parameters"] = json.dumps({"n": 2, "max_tokens": 4})
