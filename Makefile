@@ -1,5 +1,6 @@
 # S-LoRA on Triton: setup, serve, test, load test.
 #   make serve     setup, then tritonserver in the foreground (HTTP 8000, gRPC 8001, metrics 8002)
+#                  and the OpenAI API next to it (OPENAI_PORT 9000; OPENAI_PORT=0: off)
 #   make test      setup, then ruff + the whole pytest suite
 #   make loadtest  setup, then the Locust suite against a running server
 #   make setup     only the setup (venv, tritonserver, default model); idempotent (stamp files)
@@ -20,6 +21,7 @@ MODEL_STAMP := $(MODEL_DIR)/model.safetensors
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?= 9000
 
 SCENARIO ?= chat
 DURATION ?= 30s
@@ -36,7 +38,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 .PHONY: help setup serve test lint loadtest adapters clean
 
 help:
-	@sed -n '2,7p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,8p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(VENV_STAMP) $(TRITON_STAMP) $(MODEL_STAMP)
 
@@ -61,7 +63,8 @@ $(MODEL_STAMP): | $(VENV_STAMP)
 	$(PY) scripts/prepare_model.py --out $(MODEL_DIR)
 
 serve: setup
-	exec scripts/tritonserver.sh --model-repository model_repository \
+	OPENAI_PORT=$(OPENAI_PORT) exec scripts/with_openai_api.sh \
+		scripts/tritonserver.sh --model-repository model_repository \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 lint: $(VENV_STAMP)

@@ -76,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--sync-too", action="store_true",
                    help="then base and LoRA resident again with async scheduling off")
+    p.add_argument("--logprobs-too", type=int, default=None, metavar="K",
+                   help="then LoRA resident again with every request asking for logprobs "
+                        "with K alternatives (the cost of computing them in the step)")
     args = p.parse_args()
     if args.quick:
         args.num_requests, args.num_adapters = 20, 8
@@ -128,13 +131,15 @@ def make_requests(args: argparse.Namespace, adapters: list[str], vocab: int) -> 
 PHASE_BATCHES = (("decode 1-31", 31), ("decode 32-127", 127), ("decode 128+", 1 << 30))
 
 
-def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str) -> dict:
+def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
+        logprobs: int | None = None) -> dict:
     """All requests queued at once; wall time until the last one finishes."""
     sync(engine.config.device)
     compiled = compiled_kernels()
     t0 = time.perf_counter()
     for i, r in enumerate(requests):
-        params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0)
+        params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0,
+                                logprobs=logprobs)
         engine.add_request(f"{tag}-{i}", prompt_token_ids=r["prompt"], params=params,
                            adapter_id=r["adapter"] if with_adapters else None)
     tokens = finished = steps = 0
@@ -235,9 +240,13 @@ def main() -> None:
             engine.async_scheduling = False
             results["base_sync"] = run(engine, requests, False, "base_sync")
             results["lora_resident_sync"] = run(engine, requests, True, "lora_resident_sync")
+        if args.logprobs_too is not None:
+            results["lora_resident_logprobs"] = run(engine, requests, True, "lora_logprobs",
+                                                    logprobs=args.logprobs_too)
         engine.close()
     for base_key, cases in (("base", ("lora_cold", "lora_resident")),
-                            ("base_sync", ("lora_resident_sync",))):
+                            ("base_sync", ("lora_resident_sync",)),
+                            ("lora_resident", ("lora_resident_logprobs",))):
         for case in cases:
             if case in results:
                 cost = 100 * (1 - results[case]["output_tokens_per_s"]
@@ -253,8 +262,9 @@ def main() -> None:
 
 RUNS = (("base", "base only"), ("lora_resident", "LoRA, adapters resident"),
         ("lora_cold", "LoRA, adapters on disk"), ("base_sync", "base only,\nsync"),
-        ("lora_resident_sync", "LoRA resident,\nsync"))
-COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8da0cb", "#a6d854")
+        ("lora_resident_sync", "LoRA resident,\nsync"),
+        ("lora_resident_logprobs", "LoRA resident,\nlogprobs"))
+COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8da0cb", "#a6d854", "#e5c494")
 
 
 def plot(results: dict, path: Path) -> None:

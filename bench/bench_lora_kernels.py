@@ -33,7 +33,7 @@ Compared in the same run:
   touched adapters, 16 rows per program, pipelined like the LoRA kernels.
 
 Times: device time, median of 100 runs, each after a 256 MB L2 flush and a 0.1 ms device
-sleep that lets the host launch ahead (``slora_kernels.testing.gpu_time_us``: CUDA events; the
+sleep that lets the host launch ahead (``slora_testing.kernel_pools.gpu_time_us``: CUDA events; the
 launch overhead of the Python launchers is not in it). A second table gives the wall time per
 call of back-to-back eager calls (host overhead included, L2 warm). Each implementation is
 checked against the float64 reference first. Prints markdown tables; saves a PNG and a JSON

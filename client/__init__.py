@@ -24,7 +24,9 @@ DEFAULT_GRPC_URL = "localhost:8001"
 DEFAULT_HTTP_URL = "localhost:8000"
 DEFAULT_TIMEOUT_S = 600.0
 OUTPUT_NAMES = ("text_output", "output_ids", "finish_reason", "num_input_tokens",
-                "num_output_tokens")
+                "num_output_tokens", "logprobs", "cumulative_logprob")
+RETURN_FLAGS = ("return_logprobs", "return_cumulative_logprob", "return_finish_reason",
+                "return_num_input_tokens", "return_num_output_tokens")
 
 
 class ClientError(RuntimeError):
@@ -69,6 +71,9 @@ class Chunk:
     finish_reason: str | None
     num_input_tokens: int | None
     num_output_tokens: int | None
+    # with return_logprobs: per token {token_id: {logprob, rank, decoded_token}} (JSON)
+    logprobs: list[dict[str, dict[str, Any]]] | None = None
+    cumulative_logprob: float | None = None
 
 
 # Triton datatype and numpy dtype of each input (must match config.pbtxt).
@@ -80,6 +85,7 @@ _INPUT_TYPES: dict[str, tuple[str, Any]] = {
     "stream": ("BOOL", np.bool_), "sampling_parameters": ("BYTES", np.object_),
     "exclude_input_in_output": ("BOOL", np.bool_), "input_ids": ("INT32", np.int32),
     "command": ("BYTES", np.object_),
+    **{flag: ("BOOL", np.bool_) for flag in RETURN_FLAGS},
 }
 
 
@@ -98,18 +104,21 @@ def grpc_inputs(values: dict[str, Any]) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def _chunk_from_result(result: Any) -> Chunk:
+def chunk_from_result(result: Any) -> Chunk:
     def get(name: str) -> np.ndarray | None:
         return result.as_numpy(name)
 
     text, ids, reason = get("text_output"), get("output_ids"), get("finish_reason")
     n_in, n_out = get("num_input_tokens"), get("num_output_tokens")
+    logprobs, cumulative = get("logprobs"), get("cumulative_logprob")
     return Chunk(
         text=text.reshape(-1)[0].decode("utf-8") if text is not None else "",
         token_ids=[] if ids is None else ids.reshape(-1).tolist(),
         finish_reason=reason.reshape(-1)[0].decode() if reason is not None else None,
         num_input_tokens=None if n_in is None else int(n_in.reshape(-1)[0]),
         num_output_tokens=None if n_out is None else int(n_out.reshape(-1)[0]),
+        logprobs=None if logprobs is None else json.loads(logprobs.reshape(-1)[0]),
+        cumulative_logprob=None if cumulative is None else float(cumulative.reshape(-1)[0]),
     )
 
 
@@ -136,7 +145,7 @@ def stream_grpc_values(
                 raise ClientError(error.message() if hasattr(error, "message") else str(error))
             final = _is_final(result)
             if result.get_response().outputs:
-                yield _chunk_from_result(result)
+                yield chunk_from_result(result)
             if final:
                 return
     finally:

@@ -5,8 +5,8 @@
     LOADTEST_SCENARIO=smoke locust -f loadtest/locustfile.py --headless -u 4 -t 20s
 
 Custom options (also in the web UI form): --scenario, --scenario-profile, --overrides,
---protocol, --grpc-port, --http-port, --slo-ttft, --request-timeout, --raw-out. Headless runs
-with reports: `python -m loadtest.run` (see loadtest/run.py).
+--protocol, --grpc-port, --http-port, --openai-port, --slo-ttft, --request-timeout, --raw-out.
+Headless runs with reports: `python -m loadtest.run` (see loadtest/run.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from locust import events  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
 from loadtest import users  # noqa: E402
-from loadtest.users import GrpcStreamUser, HttpStreamUser  # noqa: E402, F401  (Locust finds them)
+from loadtest.users import (  # noqa: E402, F401  (Locust finds them)
+    GrpcStreamUser,
+    HttpStreamUser,
+    OpenAIChatUser,
+)
 
 log = logging.getLogger("loadtest")
 

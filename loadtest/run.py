@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost", help="server host (or host:httpport)")
     p.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
     p.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
+    p.add_argument("--openai-port", type=int, default=int(os.environ.get("OPENAI_PORT", 9000)),
+                   help="the OpenAI API's port (protocol openai)")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                   help="grpc | http | both (default: the scenario's)")
+                   help="grpc | http | both | openai (default: the scenario's)")
     p.add_argument("--profile", choices=PROFILES, default="cpu",
                    help="cpu (default) or paper: the scenario's [paper] values")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def wait_ready(hostname: str, http_port: int, grpc_port: int, protocol: str, model: str,
-               timeout: float) -> str | None:
+               timeout: float, openai_port: int = 9000) -> str | None:
     """None when the model answers ready on the protocols in use, else what is wrong."""
     import requests
     import tritonclient.grpc as grpcclient
@@ -109,6 +111,11 @@ def wait_ready(hostname: str, http_port: int, grpc_port: int, protocol: str, mod
                 with grpcclient.InferenceServerClient(f"{hostname}:{grpc_port}") as client:
                     if not client.is_model_ready(model, client_timeout=5):
                         raise RuntimeError(f"gRPC {hostname}:{grpc_port}: model not ready")
+            if protocol == "openai":  # its /health asks Triton whether the model is ready
+                url = f"http://{hostname}:{openai_port}/health"
+                code = requests.get(url, timeout=5).status_code
+                if code != 200:
+                    raise RuntimeError(f"GET {url} -> HTTP {code}")
             return None
         except Exception as exc:  # connection refused, not ready, ...
             problem = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "--users", str(args.users), "--spawn-rate", str(args.users),
         "--run-time", f"{args.duration}s", "--stop-timeout", f"{args.drain:g}",
         "--host", hostname, "--http-port", str(args.http_port),
-        "--grpc-port", str(args.grpc_port),
+        "--grpc-port", str(args.grpc_port), "--openai-port", str(args.openai_port),
         "--scenario", str(resolved),  # profile and overrides applied already
         "--request-timeout", f"{args.request_timeout:g}", "--raw-out", str(raw),
         "--csv", str(out / "locust"), "--csv-full-history", "--html", str(out / "report.html"),
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
           f"cv {scenario.cv:g}, {len(adapters)} adapters, {scenario.protocol}, "
           f"{args.users} users, {args.duration} s -> {out}", flush=True)
     problem = wait_ready(hostname, args.http_port, args.grpc_port, scenario.protocol,
-                         scenario.model, args.wait_ready)
+                         scenario.model, args.wait_ready, args.openai_port)
     if problem is not None:
         print(f"loadtest: server not ready ({problem}); start it with `make serve` "
               f"(or pass --host/--http-port/--grpc-port)", file=sys.stderr)

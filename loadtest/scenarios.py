@@ -39,7 +39,7 @@ except ModuleNotFoundError:  # Python 3.10 (e.g. an NGC container): the tomli ba
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
-PROTOCOLS = ("grpc", "http", "both")
+PROTOCOLS = ("grpc", "http", "both", "openai")
 POPULARITIES = ("power", "zipf", "uniform")
 PROFILES = ("cpu", "paper")
 
@@ -67,7 +67,7 @@ class ScenarioError(ValueError):
 class Scenario:
     name: str
     description: str = ""
-    protocol: str = "grpc"  # grpc | http | both (half the users each)
+    protocol: str = "grpc"  # grpc | http | both (half the users each) | openai
     model: str = "slora"
     num_adapters: int = 3  # n: distinct adapters the requests are spread over (0 = base only)
     alpha: float = 1.0  # popularity exponent (meaning depends on `popularity`)

@@ -44,6 +44,7 @@ from locust import User, task
 from locust.env import Environment
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
+from loadtest.openai_transport import OpenAITransport
 from loadtest.records import (
     INPUTS,
     Chunk,
@@ -207,6 +208,8 @@ def add_arguments(parser) -> None:
                             "at startup")
     group.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
     group.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
+    group.add_argument("--openai-port", type=int,
+                       default=int(os.environ.get("OPENAI_PORT", 9000)))
     group.add_argument("--slo-ttft", type=float, default=0.0,
                        help="TTFT SLO in seconds for the summary (default: the scenario's)")
     group.add_argument("--request-timeout", type=float, default=600.0,
@@ -242,6 +245,7 @@ class LoadRun:
     http_port: int
     grpc_port: int
     request_timeout: float
+    openai_port: int
     raw: IO[str] | None = None
     t0: float = field(default_factory=time.perf_counter)
     completed: int = 0
@@ -277,7 +281,7 @@ def start_run(environment: Environment) -> LoadRun:
     if not options.user_classes:  # classes named on the command line win over the protocol
         environment.user_classes[:] = USER_CLASSES[scenario.protocol]
     run = LoadRun(scenario, workload, hostname, http_port, grpc_port,
-                  options.request_timeout, raw)
+                  options.request_timeout, options.openai_port, raw)
     environment.slora_run = run
     log.info("scenario %s: rate %.3g req/s, cv %g, %d adapters (%s), protocol %s, "
              "http %s:%d, grpc %s:%d", scenario.name, scenario.rate, scenario.cv,
@@ -397,5 +401,14 @@ class HttpStreamUser(_SloraUser):
                              run.request_timeout)
 
 
+class OpenAIChatUser(_SloraUser):
+    """Streams each request from the OpenAI API's /v1/chat/completions (SSE)."""
+
+    protocol = "openai"
+
+    def make_transport(self, run: LoadRun) -> OpenAITransport:
+        return OpenAITransport(run.hostname, run.openai_port, run.request_timeout)
+
+
 USER_CLASSES = {"grpc": [GrpcStreamUser], "http": [HttpStreamUser],
-                "both": [GrpcStreamUser, HttpStreamUser]}
+                "both": [GrpcStreamUser, HttpStreamUser], "openai": [OpenAIChatUser]}

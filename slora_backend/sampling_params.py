@@ -11,6 +11,7 @@ from slora_backend.errors import EngineError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**64 - 1
+MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's top_logprobs bound, vLLM's default
 
 # JSON keys of Triton's vllm_backend `sampling_parameters` that are not sampling parameters:
 # the Triton model reads them itself, from_dict leaves them alone.
@@ -18,7 +19,10 @@ PASSTHROUGH_KEYS = frozenset(
     {"lora_name", "adapter_id", "stream", "chat", "exclude_input_in_output", "return_finish_reason"}
 )
 # vllm_backend accepts numbers and booleans as strings too; these say how to convert them.
-_INT_KEYS = frozenset({"max_tokens", "top_k", "seed"})
+_INT_KEYS = frozenset({"max_tokens", "top_k", "seed", "logprobs"})
+# OpenAI fields that Triton's OpenAI frontend always puts in sampling_parameters (its
+# defaults): accepted at these neutral values only, since the engine does not implement them
+NEUTRAL_KEYS = {"n": 1, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0}
 _FLOAT_KEYS = frozenset({"temperature", "top_p"})
 _BOOL_KEYS = frozenset({"ignore_eos"})
 _TRUE_STRINGS = frozenset({"true", "1", "yes"})
@@ -49,6 +53,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's `logprobs`: None = none; k = the sampled token's logprob and the k most likely
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -62,6 +68,8 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
         self._check_stop()
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
             raise EngineError.invalid("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
 
@@ -89,10 +97,21 @@ class SamplingParams:
         for key, value in d.items():
             if key in PASSTHROUGH_KEYS:
                 continue
+            if key in NEUTRAL_KEYS:
+                _check_neutral(key, value)
+                continue
             if key not in _INT_KEYS | _FLOAT_KEYS | _BOOL_KEYS | {"stop"}:
                 raise EngineError.invalid(key, "unknown sampling parameter")
             kwargs[key] = _convert(key, value)
         return cls(**kwargs)
+
+
+def _check_neutral(key: str, value: Any) -> None:
+    neutral = NEUTRAL_KEYS[key]
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != neutral:
+        raise EngineError.invalid(key, f"only {neutral} is supported, got {value!r}")
 
 
 def _convert(key: str, value: Any) -> Any:

@@ -7,14 +7,16 @@ Every refusal is an EngineError INVALID_ARG naming the offending input / JSON ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from slora_backend.errors import EngineError
+from slora_backend.logprobs import TokenLogprobs
 from slora_backend.sampling_params import SamplingParams, parse_bool
 
 InputGetter = Callable[[str], "np.ndarray | None"]
@@ -29,6 +31,9 @@ CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_STREAM = True
 DEFAULT_EXCLUDE_INPUT = True
 DEFAULT_CHAT = False
+# vllm_backend's optional output flags (Triton's OpenAI frontend sends them)
+RETURN_FLAGS = ("return_finish_reason", "return_cumulative_logprob", "return_logprobs",
+                "return_num_input_tokens", "return_num_output_tokens")
 
 
 @dataclass
@@ -43,6 +48,8 @@ class ParsedRequest:
     exclude_input_in_output: bool = DEFAULT_EXCLUDE_INPUT
     # text put before the completion when exclude_input_in_output is false
     echo_text: str = ""
+    # RETURN_FLAGS given true; return_logprobs is also implied by a `logprobs` JSON key
+    flags: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -221,12 +228,81 @@ def parse_request(get: InputGetter) -> ParsedRequest:
     if chat and text is not None:
         prompt = _chat_messages(text)
     exclude = DEFAULT_EXCLUDE_INPUT if exclude is None else exclude
+    flags = return_flags(get, data)
     return ParsedRequest(
         prompt=prompt if ids is None else None,
         prompt_token_ids=ids,
-        params=_sampling_params(get, data),
+        params=_with_logprobs(_sampling_params(get, data), flags),
         adapter_id=_adapter_id(get, data),
         stream=DEFAULT_STREAM if stream is None else stream,
         exclude_input_in_output=exclude,
         echo_text="" if exclude or text is None else text,
+        flags=flags,
     )
+
+
+def return_flags(get: InputGetter, data: dict[str, Any]) -> frozenset[str]:
+    """The RETURN_FLAGS inputs that are true. A `logprobs` key in sampling_parameters asks for
+    the `logprobs` output too, unless the `return_logprobs` input says false."""
+    flags = {name for name in RETURN_FLAGS if _one_bool(get, name)}
+    if "logprobs" in data and _one(get, "return_logprobs") is None:
+        flags.add("return_logprobs")
+    return frozenset(flags)
+
+
+def _with_logprobs(params: SamplingParams, flags: frozenset[str]) -> SamplingParams:
+    """The logprob outputs need the sampled tokens' logprobs (no alternatives unless asked)."""
+    wanted = {"return_logprobs", "return_cumulative_logprob"} & flags
+    if wanted and params.logprobs is None:
+        return dataclasses.replace(params, logprobs=0)
+    return params
+
+
+class OutputLike(Protocol):
+    """What response_tensors reads of an engine RequestOutput."""
+
+    finished: bool
+    finish_reason: str | None
+    num_input_tokens: int
+    num_output_tokens: int
+    cumulative_logprob: float | None
+
+
+def logprobs_json(logprobs: list[TokenLogprobs], decode: Callable[[int], str]) -> str:
+    """vllm_backend's `logprobs` output: per token {token_id: {logprob, rank, decoded_token}}
+    with the sampled token (its own rank) and the alternatives (ranks 1..k)."""
+    positions = []
+    for lp in logprobs:
+        entry = {str(tok): {"logprob": value, "rank": rank, "decoded_token": decode(tok)}
+                 for rank, (tok, value) in enumerate(lp.top, start=1)}
+        entry.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": lp.rank,
+                                            "decoded_token": decode(lp.token_id)})
+        positions.append(entry)
+    return json.dumps(positions)
+
+
+def response_tensors(req: ParsedRequest, out: OutputLike, text: str, token_ids: list[int],
+                     logprobs: list[TokenLogprobs] | None,
+                     decode: Callable[[int], str]) -> list[tuple[str, np.ndarray]]:
+    """One response's output tensors (README "Outputs"): `text`, `token_ids` and `logprobs`
+    are what this response carries (the new ones when streaming, all of them at the end)."""
+    # vllm_backend counts the tokens of each response (its clients sum them over a stream);
+    # without its flag, num_output_tokens is this model's running total
+    num_output = len(token_ids) if "return_num_output_tokens" in req.flags \
+        else out.num_output_tokens
+    tensors = [
+        ("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        ("output_ids", np.array(token_ids, dtype=np.int32)),
+        ("num_input_tokens", np.array([out.num_input_tokens], dtype=np.uint32)),
+        ("num_output_tokens", np.array([num_output], dtype=np.uint32)),
+    ]
+    if out.finished:
+        tensors.append(("finish_reason",
+                        np.array([(out.finish_reason or "").encode()], dtype=np.object_)))
+    if "return_logprobs" in req.flags:
+        body = logprobs_json(logprobs or [], decode)
+        tensors.append(("logprobs", np.array([body.encode("utf-8")], dtype=np.object_)))
+    if "return_cumulative_logprob" in req.flags:
+        total = out.cumulative_logprob or 0.0
+        tensors.append(("cumulative_logprob", np.array([total], dtype=np.float32)))
+    return tensors

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ STOP_TIMEOUT_S = 60.0
 POLL_S = 0.5
 LOG_TAIL_CHARS = 6000
 EXTERNAL_SERVER_ENV = "SLORA_TEST_SERVER"
+OPENAI_READY_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,16 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _ready(http_url: str) -> bool:
+def _answers(url: str) -> bool:
+    """GET url answers 200."""
     try:
-        return requests.get(f"http://{http_url}/v2/health/ready", timeout=2).status_code == 200
+        return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def _ready(http_url: str) -> bool:
+    return _answers(f"http://{http_url}/v2/health/ready")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -138,3 +145,47 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
         yield server
     finally:
         _stop(proc)
+
+
+@contextlib.contextmanager
+def openai_api_server(grpc_url: str, log: Path, *args: str) -> Iterator[str]:
+    """`python -m client.openai_api ARGS` in front of the Triton server at grpc_url, on a
+    free port, until the block ends: its base URL (http://localhost:PORT)."""
+    (port,) = free_ports(1)
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "client.openai_api", "--port", str(port),
+                                 "--triton-url", grpc_url, *args], cwd=REPO_ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://localhost:{port}"
+    deadline = time.monotonic() + OPENAI_READY_TIMEOUT_S
+    try:
+        while not _answers(f"{url}/health"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the OpenAI API server did not start:\n{log.read_text()}")
+            time.sleep(POLL_S)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def openai_api(triton_server: TritonServer,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The OpenAI API server in front of `triton_server`: its base URL."""
+    log = tmp_path_factory.mktemp("openai_api") / "server.log"
+    with openai_api_server(triton_server.grpc_url, log) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def openai_api_factory(tmp_path_factory: pytest.TempPathFactory
+                       ) -> Callable[..., contextlib.AbstractContextManager[str]]:
+    """Another OpenAI API server with other flags: `with openai_api_factory(grpc_url,
+    "--max-in-flight", "1") as url:`."""
+
+    def factory(grpc_url: str, *args: str) -> contextlib.AbstractContextManager[str]:
+        log = tmp_path_factory.mktemp("openai_api") / "server.log"
+        return openai_api_server(grpc_url, log, *args)
+
+    return factory

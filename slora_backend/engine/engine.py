@@ -24,6 +24,7 @@ from slora_backend.engine.outputs import OutputProcessor, RequestOutput, make_ou
 from slora_backend.engine.scheduler import Scheduler
 from slora_backend.engine.sequence import PLACEHOLDER, Sequence
 from slora_backend.errors import EngineError
+from slora_backend.logprobs import record
 from slora_backend.memory_pool import PagePool, PoolStorage, pages_for_bytes
 from slora_backend.model import LlamaModel, ModelSpec, UnsupportedModelError, load_model, load_spec
 from slora_backend.pages import ceil_div
@@ -202,10 +203,13 @@ class LLMEngine:
         """Write a step's tokens over their placeholders and stream them. Rows of sequences
         that ended meanwhile (stopped by their previous token, aborted) are dropped."""
         outputs = []
-        for seq, index, token in zip(result.seqs, result.output_index, result.token_ids()):
+        tokens = result.token_ids()
+        logprobs = result.token_logprobs()
+        for row, (seq, index, token) in enumerate(zip(result.seqs, result.output_index, tokens)):
             if seq.finished:
                 continue
             seq.output_token_ids[index] = token
+            record(seq, token, logprobs.get(row))
             self._num_generated += 1
             outputs.append(self._emit(seq, token, index + 1))
         return outputs

@@ -17,6 +17,7 @@ import torch
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.scheduler import SchedulerOutput
 from slora_backend.engine.sequence import PLACEHOLDER, Sequence
+from slora_backend.logprobs import StepLogprobs, TokenLogprobs, compute_logprobs, to_host
 from slora_backend.memory_pool import PoolStorage
 from slora_backend.model.batch import BatchInput, TokenFeed
 from slora_backend.model.llama import LlamaModel
@@ -40,6 +41,7 @@ class StepResult:
     ready: torch.cuda.Event | None  # None on the CPU (the copy is done)
     # per row: the index of its PLACEHOLDER in seqs[i].output_token_ids (set by the engine)
     output_index: list[int] = field(default_factory=list)
+    logprobs: StepLogprobs | None = None  # rows that asked for logprobs (host copies)
     _row_of: dict[int, int] = field(init=False, repr=False)  # id(seq) -> row, from seqs
 
     def __post_init__(self) -> None:
@@ -53,6 +55,10 @@ class StepResult:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
+
+    def token_logprobs(self) -> dict[int, TokenLogprobs]:
+        """row -> its logprobs, for the rows that asked (after token_ids(): copies done)."""
+        return {} if self.logprobs is None else self.logprobs.for_rows()
 
 
 class ModelRunner:
@@ -124,10 +130,14 @@ class ModelRunner:
             self.logits_hook([seq.request_id for seq in sampled], logits)
         tokens = self.sampler.sample_tensor(logits, [seq.params for seq in sampled],
                                             [seq.generator for seq in sampled])
-        if self.device.type == "cpu":
-            return StepResult(sampled, tokens, tokens, None)
+        logprobs = compute_logprobs(logits, tokens, [seq.params.logprobs for seq in sampled])
+        on_cpu = self.device.type == "cpu"
+        if logprobs is not None:
+            logprobs = to_host(logprobs, pinned=not on_cpu)
+        if on_cpu:
+            return StepResult(sampled, tokens, tokens, None, logprobs=logprobs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
-        return StepResult(sampled, tokens, host, ready)
+        return StepResult(sampled, tokens, host, ready, logprobs=logprobs)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from slora_backend.engine.sequence import Sequence
 from slora_backend.errors import EngineError
+from slora_backend.logprobs import TokenLogprobs, take
 
 STOP = "stop"
 LENGTH = "length"
@@ -22,6 +23,9 @@ class RequestOutput:
     num_input_tokens: int
     num_output_tokens: int
     error: EngineError | None = None
+    # only for requests whose params.logprobs is set: one entry per token of new_token_ids
+    new_logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs so far
 
 
 class OutputProcessor:
@@ -50,4 +54,5 @@ class OutputProcessor:
 
 def make_output(seq: Sequence, tokens: list[int], text: str, finished: bool) -> RequestOutput:
     return RequestOutput(seq.request_id, tokens, text, finished, seq.finish_reason,
-                         seq.num_prompt_tokens, seq.num_output_tokens, seq.error)
+                         seq.num_prompt_tokens, seq.num_output_tokens, seq.error, take(seq),
+                         seq.cumulative_logprob)

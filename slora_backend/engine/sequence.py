@@ -12,6 +12,7 @@ from slora_backend.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from slora_backend.logprobs import TokenLogprobs
     from slora_backend.tokenizer import TextStream
 
 # an output token sampled by a step still running on the device (async scheduling): the next
@@ -51,6 +52,9 @@ class Sequence:
     # RNG (None for greedy requests)
     text: TextStream | None = None
     generator: torch.Generator | None = None
+    # requests that asked for logprobs: those read back since the last output, and their sum
+    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    cumulative_logprob: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,7 +25,7 @@ from docker_files import (
     nginx_upstreams,
 )
 
-SERVER_PORTS = {"8000", "8001", "8002"}  # inside the container: HTTP, gRPC, metrics
+SERVER_PORTS = {"8000", "8001", "8002", "9000"}  # in the container: HTTP, gRPC, metrics, OpenAI
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_compose_server(compose):
                for p in i.args.split()}
     assert set(ports) == SERVER_PORTS == exposed
     make = make_variables()
-    assert (ports["8000"], ports["8001"], ports["8002"]) == (
-        make["HTTP_PORT"], make["GRPC_PORT"], make["METRICS_PORT"])
+    assert (ports["8000"], ports["8001"], ports["8002"], ports["9000"]) == (
+        make["HTTP_PORT"], make["GRPC_PORT"], make["METRICS_PORT"], make["OPENAI_PORT"])
 
 
 def test_compose_locust_runs_the_suite_against_the_server(compose):

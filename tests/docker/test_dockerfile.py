@@ -142,9 +142,10 @@ def test_dockerignore_excludes_venv_caches_results_and_git(path):
 
 def test_ports_and_health_check(instructions):
     exposed = {p for ins in _by(instructions, "EXPOSE") for p in ins.args.split()}
-    assert exposed == {"8000", "8001", "8002"}
+    assert exposed == {"8000", "8001", "8002", "9000"}  # 9000: the OpenAI API
     env = _env(instructions)
-    assert (env["HTTP_PORT"], env["GRPC_PORT"], env["METRICS_PORT"]) == ("8000", "8001", "8002")
+    assert (env["HTTP_PORT"], env["GRPC_PORT"], env["METRICS_PORT"], env["OPENAI_PORT"]) == (
+        "8000", "8001", "8002", "9000")
     (hc,) = _by(instructions, "HEALTHCHECK")
     cmd = exec_form(hc.args[hc.args.index("CMD") + 3:])
     assert cmd and cmd[-1].endswith("docker/healthcheck.py")

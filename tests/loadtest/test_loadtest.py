@@ -98,6 +98,26 @@ def test_grpc_streams_run_concurrently_under_gevent(triton_server, tmp_path):
     assert max_in_flight(records) == 4
 
 
+def test_openai_chat_user_streams_through_the_openai_api(triton_server, openai_api, tmp_path):
+    out = tmp_path / "openai"
+    port = openai_api.rsplit(":", 1)[1]
+    proc = run_loadtest(triton_server, out, "--scenario", "smoke", "--protocol", "openai",
+                        "--openai-port", port, "--duration", "8s", "--users", "3")
+    log = f"{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, log
+    records = [r for r in load_records(out) if not r["unfinished"]]
+    assert len(records) >= 3 and all(r["ok"] and r["protocol"] == "openai" for r in records)
+    assert len({r["adapter"] for r in records}) >= 2, "adapters as `model`"
+    for r in records:
+        # ignore_eos through the API: exactly max_tokens tokens (the usage event counts them);
+        # the chat template adds its tokens to the prompt
+        assert r["output_tokens"] == r["max_tokens"] and r["finish_reason"] == "length", r
+        assert r["num_input_tokens"] > r["input_tokens_target"] and 0 < r["ttft"] <= r["e2e"]
+        assert 1 <= len(r["itl"]) <= r["output_tokens"] - 1, r
+    rows = list(csv.DictReader((out / "locust_stats.csv").open()))
+    assert {row["Type"] for row in rows} >= {"TTFT", "ITL", "E2E"}
+
+
 def test_server_errors_are_locust_failures_with_the_server_message(triton_server, tmp_path):
     out = tmp_path / "errors"
     proc = run_loadtest(triton_server, out, "--scenario", "smoke", "--duration", "5s",

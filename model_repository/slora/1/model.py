@@ -35,6 +35,7 @@ from slora_backend.triton_io import (  # noqa: E402
     ParsedRequest,
     parse_command,
     parse_request,
+    response_tensors,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -63,6 +64,7 @@ class _Active:
     last_token_at: float | None = None
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # non-streaming: all tokens' logprobs
     echoed: bool = False
     # after the final response Triton frees the sender's response factory, and polling it
     # (is_cancelled) then crashes the server (use after free in the Python backend): the final
@@ -245,9 +247,11 @@ class TritonPythonModel:
         else:
             state.text.append(out.new_text)
             state.ids.extend(out.new_token_ids)
+            state.logprobs.extend(out.new_logprobs or [])
             if out.finished:
                 text = state.req.echo_text + "".join(state.text)
-                self._finish(state, self._response(text, state.ids, out))
+                self._finish(state, self._response(state.req, text, state.ids,
+                                                   state.logprobs, out))
         if out.finished:
             outcome = "success" if out.finish_reason in SUCCESS_REASONS else "cancelled"
             self._metrics.outcome[outcome].increment(1.0)
@@ -259,7 +263,7 @@ class TritonPythonModel:
         if not (text or out.new_token_ids or out.finished):
             return  # nothing new yet (e.g. half a UTF-8 character held back)
         state.echoed = True
-        response = self._response(text, out.new_token_ids, out)
+        response = self._response(state.req, text, out.new_token_ids, out.new_logprobs, out)
         if out.finished:
             self._finish(state, response)
         else:
@@ -276,18 +280,14 @@ class TritonPythonModel:
         state.last_token_at = now
         self._metrics.tokens.increment(float(n))
 
-    @staticmethod
-    def _response(text: str, ids: list[int], out: Any) -> Any:
-        tensors = [
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32)),
-            pb_utils.Tensor("num_input_tokens", np.array([out.num_input_tokens], np.uint32)),
-            pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], np.uint32)),
-        ]
-        if out.finished:
-            reason = (out.finish_reason or "").encode()
-            tensors.append(pb_utils.Tensor("finish_reason", np.array([reason], np.object_)))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+    def _response(self, req: ParsedRequest, text: str, ids: list[int], logprobs: Any,
+                  out: Any) -> Any:
+        def decode(token: int) -> str:
+            return self._engine.tokenizer.decode([token], skip_special_tokens=False)
+
+        tensors = response_tensors(req, out, text, ids, logprobs, decode)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, arr) for name, arr in tensors])
 
     @staticmethod
     def _error_response(exc: EngineError) -> Any:
