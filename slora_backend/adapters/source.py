@@ -179,7 +179,8 @@ class AdapterSource:
         try:
             return load_json(data.decode("utf-8"), MAX_CONFIG_BYTES)
         except UnicodeDecodeError as exc:
-            raise refuse(adapter_id, f"{CONFIG_FILE} is not valid JSON (not UTF-8): {exc}") from None
+            raise refuse(adapter_id, f"{CONFIG_FILE} is not valid JSON (not UTF-8): {exc}") \
+                from None
         except JsonProblem as exc:
             raise refuse(adapter_id, f"{CONFIG_FILE}: {exc}") from None
 
