@@ -31,6 +31,8 @@ DEFAULT_EXCLUDE_INPUT = True
 DEFAULT_CHAT = False
 MAX_SAMPLING_JSON_CHARS = 1 << 16  # sampling_parameters: a few keys and <= 16 stop strings
 MAX_CHAT_JSON_CHARS = 1 << 23  # chat messages; the engine bounds the prompt by tokens after
+# more token ids than any context this server can hold; bounds the conversion to Python ints
+MAX_INPUT_IDS = 1 << 20
 # where a request may name its adapter: the `adapter_id` input, then these sampling_parameters keys
 ADAPTER_JSON_KEYS = ("adapter_id", "lora_name")
 # engine argument -> the Triton input a client sent it as (errors name what the client sent)
@@ -188,12 +190,14 @@ def _input_ids(get: InputGetter) -> list[int] | None:
     arr = get("input_ids")
     if arr is None:
         return None
-    ids = [int(v) for v in np.asarray(arr).reshape(-1)]
-    if not ids:
+    flat = np.asarray(arr).reshape(-1)
+    if flat.size == 0:
         raise EngineError.invalid("input_ids", "must not be empty")
-    if min(ids) < 0:
+    if flat.size > MAX_INPUT_IDS:  # checked before any per-id work
+        raise EngineError.invalid("input_ids", f"more than {MAX_INPUT_IDS} token ids")
+    if flat.min() < 0:
         raise EngineError.invalid("input_ids", "token ids must be >= 0")
-    return ids
+    return flat.astype(np.int64).tolist()
 
 
 def submit(add_request: Callable[..., None], request_id: str, parsed: ParsedRequest) -> None:
