@@ -180,6 +180,7 @@ def assert_does_not_stall(srv: Any, values: dict[str, Any], expect: str) -> None
     time.sleep(HEAD_START_S)
     waited = probe_latency(srv)
     thread.join(RESPONSE_TIMEOUT_S)
+    print(f"probe after a hostile request: {waited:.2f} s (alone {baseline:.2f} s)")
     assert waited < baseline + STALL_SLACK_S, f"probe took {waited:.2f} s (alone {baseline:.2f})"
     assert expect in outcome.get("error", "(no answer)"), outcome
     assert_still_serving(srv)
