@@ -5,7 +5,8 @@
 # nvidia-pytriton wheel, prepared in .cache/tritonserver by scripts/get_tritonserver.sh),
 # puts the venv's bin first on PATH (the Python backend stub runs the `python3` it finds
 # there), makes the repo importable (slora_backend, slora_kernels, ...) for the stub, sets
-# LD_LIBRARY_PATH / --backend-directory as needed, and execs tritonserver with ARGS.
+# LD_LIBRARY_PATH / --backend-directory as needed, and runs tritonserver with ARGS (passing
+# SIGTERM / SIGINT on to it and to its Python backend stubs).
 #
 # Env: VENV (default <repo>/.venv), TRITON_HOME (default <repo>/.cache/tritonserver),
 #      TRITONSERVER (explicit path to a tritonserver binary, skips the search).
@@ -63,8 +64,32 @@ if [[ "$NUM_GPUS" -ge 2 && -n "$REPO_ARG" && -f "$REPO_ARG/slora/config.pbtxt" ]
     ARGS+=(--model-config-name "$CONFIG_NAME")
 fi
 
+# tritonserver does not pass SIGTERM / SIGINT on to its Python backend stubs, so the model
+# would not know that the server is stopping and its running generations would hold the stop
+# up to --exit-timeout-secs (slora_backend/shutdown_signal.py): run it as a child and pass
+# those signals on to it and to its children (the stubs).
+run_server() {
+    "$@" &
+    SERVER_PID=$!
+    trap 'forward TERM' TERM
+    trap 'forward INT' INT
+    local rc
+    while true; do
+        rc=0
+        wait "$SERVER_PID" || rc=$?
+        kill -0 "$SERVER_PID" 2>/dev/null || exit "$rc"  # still running: a trapped signal
+    done
+}
+forward() {
+    local children
+    children=$(cat /proc/"$SERVER_PID"/task/*/children 2>/dev/null || true)
+    # shellcheck disable=SC2086  # one pid per word
+    kill -s "$1" $children 2>/dev/null || true
+    kill -s "$1" "$SERVER_PID" 2>/dev/null || true
+}
+
 if [[ -n "$SYSTEM_TRITON" ]]; then
-    exec "$SYSTEM_TRITON" "${ARGS[@]}"
+    run_server "$SYSTEM_TRITON" "${ARGS[@]}"
 fi
 
 "$ROOT/scripts/get_tritonserver.sh" >/dev/null
@@ -98,4 +123,4 @@ if [[ -d "$TRITON_HOME/caches" ]]; then
     has_opt --cache-directory || EXTRA+=(--cache-directory "$TRITON_HOME/caches")
 fi
 
-exec "$TRITON_HOME/bin/tritonserver" "${EXTRA[@]}" "${ARGS[@]}"
+run_server "$TRITON_HOME/bin/tritonserver" "${EXTRA[@]}" "${ARGS[@]}"

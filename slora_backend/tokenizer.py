@@ -34,6 +34,31 @@ class Tokenizer:
         # the Rust tokenizer's decode is much cheaper than the Python wrapper; same text when no
         # clean-up of tokenization spaces is configured
         self._fast_decode = backend.decode if backend is not None and not cleanup else None
+        self.max_token_bytes = self._longest_token_bytes()
+
+    def _longest_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest token's text (special tokens included): a text of more
+        than n times this many bytes cannot tokenize to n tokens or fewer."""
+        ids = [[i] for i in range(len(self.hf))]
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is not None:
+            texts = backend.decode_batch(ids, skip_special_tokens=False)
+        else:
+            texts = self.hf.batch_decode(ids, skip_special_tokens=False)
+        return max(len(t.encode("utf-8")) for t in texts)
+
+    def check_fits(self, prompt: str | Sequence[dict[str, Any]], max_tokens: int) -> None:
+        """ValueError when the prompt's text alone cannot fit in `max_tokens` tokens; costs a
+        length count, not a tokenization (a 16 MiB prompt would take seconds to tokenize)."""
+        if isinstance(prompt, str):
+            num_bytes = len(prompt.encode("utf-8"))
+        else:
+            num_bytes = sum(len(str(m.get("content", "")).encode("utf-8")) for m in prompt
+                            if isinstance(m, dict))
+        limit = max_tokens * self.max_token_bytes
+        if num_bytes > limit:
+            raise ValueError(f"the prompt's {num_bytes} bytes cannot fit in {max_tokens} tokens "
+                             f"(at most {limit} bytes: {self.max_token_bytes} per token)")
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -53,7 +78,11 @@ class Tokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     # ---- encode / decode ----------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[dict[str, Any]]) -> list[int]:
+    def encode(self, prompt: str | Sequence[dict[str, Any]],
+               max_tokens: int | None = None) -> list[int]:
+        """Token ids; with `max_tokens`, a prompt whose text cannot fit is refused first."""
+        if max_tokens is not None:
+            self.check_fits(prompt, max_tokens)
         if isinstance(prompt, str):
             return list(self.hf(prompt)["input_ids"])
         messages = list(prompt)

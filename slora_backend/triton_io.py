@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from slora_backend.bounded_json import JsonProblem, load_json
 from slora_backend.errors import EngineError
 from slora_backend.logprobs import TokenLogprobs
 from slora_backend.sampling_params import SamplingParams, parse_bool
@@ -34,6 +35,14 @@ DEFAULT_CHAT = False
 # vllm_backend's optional output flags (Triton's OpenAI frontend sends them)
 RETURN_FLAGS = ("return_finish_reason", "return_cumulative_logprob", "return_logprobs",
                 "return_num_input_tokens", "return_num_output_tokens")
+MAX_SAMPLING_JSON_CHARS = 1 << 16  # sampling_parameters: a few keys and <= 16 stop strings
+MAX_CHAT_JSON_CHARS = 1 << 23  # chat messages; the engine bounds the prompt by tokens after
+# more token ids than any context this server can hold; bounds the conversion to Python ints
+MAX_INPUT_IDS = 1 << 20
+# where a request may name its adapter: the `adapter_id` input, then these sampling_parameters keys
+ADAPTER_JSON_KEYS = ("adapter_id", "lora_name")
+# engine argument -> the Triton input a client sent it as (errors name what the client sent)
+ENGINE_FIELD_INPUTS = {"prompt_token_ids": "input_ids", "prompt": "text_input"}
 
 
 @dataclass
@@ -102,14 +111,18 @@ def _python_scalar(name: str, value: Any) -> Any:
     raise EngineError.invalid(name, f"unexpected value {value!r}")
 
 
+def _parse_json(name: str, text: str, max_chars: int) -> Any:
+    try:
+        return load_json(text, max_chars)
+    except JsonProblem as exc:
+        raise EngineError.invalid(name, str(exc)) from None
+
+
 def _sampling_json(get: InputGetter) -> dict[str, Any]:
     text = _one_text(get, "sampling_parameters")
     if text is None or not text.strip():
         return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EngineError.invalid("sampling_parameters", f"not valid JSON: {exc}") from None
+    data = _parse_json("sampling_parameters", text, MAX_SAMPLING_JSON_CHARS)
     if not isinstance(data, dict):
         raise EngineError.invalid("sampling_parameters", "must be a JSON object")
     return data
@@ -122,16 +135,19 @@ def _json_bool(data: dict[str, Any], key: str) -> bool | None:
 
 
 def _adapter_id(get: InputGetter, data: dict[str, Any]) -> str | None:
-    """`adapter_id` input, else `adapter_id` / `lora_name` JSON keys; empty = base model."""
-    value = _one_text(get, "adapter_id")
-    if value is None:
-        for key in ("adapter_id", "lora_name"):
-            if key in data:
-                if data[key] is not None and not isinstance(data[key], str):
-                    raise EngineError.invalid(key, f"must be a string, got {data[key]!r}")
-                value = data[key]
-                break
-    return value or None
+    """The adapter named by the `adapter_id` input and/or the `adapter_id` / `lora_name` JSON
+    keys. Empty or absent everywhere = base model; names that differ are refused, so a request
+    that names an adapter is never served by another one (or by the base model)."""
+    named = {"adapter_id": _one_text(get, "adapter_id") or None}
+    for key in ADAPTER_JSON_KEYS:
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise EngineError.invalid(key, f"must be a string, got {value!r}")
+        named[f"sampling_parameters.{key}"] = value or None
+    given = {where: name for where, name in named.items() if name is not None}
+    if len(set(given.values())) > 1:
+        raise EngineError.invalid("adapter_id", f"conflicting adapter names: {given}")
+    return next(iter(given.values()), None)
 
 
 def _stop_strings(get: InputGetter) -> list[str] | None:
@@ -158,10 +174,7 @@ def _chat_messages(text: str) -> list[dict[str, str]]:
     stripped = text.strip()
     if not stripped.startswith("["):
         return [{"role": "user", "content": text}]
-    try:
-        messages = json.loads(stripped)
-    except json.JSONDecodeError as exc:
-        raise EngineError.invalid("text_input", f"chat messages: invalid JSON: {exc}") from None
+    messages = _parse_json("text_input", stripped, MAX_CHAT_JSON_CHARS)
     if not isinstance(messages, list) or not messages:
         raise EngineError.invalid("text_input", "chat messages must be a non-empty JSON list")
     for i, msg in enumerate(messages):
@@ -184,12 +197,24 @@ def _input_ids(get: InputGetter) -> list[int] | None:
     arr = get("input_ids")
     if arr is None:
         return None
-    ids = [int(v) for v in np.asarray(arr).reshape(-1)]
-    if not ids:
+    flat = np.asarray(arr).reshape(-1)
+    if flat.size == 0:
         raise EngineError.invalid("input_ids", "must not be empty")
-    if min(ids) < 0:
+    if flat.size > MAX_INPUT_IDS:  # checked before any per-id work
+        raise EngineError.invalid("input_ids", f"more than {MAX_INPUT_IDS} token ids")
+    if flat.min() < 0:
         raise EngineError.invalid("input_ids", "token ids must be >= 0")
-    return ids
+    return flat.astype(np.int64).tolist()
+
+
+def submit(add_request: Callable[..., None], request_id: str, parsed: ParsedRequest) -> None:
+    """Hand a parsed request to the engine (`EngineLoop.add_request`). Its refusals name the
+    Triton input the client sent (`input_ids`, `text_input`), not the engine's argument."""
+    try:
+        add_request(request_id, prompt=parsed.prompt, prompt_token_ids=parsed.prompt_token_ids,
+                    params=parsed.params, adapter_id=parsed.adapter_id)
+    except EngineError as exc:
+        raise exc.renamed(ENGINE_FIELD_INPUTS) from None
 
 
 def parse_command(get: InputGetter) -> ParsedCommand | None:

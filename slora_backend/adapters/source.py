@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,14 @@ from slora_backend.adapters.validation import (
     refuse,
     tensor_key,
 )
+from slora_backend.bounded_json import JsonProblem, load_json
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.model.spec import ModelSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+PROC_FD_DIR = "/proc/self/fd"  # Linux: a path that opens an already open descriptor's file
 INFO_MEMO_SIZE = 8192  # validated adapter infos kept (a few hundred bytes each)
 
 Fingerprint = tuple[int, int, int, int]  # (config mtime_ns, config size, weights mtime_ns, size)
@@ -80,6 +84,25 @@ class AdapterInfo:
 def _vanished(adapter_id: str) -> EngineError:
     """A file went away between two looks at it (the adapter is being removed or replaced)."""
     return EngineError(ErrorCode.NOT_FOUND, f"adapter '{adapter_id}' was removed while reading it")
+
+
+@contextlib.contextmanager
+def _regular_file(adapter_id: str, path: Path) -> Iterator[int]:
+    """A read-only descriptor of `path`, which must be a regular file. Opened non-blocking: a
+    FIFO would block open() and read() until someone writes to it (and hold up admission)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _vanished(adapter_id) from None
+    except OSError as exc:
+        raise refuse(adapter_id, f"cannot open {path.name}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refuse(adapter_id, f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)  # a regular file: reads never block on a writer
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class AdapterSource:
@@ -149,15 +172,17 @@ class AdapterSource:
         raise refuse(adapter_id, f"{WEIGHTS_FILE} is missing")
 
     def _read_config(self, adapter_id: str, path: Path) -> object:
-        config_path = path / CONFIG_FILE
+        with _regular_file(adapter_id, path / CONFIG_FILE) as fd:
+            data = os.read(fd, MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise refuse(adapter_id, f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
         try:
-            if config_path.stat().st_size > MAX_CONFIG_BYTES:
-                raise refuse(adapter_id, f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
-            return json.loads(config_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise _vanished(adapter_id) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise refuse(adapter_id, f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+            return load_json(data.decode("utf-8"), MAX_CONFIG_BYTES)
+        except UnicodeDecodeError as exc:
+            raise refuse(adapter_id, f"{CONFIG_FILE} is not valid JSON (not UTF-8): {exc}") \
+                from None
+        except JsonProblem as exc:
+            raise refuse(adapter_id, f"{CONFIG_FILE}: {exc}") from None
 
     def inspect(self, adapter_id: str) -> AdapterInfo:
         """Validate config and safetensors header (no weight is read); the size it will take.
@@ -189,13 +214,13 @@ class AdapterSource:
         return AdapterInfo(adapter_id, settings, nbytes, fingerprint)
 
     def _open(self, adapter_id: str, path: Path) -> Any:
-        try:
-            return safe_open(str(path / WEIGHTS_FILE), framework="pt", device="cpu")
-        except FileNotFoundError:
-            raise _vanished(adapter_id) from None
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise refuse(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") \
-                from None
+        # safetensors opens the very file checked (/proc/self/fd): no swap after the check
+        with _regular_file(adapter_id, path / WEIGHTS_FILE) as fd:
+            try:
+                return safe_open(f"{PROC_FD_DIR}/{fd}", framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise refuse(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: "
+                                         f"{exc}") from None
 
     def _check_header(self, adapter_id: str, settings: LoraSettings, handle: Any) -> None:
         header = []

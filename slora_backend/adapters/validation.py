@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+import regex
 
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.model.spec import MODULE_ORDER, ModelSpec
@@ -20,6 +23,10 @@ MAX_ADAPTER_ID_LEN = 128
 # first char alphanumeric: rules out "", ".", "..", hidden folders and leading dashes
 ADAPTER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few KiB; refuse to parse anything huge
+# a target_modules regex runs on the request path against every module name: its length and
+# its total matching time are bounded (a backtracking regex doubles its time per repetition)
+MAX_TARGET_REGEX_CHARS = 4096
+TARGET_REGEX_BUDGET_S = 0.05
 
 MODULE_PARENT = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -178,6 +185,29 @@ def _classify(what: str, matched: list[tuple[str, tuple[int, str] | None]]
     return frozenset(pair for _, pair in matched if pair is not None)
 
 
+def _regex_matches(pattern: str, names: tuple[tuple[str, tuple[int, str] | None], ...]
+                   ) -> list[tuple[str, tuple[int, str] | None]]:
+    """The names a target_modules regex fullmatches (PEFT's rule), in bounded time."""
+    if len(pattern) > MAX_TARGET_REGEX_CHARS:
+        raise _TargetProblem(f"target_modules regex is longer than {MAX_TARGET_REGEX_CHARS} "
+                             "characters")
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as exc:
+        raise _TargetProblem(f"target_modules regex {pattern!r} is invalid: {exc}") from None
+    deadline = time.monotonic() + TARGET_REGEX_BUDGET_S
+    matched = []
+    try:
+        for name, pair in names:
+            if compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 0.0)):
+                matched.append((name, pair))
+    except TimeoutError:
+        raise _TargetProblem(f"target_modules regex {pattern!r} takes longer than "
+                             f"{TARGET_REGEX_BUDGET_S} s to match the model's module names "
+                             "(catastrophic backtracking?)") from None
+    return matched
+
+
 @lru_cache(maxsize=4096)
 def _resolve_targets(targets: str | tuple[str, ...], num_layers: int
                      ) -> frozenset[tuple[int, str]]:
@@ -187,11 +217,7 @@ def _resolve_targets(targets: str | tuple[str, ...], num_layers: int
     if targets == ALL_LINEAR:
         return frozenset(pair for _, pair in names if pair is not None)
     if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise _TargetProblem(f"target_modules regex {targets!r} is invalid: {exc}") from None
-        return _classify(f"regex {targets!r}", [(n, p) for n, p in names if pattern.fullmatch(n)])
+        return _classify(f"regex {targets!r}", _regex_matches(targets, names))
     pairs: set[tuple[int, str]] = set()
     for target in targets:
         pairs |= _classify(repr(target), [(n, p) for n, p in names if _matches(target, n)])

@@ -61,8 +61,8 @@ class Admission:
                 raise EngineError.invalid("prompt_token_ids", f"must be integers in [0, {vocab})")
         elif isinstance(prompt, str) or (isinstance(prompt, list) and prompt):
             try:
-                ids = self.tokenizer.encode(prompt)
-            except ValueError as err:  # a malformed chat, or a chat for a template-less model
+                ids = self.tokenizer.encode(prompt, self.max_model_len)
+            except ValueError as err:  # too long, a malformed chat, or no chat template
                 raise EngineError.invalid("prompt", str(err)) from err
         else:
             raise EngineError.invalid("prompt", "must be a string or a non-empty list of "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from slora_backend.adapters import AdapterSource
 from slora_backend.adapters.source import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
-from slora_backend.adapters.validation import tensor_key
+from slora_backend.adapters.validation import TARGET_REGEX_BUDGET_S, tensor_key
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.model.spec import MODULE_ORDER, ModelSpec
 
@@ -257,3 +260,33 @@ def test_huge_finite_values_are_accepted(make_adapter: MakeAdapter, source: Adap
     make_adapter("huge-values", tensor_edit=edit)
     adapter = source.load("huge-values")
     assert float(adapter.weights[(0, "q_proj")][0][0, 3]) == pytest.approx(3e38)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"peft_type": "LORA", "r": ' + "9" * 5000 + "}"],
+                         ids=["deep", "huge-int"])
+def test_hostile_config_json_refused(make_adapter: MakeAdapter, source: AdapterSource,
+                                     text: str) -> None:
+    (make_adapter("hostile") / CONFIG_FILE).write_text(text)
+    with pytest.raises(EngineError, match="adapter 'hostile'") as info:
+        source.inspect("hostile")
+    assert info.value.code == ErrorCode.INVALID_ARG
+
+
+def test_backtracking_target_regex_is_bounded(make_adapter: MakeAdapter,
+                                              source: AdapterSource) -> None:
+    folder = make_adapter("regex")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**cfg, "target_modules": r"(?:.|.){0,40}\d"}))
+    start = time.monotonic()
+    with pytest.raises(EngineError, match="adapter 'regex'.*takes longer than"):
+        source.inspect("regex")
+    assert time.monotonic() - start < 20 * TARGET_REGEX_BUDGET_S  # std re: minutes
+
+
+def test_fifo_weights_refused_without_blocking(make_adapter: MakeAdapter,
+                                               source: AdapterSource) -> None:
+    folder = make_adapter("fifo")
+    (folder / WEIGHTS_FILE).unlink()
+    os.mkfifo(folder / WEIGHTS_FILE)
+    with pytest.raises(EngineError, match="adapter 'fifo'.*not a regular file"):
+        source.inspect("fifo")

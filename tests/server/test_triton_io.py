@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from slora_backend.errors import EngineError, ErrorCode
-from slora_backend.triton_io import parse_command, parse_request
+from slora_backend.triton_io import parse_command, parse_request, submit
 
 
 def getter(**values):
@@ -104,3 +104,44 @@ def test_commands() -> None:
     assert parse_command(getter(command="list_adapters")).command == "list_adapters"
     with pytest.raises(EngineError, match="'command'"):
         parse_command(getter(command="format_disk"))
+
+
+@pytest.mark.parametrize(("values", "adapter"), [
+    ({"adapter_id": "", "sampling_parameters": json.dumps({"lora_name": "x"})}, "x"),
+    ({"sampling_parameters": json.dumps({"adapter_id": "x", "lora_name": "x"})}, "x"),
+    ({"adapter_id": "x", "sampling_parameters": json.dumps({"lora_name": ""})}, "x"),
+    ({"adapter_id": "", "sampling_parameters": json.dumps({"lora_name": None})}, None),
+])
+def test_an_adapter_named_anywhere_is_used(values: dict, adapter: str | None) -> None:
+    assert parse_request(getter(text_input="hi", **values)).adapter_id == adapter
+
+
+def test_conflicting_adapter_names_are_refused() -> None:
+    sampling = json.dumps({"lora_name": "b"})
+    with pytest.raises(EngineError, match="'adapter_id'.*conflicting") as err:
+        parse_request(getter(text_input="hi", adapter_id="a", sampling_parameters=sampling))
+    assert err.value.code is ErrorCode.INVALID_ARG
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"sampling_parameters": '{"seed": ' + "[" * 5000 + "]" * 5000 + "}"},
+     "sampling_parameters"),
+    ({"sampling_parameters": '{"seed": ' + "9" * 5000 + "}"}, "sampling_parameters"),
+    ({"sampling_parameters": '{"seed": ' + "[" * 40 + "]" * 40 + "}"}, "sampling_parameters"),
+    ({"chat": True, "text_input": "[" * 100_000}, "text_input"),
+    ({"chat": True, "text_input": "[" + "1" * 5000 + "]"}, "text_input"),
+])
+def test_hostile_json_is_invalid_by_name(values: dict, field: str) -> None:
+    with pytest.raises(EngineError) as err:
+        parse_request(getter(**{"text_input": "hi", **values}))
+    assert err.value.code is ErrorCode.INVALID_ARG and f"'{field}'" in err.value.message
+
+
+def test_submit_names_the_clients_input() -> None:
+    def add_request(*args, **kwargs) -> None:
+        raise EngineError.invalid("prompt_token_ids", "must be integers in [0, 10)")
+
+    req = parse_request(getter(input_ids=[1, 99]))
+    with pytest.raises(EngineError, match="invalid 'input_ids': must be integers") as err:
+        submit(add_request, "r1", req)
+    assert err.value.field == "input_ids" and err.value.code is ErrorCode.INVALID_ARG

@@ -1,0 +1,236 @@
+"""Soak the real server: mixed load with cancels, errors and adapter churn; record the Python
+backend stub's RSS and the pool's pages over time (JSON + PNG). After warm-up both must stay
+flat (issue 17, item 7).
+
+    python bench/soak_server.py --duration 1800 --out docs/results/soak_cpu
+
+The server is scripts/tritonserver.sh on free ports with its own adapter directory: --adapters
+copies of the demo `pirate` adapter (hard links: real PEFT files, distinct ids), so the host
+cache and the pool keep loading and evicting (small max_loaded_adapters / host_cache_bytes).
+Each user thread loops over a request mix: base, adapter, cancelled after the first token, and
+refusals (bad parameter, unknown adapter, bad adapter config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from client import ClientError, stream_grpc_values  # noqa: E402
+
+DEMO_ADAPTER = REPO / "adapters" / "pirate"
+STUB_NAME = "triton_python_backend_stub"
+MIB = 1 << 20
+READY_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 60.0
+RESPONSE_TIMEOUT_S = 120.0
+# (weight, kind) of the request mix
+MIX = ((3, "base"), (4, "adapter"), (2, "cancel"), (1, "bad_param"), (1, "unknown_adapter"),
+       (1, "bad_adapter"))
+SERVER_ENV = {"SLORA_MAX_LOADED_ADAPTERS": "4", "SLORA_HOST_CACHE_BYTES": str(64 * MIB),
+              "SLORA_MAX_NUM_SEQS": "8"}
+PROMPTS = ("Why is the sky blue?", "Tell me about ships.", "Write a haiku about rain.")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def make_adapter_dir(root: Path, count: int) -> list[str]:
+    """`count` hard-linked copies of the demo adapter and one with a broken config."""
+    names = []
+    for i in range(count):
+        folder = root / f"soak-{i:04d}"
+        folder.mkdir()
+        for f in DEMO_ADAPTER.iterdir():
+            os.link(f, folder / f.name)
+        names.append(folder.name)
+    broken = root / "broken"
+    shutil.copytree(DEMO_ADAPTER, broken)
+    (broken / "adapter_config.json").write_text("[" * 50_000)
+    return names
+
+
+def request_values(kind: str, rng: random.Random, adapters: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {"text_input": rng.choice(PROMPTS), "chat": True,
+                              "max_tokens": rng.randint(4, 32), "temperature": 0.0}
+    if kind in ("adapter", "cancel"):
+        values["adapter_id"] = rng.choice(adapters)
+    elif kind == "bad_param":
+        values["top_p"] = 7.0
+    elif kind == "unknown_adapter":
+        values["adapter_id"] = "no-such-adapter"
+    elif kind == "bad_adapter":
+        values["adapter_id"] = "broken"
+    return values
+
+
+def user(grpc_url: str, adapters: list[str], seed: int, stop: threading.Event,
+         counts: dict[str, int], lock: threading.Lock) -> None:
+    rng = random.Random(seed)
+    kinds = [k for w, k in MIX for _ in range(w)]
+    while not stop.is_set():
+        kind = rng.choice(kinds)
+        outcome = "ok"
+        try:
+            for _ in stream_grpc_values(grpc_url, request_values(kind, rng, adapters),
+                                        timeout=RESPONSE_TIMEOUT_S):
+                if kind == "cancel":
+                    break  # leaving the stream cancels the request (stop_stream)
+        except ClientError:
+            outcome = "refused"
+        with lock:
+            counts[f"{kind}:{outcome}"] = counts.get(f"{kind}:{outcome}", 0) + 1
+
+
+def stub_rss(server_pid: int) -> int | None:
+    """RSS of the server's Python backend stub (a child of tritonserver)."""
+    try:
+        for proc in psutil.Process(server_pid).children(recursive=True):
+            if proc.name().startswith(STUB_NAME[:15]):
+                return proc.memory_info().rss
+    except psutil.Error:
+        return None
+    return None
+
+
+def pool_pages(metrics_url: str) -> dict[str, float]:
+    pages = {}
+    for line in requests.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("slora_pool_pages{"):
+            kind = line.split('kind="')[1].split('"')[0]
+            pages[kind] = float(line.rsplit(" ", 1)[1])
+    return pages
+
+
+def start_server(adapter_dir: Path, log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    http, grpc, metrics = free_ports(3)
+    cmd = [str(REPO / "scripts" / "tritonserver.sh"), "--model-repository",
+           str(REPO / "model_repository"), "--http-port", str(http), "--grpc-port", str(grpc),
+           "--metrics-port", str(metrics)]
+    env = {**os.environ, **SERVER_ENV, "SLORA_ADAPTER_DIR": str(adapter_dir)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+    urls = {"http": f"localhost:{http}", "grpc": f"localhost:{grpc}",
+            "metrics": f"http://localhost:{metrics}/metrics"}
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"http://{urls['http']}/v2/health/ready", timeout=2).ok:
+                return proc, urls
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server not ready; see {log}")
+
+
+def server_pid(proc: subprocess.Popen) -> int:
+    """tritonserver's pid (scripts/tritonserver.sh runs it as its child)."""
+    children = psutil.Process(proc.pid).children()
+    return children[0].pid if children else proc.pid
+
+
+def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
+    adapters = make_adapter_dir(adapter_dir, args.adapters)
+    proc, urls = start_server(adapter_dir, Path(args.out).with_suffix(".server.log"))
+    stop, lock = threading.Event(), threading.Lock()
+    counts: dict[str, int] = {}
+    users = [threading.Thread(target=user, args=(urls["grpc"], adapters, i, stop, counts, lock),
+                              daemon=True) for i in range(args.users)]
+    samples = []
+    try:
+        pid = server_pid(proc)
+        for thread in users:
+            thread.start()
+        start = time.monotonic()
+        with tqdm(total=int(args.duration), unit="s", desc="soak") as bar:
+            while (elapsed := time.monotonic() - start) < args.duration:
+                with lock:
+                    done = sum(counts.values())
+                samples.append({"t_s": round(elapsed, 1), "stub_rss_mib": (stub_rss(pid) or 0)
+                                / MIB, "pool_pages": pool_pages(urls["metrics"]),
+                                "requests": done})
+                time.sleep(args.interval)
+                bar.n = min(int(time.monotonic() - start), int(args.duration))
+                bar.refresh()
+    finally:
+        stop.set()
+        for thread in users:
+            thread.join(RESPONSE_TIMEOUT_S)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {"args": vars(args), "server_env": SERVER_ENV, "counts": counts, "samples": samples}
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = result["samples"]
+    t = [s["t_s"] / 60 for s in samples]
+    fig, (ax_rss, ax_pool) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    ax_rss.plot(t, [s["stub_rss_mib"] for s in samples])
+    ax_rss.set_ylabel("stub RSS (MiB)")
+    for kind in ("kv", "lora", "free"):
+        ax_pool.plot(t, [s["pool_pages"].get(kind, 0) for s in samples], label=kind)
+    ax_pool.set_ylabel("pool pages")
+    ax_pool.set_xlabel("minutes")
+    ax_pool.legend()
+    fig.suptitle(f"soak: {sum(result['counts'].values())} requests, "
+                 f"{result['args']['users']} users, {result['args']['adapters']} adapters")
+    fig.tight_layout()
+    fig.savefig(png)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=1800.0, help="seconds (default 30 min)")
+    parser.add_argument("--users", type=int, default=6)
+    parser.add_argument("--adapters", type=int, default=200)
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "soak_cpu"),
+                        help="output prefix: .json, .png, .server.log")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="soak-adapters-") as tmp:
+        result = soak(args, Path(tmp))
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    rss = [s["stub_rss_mib"] for s in result["samples"]]
+    print(f"requests {result['counts']}\nstub RSS MiB: first {rss[0]:.0f}, "
+          f"max {max(rss):.0f}, last {rss[-1]:.0f}")
+
+
+if __name__ == "__main__":
+    main()

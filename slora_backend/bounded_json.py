@@ -1,0 +1,52 @@
+"""The one place that parses untrusted JSON (sampling_parameters, chat messages, adapter configs).
+
+Python's json module raises RecursionError for deep nesting and ValueError for integers of more
+than 4300 digits, and its cost grows with the text: this bounds size, depth and integer length
+and turns every failure into a `JsonProblem` (a ValueError) that the caller names.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_JSON_DEPTH = 32  # the deepest legitimate document here (chat messages) is 3 levels deep
+MAX_INT_DIGITS = 40  # a seed (< 2**64) has at most 20 digits; a sign and slack on top
+
+
+class JsonProblem(ValueError):
+    """Why a JSON text was refused; the caller adds which input or file it was."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise JsonProblem(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _check_depth(value: Any) -> None:
+    """Iterative (the parse succeeded below the recursion limit, but deeper than we accept)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise JsonProblem(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, (dict, list)):
+            stack.extend((child, depth + 1) for child in children)
+
+
+def load_json(text: str, max_chars: int) -> Any:
+    """Parse `text`; JsonProblem for text over `max_chars`, bad JSON, deep nesting, huge ints."""
+    if len(text) > max_chars:
+        raise JsonProblem(f"longer than {max_chars} characters ({len(text)})")
+    try:
+        value = json.loads(text, parse_int=_parse_int)
+    except RecursionError:
+        raise JsonProblem(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except JsonProblem:
+        raise
+    except ValueError as exc:  # JSONDecodeError, or a number Python refuses
+        raise JsonProblem(f"not valid JSON: {exc}") from None
+    _check_depth(value)
+    return value
