@@ -1,10 +1,13 @@
-"""Triton Python-backend model `slora`: a thin adapter over slora_backend's EngineLoop.
+"""Triton Python-backend model `slora`: a thin adapter over the engine core process.
 
-Like Triton's vllm_backend: `initialize` builds the engine from config.pbtxt parameters and
-starts the engine loop, a response thread (fed by a queue, stopped by a marker) and a watcher
-thread (cancellation polling + metrics); `execute` validates each request and hands it to the
-engine (errors go back as a final error response) and returns None (decoupled); `finalize`
-shuts down in order. Request parsing lives in slora_backend/triton_io.py.
+`initialize` reads the engine settings from config.pbtxt parameters and starts the engine in a
+process of its own (slora_backend/serving: the stub's Triton I/O never takes the GIL from a
+step), a response thread (fed one list of outputs per engine step; a backlog is coalesced per
+request) and a watcher thread (cancellation polling in one message per round + gauges);
+`execute` validates each request and hands it to the core (errors go back as a final error
+response) and returns None (decoupled); `finalize` shuts down in order. If the core dies, the
+requests in flight end with INTERNAL and the server is told to stop (health goes not-ready).
+Request parsing lives in slora_backend/triton_io.py.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -29,7 +34,9 @@ if str(REPO_ROOT) not in sys.path:
     # normally the repo is installed (editable) in the venv; this keeps a bare checkout working
     sys.path.append(str(REPO_ROOT))
 
-from slora_backend import EngineConfig, EngineError, EngineLoop, ErrorCode, LLMEngine  # noqa: E402
+from slora_backend import EngineConfig, EngineError, ErrorCode  # noqa: E402
+from slora_backend.serving.client import EngineClient  # noqa: E402
+from slora_backend.serving.coalesce import coalesce  # noqa: E402
 from slora_backend.triton_io import (  # noqa: E402
     COMMAND_LIST_ADAPTERS,
     ParsedRequest,
@@ -152,7 +159,6 @@ class TritonPythonModel:
         elif args.get("model_instance_kind") == "CPU":
             config = dataclasses.replace(config, device="cpu")
         self.logger.log_info(f"[slora] {args['model_instance_name']}: {config}")
-        self._engine = LLMEngine(config)
         # GPU instances of one group share a name: the device label keeps their series apart
         device = f"{args['model_instance_kind'].lower()}:{args['model_instance_device_id']}"
         self._metrics = _Metrics({"model": args["model_name"],
@@ -162,8 +168,9 @@ class TritonPythonModel:
         self._ids = itertools.count()
         self._responses: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._loop = EngineLoop(self._engine, self._responses.put)
-        self._loop.start()
+        self._core = EngineClient(config, self._responses.put, self._on_core_death)
+        self.logger.log_info(f"[slora] {args['model_instance_name']}: engine core pid "
+                             f"{self._core.pid}")
         self._response_thread = threading.Thread(target=self._response_loop, name="slora-resp")
         self._watch_thread = threading.Thread(target=self._watch_loop, name="slora-watch")
         self._response_thread.start()
@@ -191,10 +198,8 @@ class TritonPythonModel:
             parsed = parse_request(get)
             with self._lock:
                 self._active[rid] = _Active(sender, parsed, time.monotonic())
-            self._loop.add_request(
-                rid, prompt=parsed.prompt, prompt_token_ids=parsed.prompt_token_ids,
-                params=parsed.params, adapter_id=parsed.adapter_id,
-            )
+            self._core.add_request(rid, parsed.prompt, parsed.prompt_token_ids, parsed.params,
+                                   parsed.adapter_id)
         except EngineError as exc:
             self._fail(rid, sender, exc)
         except Exception as exc:  # a bug must not take the server down: report it
@@ -212,21 +217,35 @@ class TritonPythonModel:
 
     def _run_command(self, command: str, sender: Any) -> None:
         if command == COMMAND_LIST_ADAPTERS:
-            body = {"available": self._engine.list_adapters(),
-                    "resident": self._engine.resident_adapters()}
+            body = {"available": self._core.call("list_adapters"),
+                    "resident": self._core.call("resident_adapters")}
             out = pb_utils.Tensor("text_output", np.array([json.dumps(body).encode()], np.object_))
             self._send(sender, pb_utils.InferenceResponse(output_tensors=[out]), FINAL)
 
     # ---------------------------------------------------------------- responses
     def _response_loop(self) -> None:
+        """One engine step's outputs at a time; steps queued meanwhile (the thread fell
+        behind) are merged per request, so a slow stream costs fewer sends, never waits."""
         while True:
-            item = self._responses.get()
-            if item is SHUTDOWN:
-                return
+            batches = [self._responses.get()]
+            while True:
+                try:
+                    batches.append(self._responses.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = SHUTDOWN in batches
             try:
-                self._on_output(item)
+                outputs = coalesce(b for b in batches if b is not SHUTDOWN)
+                for out in outputs:
+                    self._on_output(out)
+                # one counter update per batch, not per token (each is an IPC call)
+                tokens = sum(len(out.new_token_ids) for out in outputs)
+                if tokens:
+                    self._metrics.tokens.increment(float(tokens))
             except Exception:  # keep serving the other requests
                 self.logger.log_error(f"[slora] response thread: {traceback.format_exc()}")
+            if stopping:
+                return
 
     def _on_output(self, out: Any) -> None:
         with self._lock:
@@ -274,7 +293,6 @@ class TritonPythonModel:
         else:
             self._metrics.itl.observe((now - state.last_token_at) / n)
         state.last_token_at = now
-        self._metrics.tokens.increment(float(n))
 
     @staticmethod
     def _response(text: str, ids: list[int], out: Any) -> Any:
@@ -318,20 +336,40 @@ class TritonPythonModel:
             try:
                 with self._lock:
                     active = list(self._active.items())
+                cancelled = []
                 for rid, state in active:
                     with state.guard:
-                        cancelled = not state.closed and state.sender.is_cancelled()
-                    if cancelled:
-                        self._loop.abort(rid)
-                self._metrics.refresh(self._engine.stats())
+                        if not state.closed and state.sender.is_cancelled():
+                            cancelled.append(rid)
+                self._core.abort(cancelled)  # one message for the round
+                stats = self._core.stats()
+                if stats is not None:
+                    self._metrics.refresh(stats)
             except Exception:
                 self.logger.log_error(f"[slora] watcher: {traceback.format_exc()}")
+
+    # ---------------------------------------------------------------- core death
+    def _on_core_death(self, reason: str) -> None:
+        """The engine core died: end every request in flight with INTERNAL, then stop the
+        server. Triton 2.51 offers a Python model no way to mark itself not ready (a dead
+        stub stays 'ready', each request failing), so SIGTERM to tritonserver (the stub's
+        parent) is what turns /v2/health/ready to not-ready and lets an orchestrator restart
+        the server (docs/DESIGN.md "Serving path")."""
+        self.logger.log_error(f"[slora] {reason}: failing the requests in flight")
+        with self._lock:
+            leftover = list(self._active.values())
+            self._active.clear()
+        for state in leftover:
+            self._metrics.outcome["error"].increment(1.0)
+            self._finish(state, self._error_response(EngineError(ErrorCode.INTERNAL, reason)))
+        self.logger.log_error("[slora] stopping tritonserver: the engine core is gone")
+        os.kill(os.getppid(), signal.SIGTERM)
 
     # ---------------------------------------------------------------- shutdown
     def finalize(self) -> None:
         """Ordered: stop the engine (aborts all, delivers 'cancelled'), drain, join threads."""
         self.logger.log_info("[slora] finalize: shutting down the engine")
-        self._loop.shutdown()
+        self._core.shutdown()
         self._stop.set()
         self._watch_thread.join()
         self._responses.put(SHUTDOWN)
