@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-requests", type=int)
     p.add_argument("--out", type=Path, help="folder for the JSON summary and the server log")
     p.add_argument("--skip-engine", action="store_true", help="only the served runs")
+    p.add_argument("--repositories", default=str(REPO / "model_repository"),
+                   help="comma-separated model repositories, served one after the other "
+                        "(A/B: e.g. one holding an older model.py)")
     p.add_argument("--server-only-env", default="",
                    help="extra SLORA_*=V settings for the server alone (A/B runs), comma-separated")
     args = p.parse_args()
@@ -216,14 +219,15 @@ def server_env(settings: dict, extra: str) -> dict[str, str]:
     return {**os.environ, **env}
 
 
-def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(env: dict[str, str], log: Path,
+                 repository: Path) -> tuple[subprocess.Popen, str, str]:
     """scripts/tritonserver.sh on free ports; (process, gRPC url, HTTP url) once ready."""
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import free_ports  # one definition of "free ports"
 
     http, grpc, metrics = free_ports(3)
     cmd = [str(REPO / "scripts" / "tritonserver.sh"), "--model-repository",
-           str(REPO / "model_repository"), "--http-port", str(http), "--grpc-port", str(grpc),
+           str(repository), "--http-port", str(http), "--grpc-port", str(grpc),
            "--metrics-port", str(metrics), "--exit-timeout-secs", "10"]
     if env.get("TRITON_BACKENDS"):  # the GPU host (../shared/device/gpu-setup.sh)
         cmd += ["--backend-directory", env["TRITON_BACKENDS"]]
@@ -254,7 +258,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def run_served(url: str, args: argparse.Namespace, adapters: list[str], adapter_dir: Path,
-               concurrency: int, stream: bool, warmup: bool) -> Figures:
+               concurrency: int, stream: bool, warmup: bool, label: str) -> Figures:
     preset = PRESETS[args.preset]
     argv = ["--url", url, "--concurrency", str(concurrency), "--num-requests",
             str(args.num_requests), "--max-tokens", str(preset["max_tokens"]),
@@ -266,13 +270,13 @@ def run_served(url: str, args: argparse.Namespace, adapters: list[str], adapter_
     s = client_bench.run(client_bench.parse_args(argv))
     if s.failed or s.errors or s.wrong_length:
         raise RuntimeError(f"served run c={concurrency} stream={stream} failed: {s.errors}")
-    return Figures("served", concurrency, stream, s.elapsed_s, s.requests_per_s,
+    return Figures(f"served {label}", concurrency, stream, s.elapsed_s, s.requests_per_s,
                    s.output_tokens_per_s, s.tpot_s.get("p50"), s.ttft_s.get("p50"), s.completed)
 
 
 def report(engine: dict[int, Figures], served: list[Figures]) -> list[str]:
-    fmt = "{:>6} {:>8} | {:>8} {:>10} {:>9} | {:>8} {:>10} {:>9} | {:>6} {:>6}"
-    lines = [fmt.format("conc", "mode", "eng r/s", "eng tok/s", "eng TPOT", "srv r/s",
+    fmt = "{:>24} {:>5} {:>6} | {:>7} {:>9} {:>8} | {:>7} {:>9} {:>8} | {:>5} {:>6}"
+    lines = [fmt.format("served by", "conc", "mode", "eng r/s", "eng tok/s", "eng TPOT", "srv r/s",
                         "srv tok/s", "srv TPOT", "ratio", "TPOT x")]
     for s in served:
         e = engine.get(s.concurrency)
@@ -281,7 +285,7 @@ def report(engine: dict[int, Figures], served: list[Figures]) -> list[str]:
                   else "-")
         ms = lambda v: f"{1e3 * v:.1f}ms" if v else "-"  # noqa: E731
         lines.append(fmt.format(
-            s.concurrency, "stream" if s.stream else "no-str",
+            s.how.removeprefix("served ")[-24:], s.concurrency, "stream" if s.stream else "no-str",
             f"{e.requests_per_s:.1f}" if e else "-", f"{e.output_tokens_per_s:.0f}" if e else "-",
             ms(e.tpot_p50_s) if e else "-", f"{s.requests_per_s:.1f}",
             f"{s.output_tokens_per_s:.0f}", ms(s.tpot_p50_s), ratio, tpot_x))
@@ -302,20 +306,23 @@ def main() -> int:
         settings = {**preset["engine"], "model": str(model_dir), "adapter_dir": str(adapter_dir)}
         engine = {} if args.skip_engine else run_in_process(
             settings, reqs, preset["max_tokens"], sorted({c for c, _ in modes}))
-        proc, grpc_url, _ = start_server(server_env(settings, args.server_only_env),
-                                         out / "server.log")
-        try:
-            served = [run_served(grpc_url, args, adapters, adapter_dir, c, stream, i == 0)
-                      for i, (c, stream) in enumerate(modes)]
-        finally:
-            stop_server(proc)
+        served = []
+        for n, repository in enumerate(Path(r) for r in args.repositories.split(",")):
+            proc, grpc_url, _ = start_server(server_env(settings, args.server_only_env),
+                                             out / f"server{n}.log", repository)
+            try:
+                served += [run_served(grpc_url, args, adapters, adapter_dir, c, stream, i == 0,
+                                      f"{n}:{repository.parent.name}")
+                           for i, (c, stream) in enumerate(modes)]
+            finally:
+                stop_server(proc)
     lines = report(engine, served)
     print("\n".join(lines))
     (out / "served_vs_engine.json").write_text(json.dumps(
         {"preset": args.preset, "requests": args.num_requests, "settings": preset,
          "in_process": [asdict(f) for f in engine.values()],
          "served": [asdict(f) for f in served], "table": lines}, indent=2) + "\n")
-    print(f"results: {out / 'served_vs_engine.json'}, server log {out / 'server.log'}")
+    print(f"results: {out / 'served_vs_engine.json'}, server logs {out}/server*.log")
     return 0
 
 

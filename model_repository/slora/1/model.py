@@ -45,7 +45,11 @@ from slora_backend.triton_io import (  # noqa: E402
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-WATCH_INTERVAL_S = 0.05  # cancellation polling and gauge refresh period
+WATCH_INTERVAL_S = 0.05  # watcher period: gauge refresh, one slice of cancellation polls
+# each round polls is_cancelled() (one IPC round trip each) on one slice of the requests, so
+# a request is polled every WATCH_INTERVAL_S * CANCEL_POLL_SLICES = 200 ms; all of them every
+# 50 ms was ~10% of the stub's time at 64 streams (docs/BENCHMARKS.md)
+CANCEL_POLL_SLICES = 4
 SHUTDOWN = object()  # response-queue marker
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
@@ -67,6 +71,7 @@ class _Active:
     sender: Any
     req: ParsedRequest
     arrival: float
+    poll_slice: int  # the watcher round (mod CANCEL_POLL_SLICES) that polls is_cancelled()
     last_token_at: float | None = None
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
@@ -189,7 +194,8 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
-        rid = f"{request.request_id() or 'req'}-{next(self._ids)}"
+        number = next(self._ids)
+        rid = f"{request.request_id() or 'req'}-{number}"
         try:
             command = parse_command(get)
             if command is not None:
@@ -197,7 +203,8 @@ class TritonPythonModel:
                 return
             parsed = parse_request(get)
             with self._lock:
-                self._active[rid] = _Active(sender, parsed, time.monotonic())
+                self._active[rid] = _Active(sender, parsed, time.monotonic(),
+                                            number % CANCEL_POLL_SLICES)
             self._core.add_request(rid, parsed.prompt, parsed.prompt_token_ids, parsed.params,
                                    parsed.adapter_id)
         except EngineError as exc:
@@ -332,10 +339,13 @@ class TritonPythonModel:
     # ---------------------------------------------------------------- watcher
     def _watch_loop(self) -> None:
         """Abort requests whose client cancelled / disconnected; refresh gauges."""
-        while not self._stop.wait(WATCH_INTERVAL_S):
+        for rounds in itertools.count():
+            if self._stop.wait(WATCH_INTERVAL_S):
+                return
             try:
                 with self._lock:
-                    active = list(self._active.items())
+                    active = [(rid, state) for rid, state in self._active.items()
+                              if state.poll_slice == rounds % CANCEL_POLL_SLICES]
                 cancelled = []
                 for rid, state in active:
                     with state.guard:
