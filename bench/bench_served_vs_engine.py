@@ -20,19 +20,21 @@ Modes are `C` (streaming) or `Cns` (non-streaming), e.g. `--modes 256,256ns,32`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import requests
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,11 +58,13 @@ PRESETS = {
                        "max_num_batched_tokens": 4096, "pool_fraction": 0.8,
                        "max_loaded_adapters": 128},
             "adapters": 100, "requests": 600, "input_tokens": 128, "max_tokens": 128,
-            "modes": "256,256ns,32", "procs": 8},
+            "modes": "256,256ns,32", "procs": 8, "engine_after": False},
     "cpu": {"engine": {"max_num_seqs": 64, "max_num_batched_tokens": 1024,
                        "max_loaded_adapters": 8},
             "adapters": 4, "requests": 256, "input_tokens": 32, "max_tokens": 32,
-            "modes": "64,64ns,16", "procs": 1},
+            # a shared 2-core host: the engine runs before and after the server, and the
+            # ratio is taken against the mean of the two
+            "modes": "64,64ns,16", "procs": 1, "engine_after": True},
 }
 
 
@@ -222,9 +226,6 @@ def server_env(settings: dict, extra: str) -> dict[str, str]:
 def start_server(env: dict[str, str], log: Path,
                  repository: Path) -> tuple[subprocess.Popen, str, str]:
     """scripts/tritonserver.sh on free ports; (process, gRPC url, HTTP url) once ready."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import free_ports  # one definition of "free ports"
-
     http, grpc, metrics = free_ports(3)
     cmd = [str(REPO / "scripts" / "tritonserver.sh"), "--model-repository",
            str(repository), "--http-port", str(http), "--grpc-port", str(grpc),
@@ -237,13 +238,25 @@ def start_server(env: dict[str, str], log: Path,
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if requests.get(f"http://localhost:{http}/v2/health/ready", timeout=2).ok:
+            with urllib.request.urlopen(f"http://localhost:{http}/v2/health/ready", timeout=2):
                 return proc, f"localhost:{grpc}", f"localhost:{http}"
-        except requests.RequestException:
-            pass
-        time.sleep(POLL_S)
+        except OSError:  # refused, or 400 while models load
+            time.sleep(POLL_S)
     stop_server(proc)
     raise RuntimeError(f"tritonserver did not become ready:\n{log.read_text()[-4000:]}")
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports. As tests/conftest.py's, which this script cannot import: the
+    GPU host runs it without pytest or requests."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -272,6 +285,33 @@ def run_served(url: str, args: argparse.Namespace, adapters: list[str], adapter_
         raise RuntimeError(f"served run c={concurrency} stream={stream} failed: {s.errors}")
     return Figures(f"served {label}", concurrency, stream, s.elapsed_s, s.requests_per_s,
                    s.output_tokens_per_s, s.tpot_s.get("p50"), s.ttft_s.get("p50"), s.completed)
+
+
+def served_runs(args: argparse.Namespace, settings: dict, adapters: list[str],
+                adapter_dir: Path, modes: list[tuple[int, bool]], out: Path) -> list[Figures]:
+    """Each model repository in turn: start the server, run every mode, stop it."""
+    served = []
+    for n, repository in enumerate(Path(r) for r in args.repositories.split(",")):
+        proc, grpc_url, _ = start_server(server_env(settings, args.server_only_env),
+                                         out / f"server{n}.log", repository)
+        try:
+            served += [run_served(grpc_url, args, adapters, adapter_dir, c, stream, i == 0,
+                                  f"{n}:{repository.parent.name}")
+                       for i, (c, stream) in enumerate(modes)]
+        finally:
+            stop_server(proc)
+    return served
+
+
+def mean_figures(runs: list[Figures]) -> Figures:
+    """The mean of in-process runs of one concurrency (rates and TPOT averaged)."""
+    if len(runs) == 1:
+        return runs[0]
+    mean = lambda name: sum(getattr(r, name) for r in runs) / len(runs)  # noqa: E731
+    return dataclasses.replace(
+        runs[0], elapsed_s=mean("elapsed_s"), requests_per_s=mean("requests_per_s"),
+        output_tokens_per_s=mean("output_tokens_per_s"), tpot_p50_s=mean("tpot_p50_s"),
+        ttft_p50_s=mean("ttft_p50_s"))
 
 
 def report(engine: dict[int, Figures], served: list[Figures]) -> list[str]:
@@ -304,23 +344,21 @@ def main() -> int:
         adapters = client_bench.discover_adapters(adapter_dir) + [""]
         reqs = client_bench.make_requests(args.num_requests, adapters, preset["input_tokens"], 0)
         settings = {**preset["engine"], "model": str(model_dir), "adapter_dir": str(adapter_dir)}
-        engine = {} if args.skip_engine else run_in_process(
-            settings, reqs, preset["max_tokens"], sorted({c for c, _ in modes}))
-        served = []
-        for n, repository in enumerate(Path(r) for r in args.repositories.split(",")):
-            proc, grpc_url, _ = start_server(server_env(settings, args.server_only_env),
-                                             out / f"server{n}.log", repository)
-            try:
-                served += [run_served(grpc_url, args, adapters, adapter_dir, c, stream, i == 0,
-                                      f"{n}:{repository.parent.name}")
-                           for i, (c, stream) in enumerate(modes)]
-            finally:
-                stop_server(proc)
+        concurrencies = sorted({c for c, _ in modes})
+        runs = [] if args.skip_engine else [
+            run_in_process(settings, reqs, preset["max_tokens"], concurrencies)]
+        served = served_runs(args, settings, adapters, adapter_dir, modes, out)
+        if runs and preset["engine_after"]:
+            runs.append(run_in_process(settings, reqs, preset["max_tokens"], concurrencies))
+    engine = {c: mean_figures([run[c] for run in runs]) for c in concurrencies} if runs else {}
     lines = report(engine, served)
+    lines += [f"in-process c={c}: "
+              + " / ".join(f"{run[c].output_tokens_per_s:.0f}" for run in runs)
+              + " output tok/s (before / after the server)" for c in concurrencies if len(runs) > 1]
     print("\n".join(lines))
     (out / "served_vs_engine.json").write_text(json.dumps(
         {"preset": args.preset, "requests": args.num_requests, "settings": preset,
-         "in_process": [asdict(f) for f in engine.values()],
+         "in_process_runs": [[asdict(f) for f in run.values()] for run in runs],
          "served": [asdict(f) for f in served], "table": lines}, indent=2) + "\n")
     print(f"results: {out / 'served_vs_engine.json'}, server logs {out}/server*.log")
     return 0
