@@ -332,6 +332,41 @@ def report(engine: dict[int, Figures], served: list[Figures]) -> list[str]:
     return lines
 
 
+def plot(engine: dict[int, Figures], served: list[Figures], title: str, path: Path) -> None:
+    """Output tokens/s per mode: in-process, then each served repository (% of in-process)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys((s.concurrency, s.stream) for s in served))
+    hows = list(dict.fromkeys(s.how for s in served))
+    series = [("in-process", [engine[c].output_tokens_per_s if c in engine else 0
+                              for c, _ in modes])]
+    series += [(how, [next((s.output_tokens_per_s for s in served if s.how == how
+                            and (s.concurrency, s.stream) == m), 0) for m in modes])
+               for how in hows]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(modes), 4.2))
+    for i, (label, values) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(modes))]
+        bars = ax.bar(xs, values, width, label=label)
+        for (c, _), bar in zip(modes, bars):
+            if i and c in engine and bar.get_height():
+                ratio = bar.get_height() / engine[c].output_tokens_per_s
+                ax.annotate(f"{ratio:.0%}", (bar.get_x() + bar.get_width() / 2,
+                                             bar.get_height()), ha="center", va="bottom",
+                            fontsize=8)
+    ax.set_xticks(range(len(modes)), [f"{c} {'streams' if st else 'non-streaming'}"
+                                      for c, st in modes])
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     args = parse_args()
     preset = PRESETS[args.preset]
@@ -356,6 +391,11 @@ def main() -> int:
               + " / ".join(f"{run[c].output_tokens_per_s:.0f}" for run in runs)
               + " output tok/s (before / after the server)" for c in concurrencies if len(runs) > 1]
     print("\n".join(lines))
+    try:
+        plot(engine, served, f"served vs in-process, preset {args.preset}, "
+             f"{args.num_requests} requests", out / "served_vs_engine.png")
+    except ImportError as exc:  # no matplotlib (a bare GPU image): the table is enough
+        print(f"no plot: {exc}")
     (out / "served_vs_engine.json").write_text(json.dumps(
         {"preset": args.preset, "requests": args.num_requests, "settings": preset,
          "in_process_runs": [[asdict(f) for f in run.values()] for run in runs],
