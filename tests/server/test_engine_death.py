@@ -50,7 +50,10 @@ def test_killed_engine_core_fails_requests_and_readiness(triton_server_factory,
         try:
             client.async_stream_infer("slora", grpc_inputs(LONG))
             for _ in range(TOKENS_BEFORE_KILL):
-                result, error = events.get(timeout=FIRST_TOKENS_TIMEOUT_S)
+                try:
+                    result, error = events.get(timeout=FIRST_TOKENS_TIMEOUT_S)
+                except queue.Empty:
+                    pytest.fail(f"no tokens before the kill:\n{server.log_tail()}")
                 assert error is None, error
             os.kill(int(pids[0]), signal.SIGKILL)
             deadline = time.monotonic() + ERROR_TIMEOUT_S

@@ -17,6 +17,8 @@ from slora_backend.adapters.synthetic import make_tiny_model
 from slora_backend.serving.client import EngineClient
 from slora_backend.serving.coalesce import coalesce
 
+pytestmark = pytest.mark.slow  # each test spawns an engine core process
+
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 PROMPTS = ["Once upon a time", "The sky is", "One two three"]
