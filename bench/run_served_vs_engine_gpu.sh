@@ -20,5 +20,5 @@ site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "import sys; sys.modules.update({m: None for m in ('sklearn', 'scipy')})" \
     >"$site/zz_hide_numpy2_only.pth"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 520 python3 bench/bench_served_vs_engine.py --preset gpu --tokenizer "$tok" --out "$out"
+timeout 470 python3 bench/bench_served_vs_engine.py --preset gpu --tokenizer "$tok" --out "$out"
 echo "exit $?"
