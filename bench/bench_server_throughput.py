@@ -83,8 +83,10 @@ class Summary:
     requests_per_s: float = 0.0
     output_tokens: int = 0
     output_tokens_per_s: float = 0.0
+    stream: bool = True
     ttft_s: dict = field(default_factory=dict)
     e2e_s: dict = field(default_factory=dict)
+    tpot_s: dict = field(default_factory=dict)  # per request: (end - first) / (tokens - 1)
     per_adapter: dict = field(default_factory=dict)
     client_cpu_s: float = 0.0
     server_instance_groups: list = field(default_factory=list)
@@ -110,7 +112,7 @@ def make_requests(n: int, adapters: list[str], input_tokens: int, seed: int) -> 
     return out
 
 
-def build_inputs(grpcclient, req: Request, max_tokens: int):
+def build_inputs(grpcclient, req: Request, max_tokens: int, stream: bool = True):
     import numpy as np
 
     def tensor(name, dtype, value, np_dtype):
@@ -123,7 +125,7 @@ def build_inputs(grpcclient, req: Request, max_tokens: int):
         tensor("text_input", "BYTES", [req.prompt.encode()], np.object_),
         tensor("max_tokens", "INT32", [max_tokens], np.int32),
         tensor("ignore_eos", "BOOL", [True], np.bool_),
-        tensor("stream", "BOOL", [True], np.bool_),
+        tensor("stream", "BOOL", [stream], np.bool_),
         tensor("temperature", "FP32", [0.0], np.float32),
     ]
     if req.adapter:
@@ -134,12 +136,14 @@ def build_inputs(grpcclient, req: Request, max_tokens: int):
 class StreamClient:
     """One gRPC stream with at most one request in flight."""
 
-    def __init__(self, url: str, model: str, max_tokens: int, timeout_s: float):
+    def __init__(self, url: str, model: str, max_tokens: int, timeout_s: float,
+                 stream: bool = True):
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.model = model
         self.max_tokens = max_tokens
+        self.stream = stream
         self.timeout_s = timeout_s
         self.client = grpcclient.InferenceServerClient(url=url)
         self._events: queue.Queue = queue.Queue()
@@ -148,9 +152,9 @@ class StreamClient:
     def _on_response(self, result, error):
         self._events.put((time.monotonic(), result, error))
 
-    def run(self, req: Request) -> Record:
+    def run(self, req: Request, max_tokens: int | None = None) -> Record:
         rec = Record(req.index, req.adapter, ok=False)
-        inputs = build_inputs(self._grpc, req, self.max_tokens)
+        inputs = build_inputs(self._grpc, req, max_tokens or self.max_tokens, self.stream)
         rec.start = time.monotonic()
         self.client.async_stream_infer(
             self.model, inputs, request_id=str(req.index), enable_empty_final_response=True
@@ -196,12 +200,13 @@ def _worker(args, reqs: list[Request], threads: int, counter, ready, start, resu
     Puts exactly one message on `results`: ("done", records, cpu_s) or ("error", message)."""
     clients: list[StreamClient] = []
     try:
-        clients = [StreamClient(args.url, args.model, args.max_tokens, args.request_timeout)
-                   for _ in range(threads)]
+        clients = [StreamClient(args.url, args.model, args.max_tokens, args.request_timeout,
+                                args.stream) for _ in range(threads)]
         # warm-up (untimed): one request per adapter, so that first-use costs (adapter load,
         # kernel compilation) are not in the timed window
         for adapter in (args.adapters if args.warmup else []):
-            rec = clients[0].run(Request(-1, adapter, "Warm up: say hello."))
+            rec = clients[0].run(Request(-1, adapter, "Warm up: say hello."),
+                                 args.warmup_tokens)
             if not rec.ok:
                 raise RuntimeError(f"warm-up with adapter {adapter!r} failed: {rec.error}")
     except Exception as e:
@@ -266,6 +271,9 @@ def summarize(args, records: list[Record], t0: float, cpu_s: float, errors: list
     s.output_tokens_per_s = s.output_tokens / s.elapsed_s
     s.ttft_s = percentiles([r.first - r.start for r in ok if r.first is not None])
     s.e2e_s = percentiles([r.end - r.start for r in ok])
+    s.stream = args.stream
+    s.tpot_s = percentiles([(r.end - r.first) / (r.output_tokens - 1) for r in ok
+                            if r.first is not None and r.end > r.first and r.output_tokens > 1])
     for name in args.adapters:
         mine = [r for r in ok if r.adapter == name]
         s.per_adapter[name or "<base>"] = {
@@ -366,6 +374,10 @@ def parse_args(argv=None):
     p.add_argument("--procs", type=int, default=1, help="client processes (threads inside)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--warmup-tokens", type=int, default=None,
+                   help="output tokens of each warm-up request (default --max-tokens)")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="stream: false (one response per request) instead of one per token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the JSON summary here")
     p.add_argument("--json", action="store_true", help="print the JSON summary to stdout")

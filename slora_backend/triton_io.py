@@ -207,14 +207,10 @@ def _input_ids(get: InputGetter) -> list[int] | None:
     return flat.astype(np.int64).tolist()
 
 
-def submit(add_request: Callable[..., None], request_id: str, parsed: ParsedRequest) -> None:
-    """Hand a parsed request to the engine (`EngineLoop.add_request`). Its refusals name the
-    Triton input the client sent (`input_ids`, `text_input`), not the engine's argument."""
-    try:
-        add_request(request_id, prompt=parsed.prompt, prompt_token_ids=parsed.prompt_token_ids,
-                    params=parsed.params, adapter_id=parsed.adapter_id)
-    except EngineError as exc:
-        raise exc.renamed(ENGINE_FIELD_INPUTS) from None
+def client_error(exc: EngineError) -> EngineError:
+    """An engine refusal as the client should read it: naming the Triton input the client sent
+    (`input_ids`, `text_input`), not the engine's argument (`prompt_token_ids`, `prompt`)."""
+    return exc.renamed(ENGINE_FIELD_INPUTS)
 
 
 def parse_command(get: InputGetter) -> ParsedCommand | None:

@@ -148,8 +148,6 @@ def test_hostile_adapter_config_is_invalid_by_name(hostile, adapter_dir: Path, t
 
 
 # ---------------------------------------------------------------- 3. the client's input name
-@pytest.mark.xfail(strict=True, reason="model.py must hand requests to the engine through "
-                   "triton_io.submit (issue 16 owns model.py): today it names 'prompt_token_ids'")
 def test_out_of_vocabulary_input_ids_name_input_ids(hostile) -> None:
     message = refused(hostile, {"input_ids": [1, 10**9], "max_tokens": 1})
     assert "INVALID_ARG" in message and "'input_ids'" in message, message

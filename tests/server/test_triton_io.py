@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from slora_backend.errors import EngineError, ErrorCode
-from slora_backend.triton_io import parse_command, parse_request, submit
+from slora_backend.triton_io import client_error, parse_command, parse_request
 
 
 def getter(**values):
@@ -137,11 +137,9 @@ def test_hostile_json_is_invalid_by_name(values: dict, field: str) -> None:
     assert err.value.code is ErrorCode.INVALID_ARG and f"'{field}'" in err.value.message
 
 
-def test_submit_names_the_clients_input() -> None:
-    def add_request(*args, **kwargs) -> None:
-        raise EngineError.invalid("prompt_token_ids", "must be integers in [0, 10)")
-
-    req = parse_request(getter(input_ids=[1, 99]))
-    with pytest.raises(EngineError, match="invalid 'input_ids': must be integers") as err:
-        submit(add_request, "r1", req)
-    assert err.value.field == "input_ids" and err.value.code is ErrorCode.INVALID_ARG
+def test_client_error_names_the_clients_input() -> None:
+    err = client_error(EngineError.invalid("prompt_token_ids", "must be integers in [0, 10)"))
+    assert "invalid 'input_ids': must be integers" in err.message
+    assert err.field == "input_ids" and err.code is ErrorCode.INVALID_ARG
+    other = EngineError.invalid("max_tokens", "must be >= 1")
+    assert client_error(other) is other

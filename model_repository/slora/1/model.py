@@ -1,10 +1,13 @@
-"""Triton Python-backend model `slora`: a thin adapter over slora_backend's EngineLoop.
+"""Triton Python-backend model `slora`: a thin adapter over the engine core process.
 
-Like Triton's vllm_backend: `initialize` builds the engine from config.pbtxt parameters and
-starts the engine loop, a response thread (fed by a queue, stopped by a marker) and a watcher
-thread (cancellation polling + metrics); `execute` validates each request and hands it to the
-engine (errors go back as a final error response) and returns None (decoupled); `finalize`
-shuts down in order. Request parsing lives in slora_backend/triton_io.py.
+`initialize` reads the engine settings from config.pbtxt parameters and starts the engine in a
+process of its own (slora_backend/serving: the stub's Triton I/O never takes the GIL from a
+step), a response thread (fed one list of outputs per engine step; a backlog is coalesced per
+request) and a watcher thread (cancellation polling in one message per round + gauges);
+`execute` validates each request and hands it to the core (errors go back as a final error
+response) and returns None (decoupled); `finalize` shuts down in order. If the core dies, the
+requests in flight end with INTERNAL and the server is told to stop (health goes not-ready).
+Request parsing lives in slora_backend/triton_io.py.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -29,29 +34,28 @@ if str(REPO_ROOT) not in sys.path:
     # normally the repo is installed (editable) in the venv; this keeps a bare checkout working
     sys.path.append(str(REPO_ROOT))
 
-from slora_backend import EngineConfig, EngineError, EngineLoop, ErrorCode, LLMEngine  # noqa: E402
+from slora_backend import EngineConfig, EngineError, ErrorCode  # noqa: E402
+from slora_backend.serving.client import EngineClient  # noqa: E402
+from slora_backend.serving.coalesce import coalesce  # noqa: E402
+from slora_backend.serving.metrics import TritonMetrics  # noqa: E402
+from slora_backend.tokenizer import Tokenizer  # noqa: E402
 from slora_backend.triton_io import (  # noqa: E402
     COMMAND_LIST_ADAPTERS,
     ParsedRequest,
+    client_error,
     parse_command,
     parse_request,
     response_tensors,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-WATCH_INTERVAL_S = 0.05  # cancellation polling and gauge refresh period
+WATCH_INTERVAL_S = 0.05  # watcher period: gauge refresh, one slice of cancellation polls
+# each round polls is_cancelled() (one IPC round trip each) on one slice of the requests, so
+# a request is polled every WATCH_INTERVAL_S * CANCEL_POLL_SLICES = 200 ms; all of them every
+# 50 ms was ~10% of the stub's time at 64 streams (docs/BENCHMARKS.md)
+CANCEL_POLL_SLICES = 4
 SHUTDOWN = object()  # response-queue marker
-TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
-ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 SUCCESS_REASONS = ("stop", "length")
-# EngineStats attribute -> gauge label (slora_pool_pages{kind=...})
-POOL_STATS = {"pool_pages_total": "total", "pool_pages_free": "free",
-              "pool_pages_kv": "kv", "pool_pages_lora": "lora"}
-# EngineStats.adapter_cache keys: host-RAM cache events, then pool (device) residency events
-CACHE_COUNTERS = ("hits", "misses", "loads", "load_errors", "evictions", "pool_loads",
-                  "pool_evictions")
-LOAD_SECONDS_TOTAL = "load_latency_total_s"  # EngineStats.adapter_cache: disk -> host time
-LOAD_SECONDS_MAX = "load_latency_max_s"  # slowest of the recent loads
 
 
 @dataclass
@@ -61,6 +65,7 @@ class _Active:
     sender: Any
     req: ParsedRequest
     arrival: float
+    poll_slice: int  # the watcher round (mod CANCEL_POLL_SLICES) that polls is_cancelled()
     last_token_at: float | None = None
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
@@ -71,70 +76,6 @@ class _Active:
     # send and the watcher's poll take `guard`, and `closed` stops any poll after the final send
     closed: bool = False
     guard: threading.Lock = field(default_factory=threading.Lock)
-
-
-class _Metrics:
-    """Custom metrics on Triton's metrics port (names prefixed `slora_`)."""
-
-    def __init__(self, labels: dict[str, str]) -> None:
-        fam = pb_utils.MetricFamily
-        self._families = [
-            fam("slora_requests_total", "Finished requests by outcome", fam.COUNTER),
-            fam("slora_time_to_first_token_seconds", "Time to first token", fam.HISTOGRAM),
-            fam("slora_inter_token_latency_seconds", "Time between tokens", fam.HISTOGRAM),
-            fam("slora_generated_tokens_total", "Generated tokens", fam.COUNTER),
-            fam("slora_requests", "Requests in the engine by state", fam.GAUGE),
-            fam("slora_pool_pages", "Unified pool pages by use", fam.GAUGE),
-            fam("slora_adapters_resident", "Adapters resident in the pool", fam.GAUGE),
-            fam("slora_adapter_cache_events_total", "Adapter cache events (host RAM, pool)",
-                fam.COUNTER),
-            fam("slora_preemptions_total", "Requests preempted (KV recomputed)", fam.COUNTER),
-            fam("slora_adapter_load_seconds_total", "Time spent loading adapters disk -> host",
-                fam.COUNTER),
-            fam("slora_adapter_load_seconds_max", "Slowest recent adapter load disk -> host",
-                fam.GAUGE),
-        ]
-        (outcomes, ttft, itl, tokens, reqs, pool, resident, cache, preempt, load_total,
-         load_max) = self._families
-        self.outcome = {o: outcomes.Metric(labels={**labels, "outcome": o})
-                        for o in ("success", "error", "cancelled")}
-        self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
-        self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
-        self.tokens = tokens.Metric(labels=labels)
-        self.gauges = {
-            "num_running": reqs.Metric(labels={**labels, "state": "running"}),
-            "num_waiting": reqs.Metric(labels={**labels, "state": "waiting"}),
-            "adapters_resident": resident.Metric(labels=labels),
-        }
-        for attr, kind in POOL_STATS.items():
-            self.gauges[attr] = pool.Metric(labels={**labels, "kind": kind})
-        self.counters = {c: cache.Metric(labels={**labels, "event": c}) for c in CACHE_COUNTERS}
-        self.preemptions = preempt.Metric(labels=labels)
-        self.load_seconds = load_total.Metric(labels=labels)
-        self.load_seconds_max = load_max.Metric(labels=labels)
-        self._last: dict[str, float] = {}
-
-    def refresh(self, stats: Any) -> None:
-        """Copy engine stats into gauges/counters; only values that changed cost an IPC call."""
-        for attr, gauge in self.gauges.items():
-            value = getattr(stats, attr, None)
-            if value is not None and self._last.get(attr) != value:
-                gauge.set(float(value))
-                self._last[attr] = value
-        cache = getattr(stats, "adapter_cache", None) or {}
-        slowest = cache.get(LOAD_SECONDS_MAX)
-        if slowest is not None and self._last.get(LOAD_SECONDS_MAX) != slowest:
-            self.load_seconds_max.set(float(slowest))
-            self._last[LOAD_SECONDS_MAX] = slowest
-        totals = {**cache, "num_preemptions": getattr(stats, "num_preemptions", None)}
-        metrics = {**self.counters, "num_preemptions": self.preemptions,
-                   LOAD_SECONDS_TOTAL: self.load_seconds}
-        for name, metric in metrics.items():
-            value, key = totals.get(name), "total_" + name
-            if value is not None and value > self._last.get(key, 0):
-                # the engine keeps running totals; Prometheus counters take increments
-                metric.increment(float(value - self._last.get(key, 0)))
-                self._last[key] = value
 
 
 class TritonPythonModel:
@@ -154,18 +95,20 @@ class TritonPythonModel:
         elif args.get("model_instance_kind") == "CPU":
             config = dataclasses.replace(config, device="cpu")
         self.logger.log_info(f"[slora] {args['model_instance_name']}: {config}")
-        self._engine = LLMEngine(config)
+        self._config = config
+        self._tokenizer: Tokenizer | None = None  # for logprobs' token texts (_decode_token)
         # GPU instances of one group share a name: the device label keeps their series apart
         device = f"{args['model_instance_kind'].lower()}:{args['model_instance_device_id']}"
-        self._metrics = _Metrics({"model": args["model_name"],
+        self._metrics = TritonMetrics(pb_utils, {"model": args["model_name"],
                                   "instance": args["model_instance_name"], "device": device})
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._responses: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._loop = EngineLoop(self._engine, self._responses.put)
-        self._loop.start()
+        self._core = EngineClient(config, self._responses.put, self._on_core_death)
+        self.logger.log_info(f"[slora] {args['model_instance_name']}: engine core pid "
+                             f"{self._core.pid}")
         self._response_thread = threading.Thread(target=self._response_loop, name="slora-resp")
         self._watch_thread = threading.Thread(target=self._watch_loop, name="slora-watch")
         self._response_thread.start()
@@ -184,7 +127,8 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
-        rid = f"{request.request_id() or 'req'}-{next(self._ids)}"
+        number = next(self._ids)
+        rid = f"{request.request_id() or 'req'}-{number}"
         try:
             command = parse_command(get)
             if command is not None:
@@ -192,11 +136,10 @@ class TritonPythonModel:
                 return
             parsed = parse_request(get)
             with self._lock:
-                self._active[rid] = _Active(sender, parsed, time.monotonic())
-            self._loop.add_request(
-                rid, prompt=parsed.prompt, prompt_token_ids=parsed.prompt_token_ids,
-                params=parsed.params, adapter_id=parsed.adapter_id,
-            )
+                self._active[rid] = _Active(sender, parsed, time.monotonic(),
+                                            number % CANCEL_POLL_SLICES)
+            self._core.add_request(rid, parsed.prompt, parsed.prompt_token_ids, parsed.params,
+                                   parsed.adapter_id)
         except EngineError as exc:
             self._fail(rid, sender, exc)
         except Exception as exc:  # a bug must not take the server down: report it
@@ -207,6 +150,7 @@ class TritonPythonModel:
         with self._lock:
             state = self._active.pop(rid, None)
         self._metrics.outcome["error"].increment(1.0)
+        exc = client_error(exc)
         if state is None:
             self._send(sender, self._error_response(exc), FINAL)
         else:  # the watcher may be polling this sender
@@ -214,21 +158,35 @@ class TritonPythonModel:
 
     def _run_command(self, command: str, sender: Any) -> None:
         if command == COMMAND_LIST_ADAPTERS:
-            body = {"available": self._engine.list_adapters(),
-                    "resident": self._engine.resident_adapters()}
+            body = {"available": self._core.call("list_adapters"),
+                    "resident": self._core.call("resident_adapters")}
             out = pb_utils.Tensor("text_output", np.array([json.dumps(body).encode()], np.object_))
             self._send(sender, pb_utils.InferenceResponse(output_tensors=[out]), FINAL)
 
     # ---------------------------------------------------------------- responses
     def _response_loop(self) -> None:
+        """One engine step's outputs at a time; steps queued meanwhile (the thread fell
+        behind) are merged per request, so a slow stream costs fewer sends, never waits."""
         while True:
-            item = self._responses.get()
-            if item is SHUTDOWN:
-                return
+            batches = [self._responses.get()]
+            while True:
+                try:
+                    batches.append(self._responses.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = SHUTDOWN in batches
             try:
-                self._on_output(item)
+                outputs = coalesce(b for b in batches if b is not SHUTDOWN)
+                for out in outputs:
+                    self._on_output(out)
+                # one counter update per batch, not per token (each is an IPC call)
+                tokens = sum(len(out.new_token_ids) for out in outputs)
+                if tokens:
+                    self._metrics.tokens.increment(float(tokens))
             except Exception:  # keep serving the other requests
                 self.logger.log_error(f"[slora] response thread: {traceback.format_exc()}")
+            if stopping:
+                return
 
     def _on_output(self, out: Any) -> None:
         with self._lock:
@@ -239,7 +197,7 @@ class TritonPythonModel:
             return
         if out.error is not None:
             self._metrics.outcome["error"].increment(1.0)
-            self._finish(state, self._error_response(out.error))
+            self._finish(state, self._error_response(client_error(out.error)))
             return
         self._observe_tokens(state, len(out.new_token_ids))
         if state.req.stream:
@@ -278,16 +236,19 @@ class TritonPythonModel:
         else:
             self._metrics.itl.observe((now - state.last_token_at) / n)
         state.last_token_at = now
-        self._metrics.tokens.increment(float(n))
 
     def _response(self, req: ParsedRequest, text: str, ids: list[int], logprobs: Any,
                   out: Any) -> Any:
-        def decode(token: int) -> str:
-            return self._engine.tokenizer.decode([token], skip_special_tokens=False)
-
-        tensors = response_tensors(req, out, text, ids, logprobs, decode)
+        tensors = response_tensors(req, out, text, ids, logprobs, self._decode_token)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(name, arr) for name, arr in tensors])
+
+    def _decode_token(self, token: int) -> str:
+        """A token's text for the logprobs output; the stub's own tokenizer (the engine's is
+        in the core process), loaded on the first request that asks for logprobs."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self._config.model)
+        return self._tokenizer.decode([token], skip_special_tokens=False)
 
     @staticmethod
     def _error_response(exc: EngineError) -> Any:
@@ -314,24 +275,47 @@ class TritonPythonModel:
     # ---------------------------------------------------------------- watcher
     def _watch_loop(self) -> None:
         """Abort requests whose client cancelled / disconnected; refresh gauges."""
-        while not self._stop.wait(WATCH_INTERVAL_S):
+        for rounds in itertools.count():
+            if self._stop.wait(WATCH_INTERVAL_S):
+                return
             try:
                 with self._lock:
-                    active = list(self._active.items())
+                    active = [(rid, state) for rid, state in self._active.items()
+                              if state.poll_slice == rounds % CANCEL_POLL_SLICES]
+                cancelled = []
                 for rid, state in active:
                     with state.guard:
-                        cancelled = not state.closed and state.sender.is_cancelled()
-                    if cancelled:
-                        self._loop.abort(rid)
-                self._metrics.refresh(self._engine.stats())
+                        if not state.closed and state.sender.is_cancelled():
+                            cancelled.append(rid)
+                self._core.abort(cancelled)  # one message for the round
+                stats = self._core.stats()
+                if stats is not None:
+                    self._metrics.refresh(stats)
             except Exception:
                 self.logger.log_error(f"[slora] watcher: {traceback.format_exc()}")
+
+    # ---------------------------------------------------------------- core death
+    def _on_core_death(self, reason: str) -> None:
+        """The engine core died: end every request in flight with INTERNAL, then stop the
+        server. Triton 2.51 offers a Python model no way to mark itself not ready (a dead
+        stub stays 'ready', each request failing), so SIGTERM to tritonserver (the stub's
+        parent) is what turns /v2/health/ready to not-ready and lets an orchestrator restart
+        the server (docs/DESIGN.md "Serving path")."""
+        self.logger.log_error(f"[slora] {reason}: failing the requests in flight")
+        with self._lock:
+            leftover = list(self._active.values())
+            self._active.clear()
+        for state in leftover:
+            self._metrics.outcome["error"].increment(1.0)
+            self._finish(state, self._error_response(EngineError(ErrorCode.INTERNAL, reason)))
+        self.logger.log_error("[slora] stopping tritonserver: the engine core is gone")
+        os.kill(os.getppid(), signal.SIGTERM)
 
     # ---------------------------------------------------------------- shutdown
     def finalize(self) -> None:
         """Ordered: stop the engine (aborts all, delivers 'cancelled'), drain, join threads."""
         self.logger.log_info("[slora] finalize: shutting down the engine")
-        self._loop.shutdown()
+        self._core.shutdown()
         self._stop.set()
         self._watch_thread.join()
         self._responses.put(SHUTDOWN)

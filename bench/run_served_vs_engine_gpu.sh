@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Served vs in-process throughput on the GPU host, in one device call (docs/BENCHMARKS.md):
+#   bash bench/run_served_vs_engine_gpu.sh OUT_DIR TOKENIZER_DIR [DEVICE_DIR]
+# DEVICE_DIR (default .device, carried): what ../shared/device/pack-tritonserver.sh packed,
+# plus a copy of ../shared/device/gpu-setup.sh. TOKENIZER_DIR: SmolLM2's tokenizer.json.
+# Llama-7B shape with random fp16 weights, 100 q,k,v,o adapters (ranks 8-64) + base, 600
+# requests of ~128 prompt tokens and exactly 128 output tokens; in-process at 256 and 32 in
+# flight, then the real tritonserver at 256 streams, 256 non-streaming, 32 streams.
+set -u
+out=${1:?OUT_DIR}
+tok=${2:?TOKENIZER_DIR}
+dev=${3:-.device}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# shellcheck disable=SC1091
+source "$dev/gpu-setup.sh" "$dev" >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
+# the image's scipy / scikit-learn are built for numpy 2; the stub's venv has numpy 1.26 and
+# transformers imports scikit-learn when it is present: hide both from the venv's Python
+site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import sys; sys.modules.update({m: None for m in ('sklearn', 'scipy')})" \
+    >"$site/zz_hide_numpy2_only.pth"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 470 python3 bench/bench_served_vs_engine.py --preset gpu --tokenizer "$tok" --out "$out"
+echo "exit $?"
