@@ -3,18 +3,22 @@
 Byte accounting: resident bytes + bytes reserved by loads in flight never exceed the capacity.
 A load first validates the adapter and reserves its size (evicting LRU entries, or waiting for
 other loads to finish), then reads it, so the bound holds even while loads run in parallel.
+The bytes themselves are ranges of one HostArena of that capacity (allocated once, reused): a
+range returns to the arena when its HostAdapter is evicted and no longer referenced.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from slora_backend.adapters.host_arena import HostArena, footprint
 from slora_backend.adapters.source import AdapterSource, Fingerprint, HostAdapter
 from slora_backend.adapters.validation import refuse
 from slora_backend.device import use_device
@@ -58,7 +62,9 @@ class HostCache:
         self._counters = {"hits": 0, "misses": 0, "loads": 0, "load_errors": 0, "evictions": 0}
         self._latency_total = 0.0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._cond = threading.Condition()
+        self._arena = HostArena(capacity_bytes, self.pin_memory)
+        self._live_ranges = 0  # arena ranges taken and not given back (in use or referenced)
+        self._cond = threading.Condition()  # an RLock: a range may come back while it is held
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
@@ -182,23 +188,42 @@ class HostCache:
         entry = self._entries.pop(adapter_id, None)
         if entry is None:
             return False
-        self._bytes -= entry.nbytes
+        self._bytes -= footprint(entry.nbytes)
         if count:
             self._counters["evictions"] += 1
         self._cond.notify_all()
         return True
 
-    def _reserve(self, nbytes: int) -> None:
-        """Make room for nbytes (evict LRU first, else wait for loads in flight), reserve it."""
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """Make room for nbytes (evict LRU first, else wait for loads in flight), reserve it
+        and take an arena range for it."""
         with self._cond:
-            while self._bytes + self._reserved + nbytes > self.capacity_bytes:
-                if self._entries:
-                    self._drop(next(iter(self._entries)), count=True)
-                elif self._closed:
-                    raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
-                else:
-                    self._cond.wait()
-            self._reserved += nbytes
+            while self._bytes + self._reserved + footprint(nbytes) > self.capacity_bytes:
+                self._evict_or_wait()
+            self._reserved += footprint(nbytes)
+            while (where := self._arena.allocate(nbytes)) is None:
+                try:  # enough bytes, but not in one range: evict more (fragmentation)
+                    self._evict_or_wait()
+                except BaseException:
+                    self._reserved -= footprint(nbytes)
+                    raise
+            self._live_ranges += 1
+            return where
+
+    def _evict_or_wait(self) -> None:
+        if self._entries:
+            self._drop(next(iter(self._entries)), count=True)
+        elif self._closed:
+            raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
+        else:
+            self._cond.wait()  # a load commits, or an evicted adapter's range comes back
+
+    def _give_back(self, where: tuple[int, int], nbytes: int, fences: list) -> None:
+        """An arena range is free again (its adapter is gone, or its load failed)."""
+        with self._cond:
+            self._arena.free(where, nbytes, fences[-1] if fences else None)
+            self._live_ranges -= 1
+            self._cond.notify_all()
 
     def _load(self, adapter_id: str) -> None:
         start = time.perf_counter()
@@ -207,19 +232,22 @@ class HostCache:
         fingerprint, _ = self._current(adapter_id)
         try:
             info = self.source.inspect(adapter_id)  # validates before anything is allocated
-            if info.nbytes > self.capacity_bytes:
+            if footprint(info.nbytes) > self.capacity_bytes:
                 raise refuse(adapter_id, f"needs {info.nbytes} bytes of host memory, more than "
                                          f"the whole host cache ({self.capacity_bytes} bytes, "
                                          "host_cache_bytes)")
-            self._reserve(info.nbytes)
+            where = self._reserve(info.nbytes)
             try:
-                adapter = self.source.load(adapter_id, pin_memory=self.pin_memory)
-                self._commit(adapter, info.nbytes, time.perf_counter() - start)
+                adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes))
             except BaseException:
                 with self._cond:
-                    self._reserved -= info.nbytes
-                    self._cond.notify_all()
+                    self._reserved -= footprint(info.nbytes)
+                self._give_back(where, info.nbytes, [])
                 raise
+            # the range comes back once nothing refers to the adapter any more
+            weakref.finalize(adapter, self._give_back, where, info.nbytes,
+                             adapter.fences).atexit = False
+            self._commit(adapter, info.nbytes, time.perf_counter() - start)
         except EngineError as exc:
             self._fail(adapter_id, exc, fingerprint)
         except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
@@ -228,15 +256,12 @@ class HostCache:
                        fingerprint)
 
     def _commit(self, adapter: HostAdapter, reserved: int, seconds: float) -> None:
-        """Turn the reservation into a resident entry, atomically (the bound never breaks)."""
-        if adapter.nbytes != reserved:
-            raise EngineError(ErrorCode.UNAVAILABLE,
-                              f"adapter '{adapter.adapter_id}' changed on disk while loading; "
-                              "retry")
+        """Turn the reservation into a resident entry, atomically (the bound never breaks).
+        The sizes match: AdapterSource.load refuses an adapter whose size changed."""
         with self._cond:
-            self._reserved -= reserved
+            self._reserved -= footprint(reserved)
             self._entries[adapter.adapter_id] = adapter
-            self._bytes += adapter.nbytes
+            self._bytes += footprint(adapter.nbytes)
             self._counters["loads"] += 1
             self._latency_total += seconds
             self._latencies.append(seconds)

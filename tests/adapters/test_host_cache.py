@@ -81,6 +81,13 @@ def test_lru_matches_reference_and_bound_holds(lru_source: AdapterSource, ops: l
                     evictions += 1
                 ref[name] = sizes[name]
                 assert cache.wait(name, timeout=WAIT_S).nbytes == sizes[name]
+                # the bytes must also be contiguous in the arena: a load may evict more, but
+                # only the least recently used entries, so what stays is a suffix of the LRU
+                resident = cache.resident()
+                assert resident == list(ref)[len(ref) - len(resident):]
+                for extra in list(ref)[:len(ref) - len(resident)]:
+                    del ref[extra]
+                    evictions += 1
             _check_bound(cache)
             assert cache.resident() == list(ref)
         stats = cache.stats()
