@@ -4,6 +4,8 @@
     python bench/bench_adapter_load.py --llama7b       # + a Llama-7B-shaped rank-16 q,k,v,o
                                                        #   adapter (CUDA; only shapes, no model)
     python bench/bench_adapter_load.py --no-ttft       # skip the LLMEngine TTFT part
+    python bench/bench_adapter_load.py --throughput-only --workers 1,2,4,8
+                                                       # only disk -> host GB/s through HostCache
     (--threads 1 by default: single-threaded torch gives stable timings on a shared CPU)
 
 disk -> host: AdapterSource.load (validation, safetensors read, dtype conversion, finite check;
@@ -11,8 +13,12 @@ the OS page cache is warm after the first repeat). host -> pool: AdapterManager.
 adapter whose host copy is resident (pages allocated, A / B^T rows written into the pool, slot
 tables filled; CUDA synchronized); bulk copy: one copy of the whole host buffer to the device,
 the floor for host -> pool. TTFT: a 1-token request through LLMEngine whose adapter is
-only on disk, only in host RAM, or already in the pool. Adapters are synthesized in a temp dir
-(random, q,k,v,o). Results: a table on stdout and JSON in bench/results/adapter_load.json.
+only on disk, only in host RAM, or already in the pool. Throughput: --throughput-count ids
+(hard links of one Llama-7B-shaped rank-32 q,k,v,o file, 67 MB, page cache warm) loaded at once
+through a HostCache with each --workers count: aggregate disk -> host GB/s, into a fresh arena
+(first touch of its memory) and again after evicting them all (reused arena: a serving
+engine's steady state). Adapters are synthesized in a temp dir (random, q,k,v,o). Results: a
+table on stdout and JSON in bench/results/adapter_load.json.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ RANKS = (8, 16, 32, 64)
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA7B = ModelSpec.from_hf_config(LLAMA7B_CONFIG)
 LLAMA7B_RANK = 16
+THROUGHPUT_RANK = 32
 BLOCK_SIZE = 16
 POOL_SPARE_PAGES = 4
 MIB = 1 << 20
@@ -140,7 +147,9 @@ def bench_tiers(
         to_pool = pool_tier(spec, cache, names, dtype, device)
         for name in tqdm(names, desc="tiers", unit="adapter"):
             host = cache.wait(name, timeout=WAIT_S)
-            disk_ms = median_ms(lambda n=name: source.load(n, pin_memory=pin), repeats, False)
+            # into one reused buffer, as the host cache's arena does
+            out = torch.empty(host.nbytes, dtype=torch.uint8, pin_memory=pin)
+            disk_ms = median_ms(lambda n=name, o=out: source.load(n, o), repeats, False)
             if to_pool is not None:
                 pool_ms = median_ms(lambda n=name: to_pool(n), repeats, device == "cuda")
                 how = "AdapterManager.acquire"
@@ -165,6 +174,45 @@ def bench_tiers(
             )
     finally:
         cache.close()
+    return rows
+
+
+def load_all(cache: HostCache, names: list[str]) -> float:
+    """Seconds to load every adapter through the cache, all prefetched at once (no reference
+    is kept: an evicted adapter's arena range must come back)."""
+    start = time.perf_counter()
+    for name in names:
+        cache.prefetch(name)
+    for name in names:
+        cache.wait(name, timeout=WAIT_S)
+    return time.perf_counter() - start
+
+
+def bench_throughput(root: Path, workers: list[int], count: int, pin: bool) -> list[dict]:
+    """Aggregate disk -> host GB/s through HostCache, fresh arena then reused arena."""
+    names = write_rank_adapters(root, LLAMA7B, (THROUGHPUT_RANK,), torch.float16)
+    first = root / names[0]
+    for i in range(1, count):  # hard links: one file in the page cache, `count` adapter ids
+        (root / f"link{i}").mkdir()
+        for f in first.iterdir():
+            os.link(f, root / f"link{i}" / f.name)
+        names.append(f"link{i}")
+    source = AdapterSource(root, LLAMA7B, max(RANKS), torch.float16)
+    nbytes = source.inspect(names[0]).nbytes
+    rows = []
+    for w in tqdm(workers, desc="throughput", unit="workers"):
+        cache = HostCache(source, count * nbytes, workers=w, pin_memory=pin)
+        try:
+            fresh_s = load_all(cache, names)
+            for name in names:
+                cache.evict(name)
+            reused_s = load_all(cache, names)
+        finally:
+            cache.close()
+        rows.append({"workers": w, "adapters": count, "mib_each": nbytes / MIB,
+                     "fresh_arena_gb_s": count * nbytes / fresh_s / 1e9,
+                     "reused_arena_gb_s": count * nbytes / reused_s / 1e9,
+                     "pinned": pin, "cpus": os.cpu_count()})
     return rows
 
 
@@ -253,6 +301,30 @@ def print_tiers(title: str, rows: list[dict]) -> None:
         )
 
 
+def print_throughput(rows: list[dict]) -> None:
+    print(f"\ndisk -> host through HostCache, {rows[0]['adapters']} x "
+          f"{rows[0]['mib_each']:.0f} MiB (pinned: {rows[0]['pinned']}, {rows[0]['cpus']} CPUs)")
+    print(f"{'workers':>8} {'fresh arena GB/s':>17} {'reused arena GB/s':>18}")
+    for row in rows:
+        print(f"{row['workers']:>8} {row['fresh_arena_gb_s']:>17.2f} "
+              f"{row['reused_arena_gb_s']:>18.2f}")
+
+
+def bench_all_tiers(args: argparse.Namespace, tmp: Path, dtype: torch.dtype,
+                    results: dict) -> None:
+    spec = load_spec(args.model)
+    root = tmp / "model"
+    names = write_rank_adapters(root, spec, RANKS, dtype)
+    results["model"] = bench_tiers(spec, names, root, dtype, args.device, args.repeats)
+    print_tiers(f"{args.model.name}: q,k,v,o adapters", results["model"])
+    if args.llama7b:
+        root7b = tmp / "llama7b"
+        names7b = write_rank_adapters(root7b, LLAMA7B, (LLAMA7B_RANK,), torch.float16)
+        results["llama7b"] = bench_tiers(LLAMA7B, names7b, root7b, torch.float16, "cuda",
+                                         args.repeats)
+        print_tiers("Llama-7B shapes: rank-16 q,k,v,o adapter", results["llama7b"])
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -272,6 +344,9 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="torch CPU threads (0 = torch's default); 1 gives stable timings on a shared machine",
     )
+    parser.add_argument("--workers", default="1,2", help="HostCache loader threads to try")
+    parser.add_argument("--throughput-count", type=int, default=16)
+    parser.add_argument("--throughput-only", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.repeats < 1 or args.ttft_repeats < 1:
@@ -288,19 +363,13 @@ def main() -> None:
     results: dict[str, object] = {"torch_threads": torch.get_num_threads()}
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
-        spec = load_spec(args.model)
-        root = Path(tmp) / "model"
-        names = write_rank_adapters(root, spec, RANKS, dtype)
-        results["model"] = bench_tiers(spec, names, root, dtype, args.device, args.repeats)
-        print_tiers(f"{args.model.name}: q,k,v,o adapters", results["model"])
-        if args.llama7b:
-            root7b = Path(tmp) / "llama7b"
-            names7b = write_rank_adapters(root7b, LLAMA7B, (LLAMA7B_RANK,), torch.float16)
-            results["llama7b"] = bench_tiers(
-                LLAMA7B, names7b, root7b, torch.float16, "cuda", args.repeats
-            )
-            print_tiers("Llama-7B shapes: rank-16 q,k,v,o adapter", results["llama7b"])
-    if not args.no_ttft:
+        workers = [int(w) for w in args.workers.split(",")]
+        results["host_cache_throughput"] = bench_throughput(
+            Path(tmp) / "throughput", workers, args.throughput_count, args.device == "cuda")
+        print_throughput(results["host_cache_throughput"])
+        if not args.throughput_only:
+            bench_all_tiers(args, Path(tmp), dtype, results)
+    if not args.no_ttft and not args.throughput_only:
         ttft = bench_ttft(args.model, args.ttft_rank, args.ttft_repeats)
         results["ttft"] = ttft
         print(
