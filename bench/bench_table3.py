@@ -131,6 +131,7 @@ def one_run(args: argparse.Namespace, model: tuple, dirs: tuple[Path, Path], nam
         warm = [dict(r, max_tokens=WARM_TOKENS, prompt=r["prompt"][:WARM_PROMPT], adapter=None)
                 for r in requests[:WARM_REQUESTS]]
         run(engine, warm, False, f"warm n={n}")
+        engine.host_cache.wait_pinned()  # the host cache's pinned memory is start-up work
         loaded = preload(engine, requests) if mode == "preloaded" else None
         before = engine.stats().adapter_cache
         result = run(engine, requests, n > 0, f"n={n} {mode}")

@@ -7,6 +7,12 @@ allocated (pinned on CUDA) the first time a range does not fit the existing ones
 chunks together never exceed the capacity. Ranges are first fit within one chunk, so one
 adapter is one contiguous range (one read, one host -> device copy).
 
+On CUDA the chunks are pinned eagerly, by a background thread started with the arena (pinning
+costs about as much as the loads themselves: a cudaHostAlloc touches and locks every page), so
+loads find pinned memory ready; until it is done, a load that does not fit waits for the next
+chunk rather than evicting anything. torch keeps freed pinned blocks for reuse, so a later
+arena of the same process (a restarted engine) gets them back at once.
+
 A freed range may still be the source of an asynchronous host -> device copy; it carries the
 CUDA event recorded after that copy (a fence) and is reused only once the event completed.
 Not thread-safe: the host cache calls it under its lock.
@@ -14,6 +20,8 @@ Not thread-safe: the host cache calls it under its lock.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,12 +44,21 @@ def footprint(nbytes: int) -> int:
 class HostArena:
     """Byte ranges of up to `capacity_bytes` of host memory (pinned when `pin`)."""
 
-    def __init__(self, capacity_bytes: int, pin: bool) -> None:
+    def __init__(self, capacity_bytes: int, pin: bool, lock: threading.Condition,
+                 thread_init: Callable[[], None] = lambda: None) -> None:
+        """`lock`: the caller's, held around every call; the pinning thread takes it to add a
+        chunk (and notifies it). `thread_init`: run first on that thread (the CUDA device)."""
         self.capacity_bytes = capacity_bytes
         self.pin = pin
+        self._lock = lock
         self._chunks: dict[int, _Chunk] = {}  # by id: a range names its chunk's id
         self._next_chunk = 0
         self._fenced: list[tuple[int, int, int, object]] = []  # (chunk, start, end, event)
+        self.growing = pin  # chunks still being pinned in the background
+        self._stopped = False
+        if pin:
+            threading.Thread(target=self._pin_all, args=(thread_init,), daemon=True,
+                             name="slora-host-arena-pin").start()
 
     @property
     def allocated_bytes(self) -> int:
@@ -56,12 +73,16 @@ class HostArena:
         if found is None and self._fenced:
             self._reclaim(wait=True)  # copies still reading freed ranges: wait for them
             found = self._first_fit(need)
-        if found is None:
+        if found is None and not self.growing:
             found = self._grow(need)
-        if found is None:  # chunks sized for smaller adapters: give back the empty ones, regrow
+        if found is None and not self.growing:  # chunks too small: drop the empty ones, regrow
             self._drop_empty_chunks()
             found = self._grow(need)
         return found
+
+    def stop(self) -> None:
+        """Stop pinning more chunks (the cache is closing)."""
+        self._stopped = True
 
     def view(self, where: tuple[int, int], nbytes: int) -> torch.Tensor:
         """The uint8 tensor of an allocated range."""
@@ -92,10 +113,32 @@ class HostArena:
         if size < need:
             return None
         tensor = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        return self._add_chunk(tensor, need), 0
+
+    def _add_chunk(self, tensor: torch.Tensor, used: int) -> int:
         index = self._next_chunk
         self._next_chunk += 1
-        self._chunks[index] = _Chunk(tensor, [(need, size)] if size > need else [])
-        return index, 0
+        size = tensor.numel()
+        self._chunks[index] = _Chunk(tensor, [(used, size)] if size > used else [])
+        return index
+
+    def _pin_all(self, thread_init: Callable[[], None]) -> None:
+        """The pinning thread: chunks up to the capacity, each made outside the lock."""
+        try:
+            thread_init()
+            while not self._stopped:
+                with self._lock:
+                    size = min(CHUNK_BYTES, self.capacity_bytes - self.allocated_bytes)
+                if size <= 0:
+                    break
+                tensor = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                with self._lock:
+                    self._add_chunk(tensor, 0)
+                    self._lock.notify_all()
+        finally:  # also on an error: loads then grow the arena lazily instead
+            with self._lock:
+                self.growing = False
+                self._lock.notify_all()
 
     def _drop_empty_chunks(self) -> None:
         self._reclaim(wait=True)

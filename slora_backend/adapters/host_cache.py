@@ -62,9 +62,10 @@ class HostCache:
         self._counters = {"hits": 0, "misses": 0, "loads": 0, "load_errors": 0, "evictions": 0}
         self._latency_total = 0.0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._arena = HostArena(capacity_bytes, self.pin_memory)
-        self._live_ranges = 0  # arena ranges taken and not given back (in use or referenced)
         self._cond = threading.Condition()  # an RLock: a range may come back while it is held
+        self._arena = HostArena(capacity_bytes, self.pin_memory, self._cond,
+                                thread_init=lambda: use_device(device))
+        self._live_ranges = 0  # arena ranges taken and not given back (in use or referenced)
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
@@ -145,10 +146,18 @@ class HostCache:
                 "load_latency_max_s": max(window, default=0.0),
             }
 
+    def wait_pinned(self) -> None:
+        """Block until the arena's pinned memory is all allocated (benchmarks start their clock
+        after it, as a server serves after its start-up)."""
+        with self._cond:
+            while self._arena.growing:
+                self._cond.wait()
+
     def close(self) -> None:
         """Stop the workers (queued loads are cancelled, a running one finishes)."""
         with self._cond:
             self._closed = True
+            self._arena.stop()
             self._cond.notify_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
@@ -202,8 +211,11 @@ class HostCache:
                 self._evict_or_wait()
             self._reserved += footprint(nbytes)
             while (where := self._arena.allocate(nbytes)) is None:
-                try:  # enough bytes, but not in one range: evict more (fragmentation)
-                    self._evict_or_wait()
+                try:  # enough bytes, but not pinned yet or not in one range (fragmentation)
+                    if self._arena.growing and not self._closed:
+                        self._cond.wait()  # the next pinned chunk
+                    else:
+                        self._evict_or_wait()
                 except BaseException:
                     self._reserved -= footprint(nbytes)
                     raise
