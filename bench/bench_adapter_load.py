@@ -49,7 +49,7 @@ from slora_backend.adapters.synthetic import (  # noqa: E402
     load_spec,
     write_adapter,
 )
-from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_backend.model.spec import MODULE_ORDER, ModelSpec  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -80,9 +80,9 @@ def median_ms(fn: Callable[[], object], repeats: int, sync: bool) -> float:
     return statistics.median(times)
 
 
-def attn_recipe(rank: int, seed: int) -> AdapterRecipe:
-    """A q,k,v,o adapter of this rank (alpha = 2 x rank)."""
-    return AdapterRecipe(rank=rank, modules=ATTN_MODULES, alpha=2.0 * rank, use_rslora=False,
+def attn_recipe(rank: int, seed: int, modules: tuple[str, ...] = ATTN_MODULES) -> AdapterRecipe:
+    """A q,k,v,o (or `modules`) adapter of this rank (alpha = 2 x rank)."""
+    return AdapterRecipe(rank=rank, modules=modules, alpha=2.0 * rank, use_rslora=False,
                          target_form="list", seed=seed)
 
 
@@ -239,7 +239,7 @@ def first_token_ms(engine: Any, request_id: str, adapter_id: str | None) -> floa
             time.sleep(IDLE_SLEEP_S)  # leave the CPU to the loader thread, as EngineLoop does
 
 
-def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
+def bench_ttft(model: Path, rank: int, repeats: int, modules: tuple[str, ...]) -> dict:
     """Median TTFT (CPU, LLMEngine) with the adapter on disk only / host RAM only / in pool.
 
     The cases are interleaved in each repeat (noise hits all alike); evicting the adapter from
@@ -249,7 +249,7 @@ def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
     spec = load_spec(model)
     with tempfile.TemporaryDirectory(prefix="bench-ttft-") as tmp:
         root = Path(tmp)
-        recipe = attn_recipe(rank, seed=100)
+        recipe = attn_recipe(rank, seed=100, modules=modules)
         write_adapter(root / "ttft", adapter_config(recipe), adapter_tensors(recipe, spec))
         engine = LLMEngine(
             EngineConfig(
@@ -282,6 +282,8 @@ def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
         result[f"added_{case}_ms"] = statistics.median(diffs)
     result.update(
         rank=rank,
+        modules=list(modules),
+        adapter_mb=recipe_bytes(spec, rank, modules) / 1e6,
         model=model.name,
         device="cpu",
         repeats=repeats,
@@ -289,6 +291,12 @@ def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
         cpus=os.cpu_count(),
     )
     return result
+
+
+def recipe_bytes(spec: ModelSpec, rank: int, modules: tuple[str, ...]) -> int:
+    """fp32 bytes of a rank-`rank` adapter on `modules` (what the CPU engine holds)."""
+    per_layer = sum(rank * sum(spec.module_dims(m)) for m in modules)
+    return 4 * per_layer * spec.num_layers
 
 
 def print_tiers(title: str, rows: list[dict]) -> None:
@@ -342,6 +350,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-ttft", action="store_true", help="skip the LLMEngine TTFT part")
     parser.add_argument("--ttft-rank", type=int, default=16)
     parser.add_argument("--ttft-repeats", type=int, default=20)
+    parser.add_argument("--ttft-all-modules", action="store_true",
+                        help="TTFT adapter on all seven projections (rank 64: 78 MB for SmolLM2)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -374,7 +384,8 @@ def main() -> None:
         if not args.throughput_only:
             bench_all_tiers(args, Path(tmp), dtype, results)
     if not args.no_ttft and not args.throughput_only:
-        ttft = bench_ttft(args.model, args.ttft_rank, args.ttft_repeats)
+        modules = MODULE_ORDER if args.ttft_all_modules else ATTN_MODULES
+        ttft = bench_ttft(args.model, args.ttft_rank, args.ttft_repeats, modules)
         results["ttft"] = ttft
         print(
             f"\nTTFT, 1 output token, LLMEngine on CPU ({ttft['model']}, rank {ttft['rank']}, "

@@ -5,6 +5,13 @@ A load first validates the adapter and reserves its size (evicting LRU entries, 
 other loads to finish), then reads it, so the bound holds even while loads run in parallel.
 The bytes themselves are ranges of one HostArena of that capacity (allocated once, reused): a
 range returns to the arena when its HostAdapter is evicted and no longer referenced.
+
+Prefetch (S-LoRA's): `prefetch` is called for every queued request, in arrival order. Loads
+run in that order, and the adapters prefetched but not yet claimed by a `get` (the admission of
+their request), plus the prefetches loading, are kept within the capacity: further prefetches
+wait in order (deferred) until claims make room, so loading ahead never evicts an adapter that
+a request still queued is waiting for (eviction takes claimed adapters first). A `get` of a
+deferred adapter loads it at once: the head of the queue never waits for the lookahead.
 """
 
 from __future__ import annotations
@@ -70,20 +77,45 @@ class HostCache:
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
         self._closed = False
+        self._promised: dict[str, int] = {}  # prefetches loading: id -> footprint
+        self._unclaimed: set[str] = set()  # resident from a prefetch, no get since
+        self._deferred: OrderedDict[str, int] = OrderedDict()  # prefetches waiting for room
 
     # ---- public API -------------------------------------------------------------------------
 
     def prefetch(self, adapter_id: str) -> None:
         """Start loading the adapter in the background (no-op when resident or loading).
         Clears an earlier failure so that a fixed adapter is retried."""
+        try:
+            size = footprint(self.source.inspect(adapter_id).nbytes)
+        except EngineError:
+            size = 0  # _lookup records the refusal
         with self._cond:
             self._failures.pop(adapter_id, None)
+            idle = adapter_id not in self._entries and adapter_id not in self._inflight
+            if idle and size and adapter_id not in self._deferred:
+                if self._deferred or not self._has_room(size):
+                    self._deferred[adapter_id] = size  # in arrival order, after the others
+                    return
+                self._promised[adapter_id] = size
+            elif adapter_id in self._deferred:
+                return
         self._lookup(adapter_id, count_hit=False)
+        with self._cond:  # no load started after all (resident meanwhile, or refused)
+            if adapter_id in self._promised and adapter_id not in self._inflight:
+                del self._promised[adapter_id]
 
     def get(self, adapter_id: str) -> HostAdapter | None:
         """The adapter if resident and still current on disk; else None (a load is started
         unless one runs or it failed: see `error`)."""
-        return self._lookup(adapter_id, count_hit=True)
+        with self._cond:
+            self._deferred.pop(adapter_id, None)  # demanded now: no more waiting for room
+        adapter = self._lookup(adapter_id, count_hit=True)
+        with self._cond:  # claimed only once taken: the loads it lets start may evict it
+            if adapter is not None and adapter_id in self._unclaimed:
+                self._unclaimed.discard(adapter_id)
+                self._drain()
+        return adapter
 
     def error(self, adapter_id: str) -> EngineError | None:
         """Why the last load of this adapter failed (None if it did not)."""
@@ -163,6 +195,31 @@ class HostCache:
 
     # ---- internals --------------------------------------------------------------------------
 
+    def _has_room(self, size: int) -> bool:
+        """Prefetches loading + prefetched adapters not yet claimed + size fit the capacity
+        (always true for a first one: an adapter that fits alone is never deferred forever)."""
+        ahead = sum(self._promised.values()) + sum(
+            footprint(self._entries[a].nbytes) for a in self._unclaimed)
+        return ahead == 0 or ahead + size <= self.capacity_bytes
+
+    def _drain(self) -> None:
+        """Start deferred prefetches, in order, while they fit (under the lock)."""
+        while self._deferred and not self._closed:
+            adapter_id, size = next(iter(self._deferred.items()))
+            if not self._has_room(size):
+                return
+            del self._deferred[adapter_id]
+            if adapter_id in self._entries or adapter_id in self._inflight:
+                continue
+            self._promised[adapter_id] = size
+            self._submit(adapter_id)
+
+    def _submit(self, adapter_id: str) -> None:
+        self._failures.pop(adapter_id, None)
+        self._inflight.add(adapter_id)
+        self._counters["misses"] += 1
+        self._executor.submit(self._load, adapter_id)
+
     def _current(self, adapter_id: str) -> tuple[Fingerprint | None, EngineError | None]:
         try:
             return self.source.fingerprint(adapter_id), None
@@ -187,10 +244,7 @@ class HostCache:
                 self._cond.notify_all()
                 return None
             if adapter_id not in self._inflight and not self._closed:
-                self._failures.pop(adapter_id, None)
-                self._inflight.add(adapter_id)
-                self._counters["misses"] += 1
-                self._executor.submit(self._load, adapter_id)
+                self._submit(adapter_id)
             return None
 
     def _drop(self, adapter_id: str, count: bool) -> bool:
@@ -198,6 +252,9 @@ class HostCache:
         if entry is None:
             return False
         self._bytes -= footprint(entry.nbytes)
+        if adapter_id in self._unclaimed:  # evicted before its request came: room for others
+            self._unclaimed.discard(adapter_id)
+            self._drain()
         if count:
             self._counters["evictions"] += 1
         self._cond.notify_all()
@@ -223,8 +280,10 @@ class HostCache:
             return where
 
     def _evict_or_wait(self) -> None:
-        if self._entries:
-            self._drop(next(iter(self._entries)), count=True)
+        if self._entries:  # LRU first, but adapters still awaited by queued requests last
+            victim = next((a for a in self._entries if a not in self._unclaimed),
+                          next(iter(self._entries)))
+            self._drop(victim, count=True)
         elif self._closed:
             raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
         else:
@@ -279,6 +338,8 @@ class HostCache:
             self._latencies.append(seconds)
             self._inflight.discard(adapter.adapter_id)
             self._failures.pop(adapter.adapter_id, None)  # e.g. a NOT_FOUND seen mid-load
+            if self._promised.pop(adapter.adapter_id, None) is not None:
+                self._unclaimed.add(adapter.adapter_id)
             self._cond.notify_all()
 
     def _fail(self, adapter_id: str, error: EngineError, fingerprint: Fingerprint | None) -> None:
@@ -286,4 +347,6 @@ class HostCache:
             self._failures[adapter_id] = _Failure(error, fingerprint)
             self._counters["load_errors"] += 1
             self._inflight.discard(adapter_id)
+            if self._promised.pop(adapter_id, None) is not None:
+                self._drain()
             self._cond.notify_all()
