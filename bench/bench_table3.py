@@ -136,6 +136,9 @@ def one_run(args: argparse.Namespace, model: tuple, dirs: tuple[Path, Path], nam
         before = engine.stats().adapter_cache
         result = run(engine, requests, n > 0, f"n={n} {mode}")
         after = engine.stats().adapter_cache
+        # pool_fraction is of the free memory: a smaller pool here would mean an earlier
+        # engine's memory was not given back
+        result["pool_pages"] = engine.pool.num_pages
     finally:
         engine.close()
         del engine
@@ -186,7 +189,7 @@ def main() -> None:
                                            n, mode, dtype))
     results["targets"] = targets(results["runs"])
     print(json.dumps({"runs": [{k: r[k] for k in ("n", "mode", "requests_per_s", "host_loads",
-                                                   "per_request", "preload")}
+                                                   "per_request", "preload", "pool_pages")}
                                for r in results["runs"]], "targets": results["targets"]},
                      indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ def test_table3_cpu_run(tmp_path: Path) -> None:
                          (8, "preloaded")}
     for run in runs.values():
         assert run["requests"] == NUM_REQUESTS and run["requests_per_s"] > 0
+    assert len({run["pool_pages"] for run in runs.values()}) == 1  # every fresh engine alike
     assert runs[(0, "base")]["per_request"]["pool_loads"] == 0
     for n in (2, 8):
         cold, pre = runs[(n, "cold")], runs[(n, "preloaded")]
