@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from slora_backend.adapters.host_arena import HostArena, footprint
+from slora_backend.adapters.prefetch import PrefetchWindow
 from slora_backend.adapters.source import AdapterSource, Fingerprint, HostAdapter
 from slora_backend.adapters.validation import refuse
 from slora_backend.device import use_device
@@ -77,9 +78,7 @@ class HostCache:
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
         self._closed = False
-        self._promised: dict[str, int] = {}  # prefetches loading: id -> footprint
-        self._unclaimed: set[str] = set()  # resident from a prefetch, no get since
-        self._deferred: OrderedDict[str, int] = OrderedDict()  # prefetches waiting for room
+        self._window = PrefetchWindow(capacity_bytes)  # S-LoRA's lookahead (prefetch.py)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -93,27 +92,23 @@ class HostCache:
         with self._cond:
             self._failures.pop(adapter_id, None)
             idle = adapter_id not in self._entries and adapter_id not in self._inflight
-            if idle and size and adapter_id not in self._deferred:
-                if self._deferred or not self._has_room(size):
-                    self._deferred[adapter_id] = size  # in arrival order, after the others
-                    return
-                self._promised[adapter_id] = size
-            elif adapter_id in self._deferred:
+            if idle and size and not self._window.offer(adapter_id, size):
+                return  # waits for room, in arrival order
+            if not idle and self._window.is_deferred(adapter_id):
                 return
         self._lookup(adapter_id, count_hit=False)
         with self._cond:  # no load started after all (resident meanwhile, or refused)
-            if adapter_id in self._promised and adapter_id not in self._inflight:
-                del self._promised[adapter_id]
+            if adapter_id not in self._inflight:
+                self._window.cancel(adapter_id)
 
     def get(self, adapter_id: str) -> HostAdapter | None:
         """The adapter if resident and still current on disk; else None (a load is started
         unless one runs or it failed: see `error`)."""
         with self._cond:
-            self._deferred.pop(adapter_id, None)  # demanded now: no more waiting for room
+            self._window.demand(adapter_id)  # wanted now: no more waiting for room
         adapter = self._lookup(adapter_id, count_hit=True)
         with self._cond:  # claimed only once taken: the loads it lets start may evict it
-            if adapter is not None and adapter_id in self._unclaimed:
-                self._unclaimed.discard(adapter_id)
+            if adapter is not None and self._window.release(adapter_id):
                 self._drain()
         return adapter
 
@@ -195,24 +190,15 @@ class HostCache:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _has_room(self, size: int) -> bool:
-        """Prefetches loading + prefetched adapters not yet claimed + size fit the capacity
-        (always true for a first one: an adapter that fits alone is never deferred forever)."""
-        ahead = sum(self._promised.values()) + sum(
-            footprint(self._entries[a].nbytes) for a in self._unclaimed)
-        return ahead == 0 or ahead + size <= self.capacity_bytes
-
     def _drain(self) -> None:
-        """Start deferred prefetches, in order, while they fit (under the lock)."""
-        while self._deferred and not self._closed:
-            adapter_id, size = next(iter(self._deferred.items()))
-            if not self._has_room(size):
-                return
-            del self._deferred[adapter_id]
+        """Start the deferred prefetches that fit now, in order (under the lock)."""
+        if self._closed:
+            return
+        for adapter_id in self._window.startable():
             if adapter_id in self._entries or adapter_id in self._inflight:
-                continue
-            self._promised[adapter_id] = size
-            self._submit(adapter_id)
+                self._window.cancel(adapter_id)
+            else:
+                self._submit(adapter_id)
 
     def _submit(self, adapter_id: str) -> None:
         self._failures.pop(adapter_id, None)
@@ -252,8 +238,7 @@ class HostCache:
         if entry is None:
             return False
         self._bytes -= footprint(entry.nbytes)
-        if adapter_id in self._unclaimed:  # evicted before its request came: room for others
-            self._unclaimed.discard(adapter_id)
+        if self._window.release(adapter_id):  # evicted before its request came: room
             self._drain()
         if count:
             self._counters["evictions"] += 1
@@ -281,7 +266,7 @@ class HostCache:
 
     def _evict_or_wait(self) -> None:
         if self._entries:  # LRU first, but adapters still awaited by queued requests last
-            victim = next((a for a in self._entries if a not in self._unclaimed),
+            victim = next((a for a in self._entries if not self._window.is_unclaimed(a)),
                           next(iter(self._entries)))
             self._drop(victim, count=True)
         elif self._closed:
@@ -338,8 +323,7 @@ class HostCache:
             self._latencies.append(seconds)
             self._inflight.discard(adapter.adapter_id)
             self._failures.pop(adapter.adapter_id, None)  # e.g. a NOT_FOUND seen mid-load
-            if self._promised.pop(adapter.adapter_id, None) is not None:
-                self._unclaimed.add(adapter.adapter_id)
+            self._window.loaded(adapter.adapter_id)
             self._cond.notify_all()
 
     def _fail(self, adapter_id: str, error: EngineError, fingerprint: Fingerprint | None) -> None:
@@ -347,6 +331,6 @@ class HostCache:
             self._failures[adapter_id] = _Failure(error, fingerprint)
             self._counters["load_errors"] += 1
             self._inflight.discard(adapter_id)
-            if self._promised.pop(adapter_id, None) is not None:
+            if self._window.release(adapter_id):
                 self._drain()
             self._cond.notify_all()
