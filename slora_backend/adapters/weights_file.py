@@ -102,8 +102,9 @@ def parse_header(adapter_id: str, fd: int) -> WeightsFile:
 
 
 def open_regular(path: str) -> int:
-    """os.open a regular file for reading (a FIFO or device would block or never end)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """os.open a regular file for reading (a FIFO or device would block or never end).
+    O_NONBLOCK: opening a FIFO does not wait for a writer; regular files ignore the flag."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(f"{path} is not a regular file")
