@@ -4,6 +4,8 @@
     python bench/bench_adapter_load.py --llama7b       # + a Llama-7B-shaped rank-16 q,k,v,o
                                                        #   adapter (CUDA; only shapes, no model)
     python bench/bench_adapter_load.py --no-ttft       # skip the LLMEngine TTFT part
+    python bench/bench_adapter_load.py --throughput-only --workers 1,2,4,8
+                                                       # only disk -> host GB/s through HostCache
     (--threads 1 by default: single-threaded torch gives stable timings on a shared CPU)
 
 disk -> host: AdapterSource.load (validation, safetensors read, dtype conversion, finite check;
@@ -11,8 +13,13 @@ the OS page cache is warm after the first repeat). host -> pool: AdapterManager.
 adapter whose host copy is resident (pages allocated, A / B^T rows written into the pool, slot
 tables filled; CUDA synchronized); bulk copy: one copy of the whole host buffer to the device,
 the floor for host -> pool. TTFT: a 1-token request through LLMEngine whose adapter is
-only on disk, only in host RAM, or already in the pool. Adapters are synthesized in a temp dir
-(random, q,k,v,o). Results: a table on stdout and JSON in bench/results/adapter_load.json.
+only on disk, only in host RAM, or already in the pool. Throughput: --throughput-count ids
+(hard links of one Llama-7B-shaped rank-32 q,k,v,o file, 67 MB, page cache warm) loaded at once
+through a HostCache with each --workers count: aggregate disk -> host GB/s, into a fresh arena
+(first touch of its memory on CPU; on CUDA its chunks are pinned at start, timed apart as
+arena_start_s) and again after evicting them all (reused arena: a serving
+engine's steady state). Adapters are synthesized in a temp dir (random, q,k,v,o). Results: a
+table on stdout and JSON in bench/results/adapter_load.json.
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slora_backend.adapters import AdapterSource, HostCache  # noqa: E402 (after the path fix)
-from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_backend.model.spec import (
+    MODULE_ORDER,  # noqa: E402
+    ModelSpec,  # noqa: E402
+)
 from slora_testing.synthetic_adapters import (  # noqa: E402
     LLAMA7B_CONFIG,
     AdapterRecipe,
@@ -51,6 +61,7 @@ RANKS = (8, 16, 32, 64)
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA7B = ModelSpec.from_hf_config(LLAMA7B_CONFIG)
 LLAMA7B_RANK = 16
+THROUGHPUT_RANK = 32
 BLOCK_SIZE = 16
 POOL_SPARE_PAGES = 4
 MIB = 1 << 20
@@ -72,9 +83,9 @@ def median_ms(fn: Callable[[], object], repeats: int, sync: bool) -> float:
     return statistics.median(times)
 
 
-def attn_recipe(rank: int, seed: int) -> AdapterRecipe:
-    """A q,k,v,o adapter of this rank (alpha = 2 x rank)."""
-    return AdapterRecipe(rank=rank, modules=ATTN_MODULES, alpha=2.0 * rank, use_rslora=False,
+def attn_recipe(rank: int, seed: int, modules: tuple[str, ...] = ATTN_MODULES) -> AdapterRecipe:
+    """A q,k,v,o (or `modules`) adapter of this rank (alpha = 2 x rank)."""
+    return AdapterRecipe(rank=rank, modules=modules, alpha=2.0 * rank, use_rslora=False,
                          target_form="list", seed=seed)
 
 
@@ -140,7 +151,9 @@ def bench_tiers(
         to_pool = pool_tier(spec, cache, names, dtype, device)
         for name in tqdm(names, desc="tiers", unit="adapter"):
             host = cache.wait(name, timeout=WAIT_S)
-            disk_ms = median_ms(lambda n=name: source.load(n, pin_memory=pin), repeats, False)
+            # into one reused buffer, as the host cache's arena does
+            out = torch.empty(host.nbytes, dtype=torch.uint8, pin_memory=pin)
+            disk_ms = median_ms(lambda n=name, o=out: source.load(n, o), repeats, False)
             if to_pool is not None:
                 pool_ms = median_ms(lambda n=name: to_pool(n), repeats, device == "cuda")
                 how = "AdapterManager.acquire"
@@ -168,6 +181,52 @@ def bench_tiers(
     return rows
 
 
+def load_all(cache: HostCache, names: list[str]) -> tuple[float, float]:
+    """(wall s, process CPU s) to load every adapter through the cache, all prefetched at
+    once (no reference is kept: an evicted adapter's arena range must come back). CPU seconds
+    (all threads, user + system: the kernel's copy out of the page cache included) give the
+    rate per busy thread, which a shared machine's other jobs do not dilute as they do wall."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for name in names:
+        cache.prefetch(name)
+    for name in names:
+        cache.wait(name, timeout=WAIT_S)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def bench_throughput(root: Path, workers: list[int], count: int, pin: bool) -> list[dict]:
+    """Aggregate disk -> host GB/s through HostCache, fresh arena then reused arena."""
+    names = write_rank_adapters(root, LLAMA7B, (THROUGHPUT_RANK,), torch.float16)
+    first = root / names[0]
+    for i in range(1, count):  # hard links: one file in the page cache, `count` adapter ids
+        (root / f"link{i}").mkdir()
+        for f in first.iterdir():
+            os.link(f, root / f"link{i}" / f.name)
+        names.append(f"link{i}")
+    source = AdapterSource(root, LLAMA7B, max(RANKS), torch.float16)
+    nbytes = source.inspect(names[0]).nbytes
+    rows = []
+    for w in tqdm(workers, desc="throughput", unit="workers"):
+        start = time.perf_counter()
+        cache = HostCache(source, count * nbytes, workers=w, pin_memory=pin)
+        try:
+            cache.wait_pinned()  # CUDA: the arena's chunks are pinned at start, not per load
+            pin_s = time.perf_counter() - start
+            fresh_s, fresh_cpu = load_all(cache, names)
+            for name in names:
+                cache.evict(name)
+            reused_s, reused_cpu = load_all(cache, names)
+        finally:
+            cache.close()
+        gb = count * nbytes / 1e9
+        rows.append({"workers": w, "adapters": count, "mib_each": nbytes / MIB,
+                     "fresh_arena_gb_s": gb / fresh_s, "reused_arena_gb_s": gb / reused_s,
+                     "fresh_gb_per_cpu_s": gb / fresh_cpu, "reused_gb_per_cpu_s": gb / reused_cpu,
+                     "load_average_1min": os.getloadavg()[0],
+                     "pinned": pin, "arena_start_s": pin_s, "cpus": os.cpu_count()})
+    return rows
+
+
 def first_token_ms(engine: Any, request_id: str, adapter_id: str | None) -> float:
     """Time from add_request to the first generated token, stepping the engine ourselves."""
     from slora_backend import SamplingParams
@@ -187,7 +246,7 @@ def first_token_ms(engine: Any, request_id: str, adapter_id: str | None) -> floa
             time.sleep(IDLE_SLEEP_S)  # leave the CPU to the loader thread, as EngineLoop does
 
 
-def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
+def bench_ttft(model: Path, rank: int, repeats: int, modules: tuple[str, ...]) -> dict:
     """Median TTFT (CPU, LLMEngine) with the adapter on disk only / host RAM only / in pool.
 
     The cases are interleaved in each repeat (noise hits all alike); evicting the adapter from
@@ -197,7 +256,7 @@ def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
     spec = load_spec(model)
     with tempfile.TemporaryDirectory(prefix="bench-ttft-") as tmp:
         root = Path(tmp)
-        recipe = attn_recipe(rank, seed=100)
+        recipe = attn_recipe(rank, seed=100, modules=modules)
         write_adapter(root / "ttft", adapter_config(recipe), adapter_tensors(recipe, spec))
         engine = LLMEngine(
             EngineConfig(
@@ -230,6 +289,8 @@ def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
         result[f"added_{case}_ms"] = statistics.median(diffs)
     result.update(
         rank=rank,
+        modules=list(modules),
+        adapter_mb=recipe_bytes(spec, rank, modules) / 1e6,
         model=model.name,
         device="cpu",
         repeats=repeats,
@@ -237,6 +298,12 @@ def bench_ttft(model: Path, rank: int, repeats: int) -> dict:
         cpus=os.cpu_count(),
     )
     return result
+
+
+def recipe_bytes(spec: ModelSpec, rank: int, modules: tuple[str, ...]) -> int:
+    """fp32 bytes of a rank-`rank` adapter on `modules` (what the CPU engine holds)."""
+    per_layer = sum(rank * sum(spec.module_dims(m)) for m in modules)
+    return 4 * per_layer * spec.num_layers
 
 
 def print_tiers(title: str, rows: list[dict]) -> None:
@@ -253,6 +320,32 @@ def print_tiers(title: str, rows: list[dict]) -> None:
         )
 
 
+def print_throughput(rows: list[dict]) -> None:
+    print(f"\ndisk -> host through HostCache, {rows[0]['adapters']} x "
+          f"{rows[0]['mib_each']:.0f} MiB (pinned: {rows[0]['pinned']}, {rows[0]['cpus']} CPUs)")
+    print(f"{'workers':>8} {'fresh arena GB/s':>17} {'reused arena GB/s':>18} "
+          f"{'reused GB per CPU-s':>20} {'load avg':>9}")
+    for row in rows:
+        print(f"{row['workers']:>8} {row['fresh_arena_gb_s']:>17.2f} "
+              f"{row['reused_arena_gb_s']:>18.2f} {row['reused_gb_per_cpu_s']:>20.2f} "
+              f"{row['load_average_1min']:>9.1f}")
+
+
+def bench_all_tiers(args: argparse.Namespace, tmp: Path, dtype: torch.dtype,
+                    results: dict) -> None:
+    spec = load_spec(args.model)
+    root = tmp / "model"
+    names = write_rank_adapters(root, spec, RANKS, dtype)
+    results["model"] = bench_tiers(spec, names, root, dtype, args.device, args.repeats)
+    print_tiers(f"{args.model.name}: q,k,v,o adapters", results["model"])
+    if args.llama7b:
+        root7b = tmp / "llama7b"
+        names7b = write_rank_adapters(root7b, LLAMA7B, (LLAMA7B_RANK,), torch.float16)
+        results["llama7b"] = bench_tiers(LLAMA7B, names7b, root7b, torch.float16, "cuda",
+                                         args.repeats)
+        print_tiers("Llama-7B shapes: rank-16 q,k,v,o adapter", results["llama7b"])
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -266,12 +359,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-ttft", action="store_true", help="skip the LLMEngine TTFT part")
     parser.add_argument("--ttft-rank", type=int, default=16)
     parser.add_argument("--ttft-repeats", type=int, default=20)
+    parser.add_argument("--ttft-all-modules", action="store_true",
+                        help="TTFT adapter on all seven projections (rank 64: 78 MB for SmolLM2)")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch CPU threads (0 = torch's default); 1 gives stable timings on a shared machine",
     )
+    parser.add_argument("--workers", default="1,2", help="HostCache loader threads to try")
+    parser.add_argument("--throughput-count", type=int, default=16)
+    parser.add_argument("--throughput-only", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.repeats < 1 or args.ttft_repeats < 1:
@@ -288,20 +386,15 @@ def main() -> None:
     results: dict[str, object] = {"torch_threads": torch.get_num_threads()}
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
-        spec = load_spec(args.model)
-        root = Path(tmp) / "model"
-        names = write_rank_adapters(root, spec, RANKS, dtype)
-        results["model"] = bench_tiers(spec, names, root, dtype, args.device, args.repeats)
-        print_tiers(f"{args.model.name}: q,k,v,o adapters", results["model"])
-        if args.llama7b:
-            root7b = Path(tmp) / "llama7b"
-            names7b = write_rank_adapters(root7b, LLAMA7B, (LLAMA7B_RANK,), torch.float16)
-            results["llama7b"] = bench_tiers(
-                LLAMA7B, names7b, root7b, torch.float16, "cuda", args.repeats
-            )
-            print_tiers("Llama-7B shapes: rank-16 q,k,v,o adapter", results["llama7b"])
-    if not args.no_ttft:
-        ttft = bench_ttft(args.model, args.ttft_rank, args.ttft_repeats)
+        workers = [int(w) for w in args.workers.split(",")]
+        results["host_cache_throughput"] = bench_throughput(
+            Path(tmp) / "throughput", workers, args.throughput_count, args.device == "cuda")
+        print_throughput(results["host_cache_throughput"])
+        if not args.throughput_only:
+            bench_all_tiers(args, Path(tmp), dtype, results)
+    if not args.no_ttft and not args.throughput_only:
+        modules = MODULE_ORDER if args.ttft_all_modules else ATTN_MODULES
+        ttft = bench_ttft(args.model, args.ttft_rank, args.ttft_repeats, modules)
         results["ttft"] = ttft
         print(
             f"\nTTFT, 1 output token, LLMEngine on CPU ({ttft['model']}, rank {ttft['rank']}, "

@@ -29,7 +29,9 @@ class _Resident:
     slot: int
     pages: list[int]
     refcount: int
-    host: HostAdapter  # the one it was written from (a reloaded host copy replaces it)
+    # of the host copy it was written from; not the copy itself, whose host memory the host
+    # cache reuses once it is evicted there
+    fingerprint: Any
 
 
 class AdapterManager:
@@ -83,7 +85,7 @@ class AdapterManager:
         res = self._resident.get(adapter_id)
         if res is not None and res.refcount == 0:
             fresh = self.host.get(adapter_id)
-            if fresh is not None and fresh.fingerprint != res.host.fingerprint:  # changed on disk
+            if fresh is not None and fresh.fingerprint != res.fingerprint:  # changed on disk
                 self._evict(adapter_id)
                 res = None
         if res is not None:
@@ -112,7 +114,7 @@ class AdapterManager:
                               f"adapter {adapter_id!r} does not fit the model: {err}") from err
         slot = self._free_slots.pop()
         self.tables.set_slot(slot, host.rank, host.scale, pointers)
-        res = _Resident(slot, pages, 0, host)
+        res = _Resident(slot, pages, 0, host.fingerprint)
         self._resident[adapter_id] = res
         self.num_loads += 1
         return self._take(adapter_id, res)

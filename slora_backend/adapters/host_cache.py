@@ -3,18 +3,30 @@
 Byte accounting: resident bytes + bytes reserved by loads in flight never exceed the capacity.
 A load first validates the adapter and reserves its size (evicting LRU entries, or waiting for
 other loads to finish), then reads it, so the bound holds even while loads run in parallel.
+The bytes themselves are ranges of one HostArena of that capacity (allocated once, reused): a
+range returns to the arena when its HostAdapter is evicted and no longer referenced.
+
+Prefetch (S-LoRA's): `prefetch` is called for every queued request, in arrival order. Loads
+run in that order, and the adapters prefetched but not yet claimed by a `get` (the admission of
+their request), plus the prefetches loading, are kept within the capacity: further prefetches
+wait in order (deferred) until claims make room, so loading ahead never evicts an adapter that
+a request still queued is waiting for (eviction takes claimed adapters first). A `get` of a
+deferred adapter loads it at once: the head of the queue never waits for the lookahead.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from slora_backend.adapters.host_arena import HostArena, footprint
+from slora_backend.adapters.prefetch import PrefetchWindow
 from slora_backend.adapters.source import AdapterSource, Fingerprint, HostAdapter
 from slora_backend.adapters.validation import refuse
 from slora_backend.device import use_device
@@ -58,25 +70,47 @@ class HostCache:
         self._counters = {"hits": 0, "misses": 0, "loads": 0, "load_errors": 0, "evictions": 0}
         self._latency_total = 0.0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # an RLock: a range may come back while it is held
+        self._arena = HostArena(capacity_bytes, self.pin_memory, self._cond,
+                                thread_init=lambda: use_device(device))
+        self._live_ranges = 0  # arena ranges taken and not given back (in use or referenced)
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
         self._closed = False
+        self._window = PrefetchWindow(capacity_bytes)  # S-LoRA's lookahead (prefetch.py)
 
     # ---- public API -------------------------------------------------------------------------
 
     def prefetch(self, adapter_id: str) -> None:
         """Start loading the adapter in the background (no-op when resident or loading).
         Clears an earlier failure so that a fixed adapter is retried."""
+        try:
+            size = footprint(self.source.inspect(adapter_id).nbytes)
+        except EngineError:
+            size = 0  # _lookup records the refusal
         with self._cond:
             self._failures.pop(adapter_id, None)
+            idle = adapter_id not in self._entries and adapter_id not in self._inflight
+            if idle and size and not self._window.offer(adapter_id, size):
+                return  # waits for room, in arrival order
+            if not idle and self._window.is_deferred(adapter_id):
+                return
         self._lookup(adapter_id, count_hit=False)
+        with self._cond:  # no load started after all (resident meanwhile, or refused)
+            if adapter_id not in self._inflight:
+                self._window.cancel(adapter_id)
 
     def get(self, adapter_id: str) -> HostAdapter | None:
         """The adapter if resident and still current on disk; else None (a load is started
         unless one runs or it failed: see `error`)."""
-        return self._lookup(adapter_id, count_hit=True)
+        with self._cond:
+            self._window.demand(adapter_id)  # wanted now: no more waiting for room
+        adapter = self._lookup(adapter_id, count_hit=True)
+        with self._cond:  # claimed only once taken: the loads it lets start may evict it
+            if adapter is not None and self._window.release(adapter_id):
+                self._drain()
+        return adapter
 
     def error(self, adapter_id: str) -> EngineError | None:
         """Why the last load of this adapter failed (None if it did not)."""
@@ -139,14 +173,38 @@ class HostCache:
                 "load_latency_max_s": max(window, default=0.0),
             }
 
+    def wait_pinned(self) -> None:
+        """Block until the arena's pinned memory is all allocated (benchmarks start their clock
+        after it, as a server serves after its start-up)."""
+        with self._cond:
+            while self._arena.growing:
+                self._cond.wait()
+
     def close(self) -> None:
         """Stop the workers (queued loads are cancelled, a running one finishes)."""
         with self._cond:
             self._closed = True
+            self._arena.stop()
             self._cond.notify_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Start the deferred prefetches that fit now, in order (under the lock)."""
+        if self._closed:
+            return
+        for adapter_id in self._window.startable():
+            if adapter_id in self._entries or adapter_id in self._inflight:
+                self._window.cancel(adapter_id)
+            else:
+                self._submit(adapter_id)
+
+    def _submit(self, adapter_id: str) -> None:
+        self._failures.pop(adapter_id, None)
+        self._inflight.add(adapter_id)
+        self._counters["misses"] += 1
+        self._executor.submit(self._load, adapter_id)
 
     def _current(self, adapter_id: str) -> tuple[Fingerprint | None, EngineError | None]:
         try:
@@ -172,33 +230,56 @@ class HostCache:
                 self._cond.notify_all()
                 return None
             if adapter_id not in self._inflight and not self._closed:
-                self._failures.pop(adapter_id, None)
-                self._inflight.add(adapter_id)
-                self._counters["misses"] += 1
-                self._executor.submit(self._load, adapter_id)
+                self._submit(adapter_id)
             return None
 
     def _drop(self, adapter_id: str, count: bool) -> bool:
         entry = self._entries.pop(adapter_id, None)
         if entry is None:
             return False
-        self._bytes -= entry.nbytes
+        self._bytes -= footprint(entry.nbytes)
+        if self._window.release(adapter_id):  # evicted before its request came: room
+            self._drain()
         if count:
             self._counters["evictions"] += 1
         self._cond.notify_all()
         return True
 
-    def _reserve(self, nbytes: int) -> None:
-        """Make room for nbytes (evict LRU first, else wait for loads in flight), reserve it."""
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """Make room for nbytes (evict LRU first, else wait for loads in flight), reserve it
+        and take an arena range for it."""
         with self._cond:
-            while self._bytes + self._reserved + nbytes > self.capacity_bytes:
-                if self._entries:
-                    self._drop(next(iter(self._entries)), count=True)
-                elif self._closed:
-                    raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
-                else:
-                    self._cond.wait()
-            self._reserved += nbytes
+            while self._bytes + self._reserved + footprint(nbytes) > self.capacity_bytes:
+                self._evict_or_wait()
+            self._reserved += footprint(nbytes)
+            while (where := self._arena.allocate(nbytes)) is None:
+                try:  # enough bytes, but not pinned yet or not in one range (fragmentation)
+                    if self._arena.growing and not self._closed:
+                        self._cond.wait()  # the next pinned chunk
+                    else:
+                        self._evict_or_wait()
+                except BaseException:
+                    self._reserved -= footprint(nbytes)
+                    raise
+            self._live_ranges += 1
+            return where
+
+    def _evict_or_wait(self) -> None:
+        if self._entries:  # LRU first, but adapters still awaited by queued requests last
+            victim = next((a for a in self._entries if not self._window.is_unclaimed(a)),
+                          next(iter(self._entries)))
+            self._drop(victim, count=True)
+        elif self._closed:
+            raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
+        else:
+            self._cond.wait()  # a load commits, or an evicted adapter's range comes back
+
+    def _give_back(self, where: tuple[int, int], nbytes: int, fences: list) -> None:
+        """An arena range is free again (its adapter is gone, or its load failed)."""
+        with self._cond:
+            self._arena.free(where, nbytes, fences[-1] if fences else None)
+            self._live_ranges -= 1
+            self._cond.notify_all()
 
     def _load(self, adapter_id: str) -> None:
         start = time.perf_counter()
@@ -207,19 +288,22 @@ class HostCache:
         fingerprint, _ = self._current(adapter_id)
         try:
             info = self.source.inspect(adapter_id)  # validates before anything is allocated
-            if info.nbytes > self.capacity_bytes:
+            if footprint(info.nbytes) > self.capacity_bytes:
                 raise refuse(adapter_id, f"needs {info.nbytes} bytes of host memory, more than "
                                          f"the whole host cache ({self.capacity_bytes} bytes, "
                                          "host_cache_bytes)")
-            self._reserve(info.nbytes)
+            where = self._reserve(info.nbytes)
             try:
-                adapter = self.source.load(adapter_id, pin_memory=self.pin_memory)
-                self._commit(adapter, info.nbytes, time.perf_counter() - start)
+                adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes))
             except BaseException:
                 with self._cond:
-                    self._reserved -= info.nbytes
-                    self._cond.notify_all()
+                    self._reserved -= footprint(info.nbytes)
+                self._give_back(where, info.nbytes, [])
                 raise
+            # the range comes back once nothing refers to the adapter any more
+            weakref.finalize(adapter, self._give_back, where, info.nbytes,
+                             adapter.fences).atexit = False
+            self._commit(adapter, info.nbytes, time.perf_counter() - start)
         except EngineError as exc:
             self._fail(adapter_id, exc, fingerprint)
         except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
@@ -228,20 +312,18 @@ class HostCache:
                        fingerprint)
 
     def _commit(self, adapter: HostAdapter, reserved: int, seconds: float) -> None:
-        """Turn the reservation into a resident entry, atomically (the bound never breaks)."""
-        if adapter.nbytes != reserved:
-            raise EngineError(ErrorCode.UNAVAILABLE,
-                              f"adapter '{adapter.adapter_id}' changed on disk while loading; "
-                              "retry")
+        """Turn the reservation into a resident entry, atomically (the bound never breaks).
+        The sizes match: AdapterSource.load refuses an adapter whose size changed."""
         with self._cond:
-            self._reserved -= reserved
+            self._reserved -= footprint(reserved)
             self._entries[adapter.adapter_id] = adapter
-            self._bytes += adapter.nbytes
+            self._bytes += footprint(adapter.nbytes)
             self._counters["loads"] += 1
             self._latency_total += seconds
             self._latencies.append(seconds)
             self._inflight.discard(adapter.adapter_id)
             self._failures.pop(adapter.adapter_id, None)  # e.g. a NOT_FOUND seen mid-load
+            self._window.loaded(adapter.adapter_id)
             self._cond.notify_all()
 
     def _fail(self, adapter_id: str, error: EngineError, fingerprint: Fingerprint | None) -> None:
@@ -249,4 +331,6 @@ class HostCache:
             self._failures[adapter_id] = _Failure(error, fingerprint)
             self._counters["load_errors"] += 1
             self._inflight.discard(adapter_id)
+            if self._window.release(adapter_id):
+                self._drain()
             self._cond.notify_all()

@@ -189,22 +189,33 @@ def write_adapter_rows(
     pointers = plan.absolute(pages)
     for m, (a_rows, b_rows) in pointers.items():
         d_in, d_out = spec.module_dims(m)
-        a_all = torch.stack([weights[(li, m)][0] for li in range(L)]).to(
-            device=storage.device, dtype=storage.dtype
-        )
-        bt_all = torch.stack([weights[(li, m)][1].t() for li in range(L)]).to(
-            device=storage.device, dtype=storage.dtype
-        )
-        if a_all.shape[1:] != (rank, d_in) or bt_all.shape[1:] != (rank, d_out):
-            raise ValueError(
-                f"module {m}: A {tuple(a_all.shape[1:])} / B^T {tuple(bt_all.shape[1:])} "
-                "do not match "
-                f"rank {rank} and dims ({d_in}, {d_out})"
-            )
-        for rows, src, length in ((a_rows, a_all, d_in), (b_rows, bt_all, d_out)):
-            for j0, j1, start in contiguous_runs(rows, length):
-                flat[:, start : start + (j1 - j0) * length] = src[:, j0:j1].reshape(L, -1)
+        a_parts = [weights[(li, m)][0] for li in range(L)]
+        bt_parts = [weights[(li, m)][1].t() for li in range(L)]
+        for rows, parts, length in ((a_rows, a_parts, d_in), (b_rows, bt_parts, d_out)):
+            bad = next((p for p in parts if tuple(p.shape) != (rank, length)), None)
+            if bad is not None:
+                raise ValueError(f"module {m}: A / B^T {tuple(bad.shape)} does not match rank "
+                                 f"{rank} and dims ({d_in}, {d_out})")
+            _write_rows(flat, parts, contiguous_runs(rows, length), length)
     return pointers
+
+
+def _write_rows(flat: torch.Tensor, parts: list[torch.Tensor],
+                runs: list[tuple[int, int, int]], length: int) -> None:
+    """Copy rows j0:j1 of every layer's factor (parts[layer], [rank, length]) to `start`.
+
+    On the CPU each layer's factor goes straight to its pages (B^T transposed on the way): a
+    stack of all layers first would copy every byte twice. On a GPU one stack per module and
+    one copy per run across all layers: there launches cost more than bytes."""
+    if flat.device.type == "cpu":
+        for layer, part in enumerate(parts):
+            for j0, j1, start in runs:
+                flat[layer, start:start + (j1 - j0) * length].view(j1 - j0, length).copy_(
+                    part[j0:j1])
+        return
+    src = torch.stack(parts).to(device=flat.device, dtype=flat.dtype)
+    for j0, j1, start in runs:
+        flat[:, start:start + (j1 - j0) * length] = src[:, j0:j1].reshape(len(parts), -1)
 
 
 def contiguous_runs(rows: Sequence[int], length: int) -> list[tuple[int, int, int]]:

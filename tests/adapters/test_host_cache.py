@@ -81,6 +81,13 @@ def test_lru_matches_reference_and_bound_holds(lru_source: AdapterSource, ops: l
                     evictions += 1
                 ref[name] = sizes[name]
                 assert cache.wait(name, timeout=WAIT_S).nbytes == sizes[name]
+                # the bytes must also be contiguous in the arena: a load may evict more, but
+                # only the least recently used entries, so what stays is a suffix of the LRU
+                resident = cache.resident()
+                assert resident == list(ref)[len(ref) - len(resident):]
+                for extra in list(ref)[:len(ref) - len(resident)]:
+                    del ref[extra]
+                    evictions += 1
             _check_bound(cache)
             assert cache.resident() == list(ref)
         stats = cache.stats()
@@ -243,3 +250,39 @@ def test_refused_adapter_takes_no_bytes(spec: ModelSpec, adapter_dir: Path,
         cache.close()
     assert stats["bytes"] == 0 and stats["reserved_bytes"] == 0 and cache.resident() == []
     assert stats["load_errors"] == 1 and stats["loads"] == 0
+
+
+def _settle(cache: HostCache) -> dict:
+    deadline = time.monotonic() + WAIT_S
+    while cache.stats()["host_inflight"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cache.stats()
+
+
+def test_prefetch_looks_ahead_in_order_within_the_capacity(spec: ModelSpec, adapter_dir: Path,
+                                                           source: AdapterSource) -> None:
+    """Queued requests' adapters load in arrival order, at most a cache-full ahead of their
+    claims (get = admission); loading ahead never evicts an adapter still awaited; a get of an
+    adapter still deferred loads it at once."""
+    names = [f"p{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        rec = recipe(rank=8, seed=i)
+        write_adapter(adapter_dir / name, adapter_config(rec), adapter_tensors(rec, spec))
+    size = source.inspect(names[0]).nbytes
+    cache = HostCache(source, capacity_bytes=3 * size, workers=2, pin_memory=False)
+    try:
+        for name in names:
+            cache.prefetch(name)
+        stats = _settle(cache)
+        assert sorted(cache.resident()) == names[:3] and stats["loads"] == 3  # rest deferred
+        assert cache.get(names[0]) is not None  # its request is admitted: room for one more
+        stats = _settle(cache)
+        assert sorted(cache.resident()) == names[1:4] and stats["loads"] == 4
+        assert stats["evictions"] == 1  # p0 (claimed) went, not p1..p3 (still awaited)
+        assert cache.wait(names[5], timeout=WAIT_S).adapter_id == names[5]  # the head's demand
+        for name in names[1:5]:  # claims in order let the rest load, nothing is lost
+            assert cache.wait(name, timeout=WAIT_S).adapter_id == name
+        stats = _settle(cache)
+        assert stats["load_errors"] == 0 and stats["bytes"] <= 3 * size
+    finally:
+        cache.close()

@@ -1,0 +1,135 @@
+"""Cold start as a user sees it: TTFT of an adapter only on disk vs the same adapter warm,
+through a running tritonserver while it serves a background load.
+
+The script writes one rank-R all-module adapter for the served model into the server's adapter
+folder (SLORA_ADAPTER_DIR; adapters are found on demand) and hard-links it under a new id per
+repeat, so each cold request really reads its adapter from disk (page cache warm, as in the
+issue) while the warm request right after it finds the same adapter resident. Meanwhile
+--load-clients gRPC streams keep base-model requests running. Reports median TTFT cold and
+warm and the median paired difference (cold minus warm), as JSON (--out).
+
+    SLORA_ADAPTER_DIR=/tmp/cold-adapters scripts/tritonserver.sh --model-repository \\
+        model_repository &                       # then, once it is ready:
+    .venv/bin/python bench/bench_cold_ttft_server.py --adapter-dir /tmp/cold-adapters \\
+        --url localhost:8001 --rank 64           # SmolLM2 fp32: a 78-MB file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+
+from bench_server_throughput import Request, StreamClient  # noqa: E402 (after the path fix)
+
+from slora_backend.model.spec import MODULE_ORDER  # noqa: E402
+from slora_testing.synthetic_adapters import (  # noqa: E402
+    AdapterRecipe,
+    adapter_config,
+    adapter_tensors,
+    load_spec,
+    write_adapter,
+)
+
+PROMPT = "Write one sentence about the sea."
+LOAD_PROMPT = "Tell me a long story about a lighthouse keeper and the ships she saw."
+SOURCE_ID = "cold-source"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--adapter-dir", type=Path, required=True, help="the server's adapter folder")
+    p.add_argument("--url", default="localhost:8001")
+    p.add_argument("--model", default="slora")
+    p.add_argument("--base-model", type=Path,
+                   default=REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--dtype", default="float32", help="of the adapter file (the server's dtype)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--load-clients", type=int, default=4)
+    p.add_argument("--load-max-tokens", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cold_ttft.json")
+    return p.parse_args()
+
+
+def write_ids(args: argparse.Namespace) -> tuple[list[str], int]:
+    """One real adapter, hard-linked under one new id per repeat; its file size."""
+    spec = load_spec(args.base_model)
+    recipe = AdapterRecipe(args.rank, MODULE_ORDER, 2.0 * args.rank, False, "list", seed=7)
+    dtype = getattr(torch, args.dtype)
+    src = write_adapter(args.adapter_dir / SOURCE_ID, adapter_config(recipe),
+                        adapter_tensors(recipe, spec, dtype=dtype))
+    suffix = os.urandom(4).hex()  # ids never seen by this server before
+    names = []
+    for i in range(args.repeats):
+        name = f"cold-{suffix}-{i}"
+        (args.adapter_dir / name).mkdir()
+        for f in src.iterdir():
+            os.link(f, args.adapter_dir / name / f.name)
+        names.append(name)
+    return names, sum(f.stat().st_size for f in src.iterdir())
+
+
+def background_load(args: argparse.Namespace, stop: threading.Event) -> list[threading.Thread]:
+    def loop() -> None:
+        client = StreamClient(args.url, args.model, args.load_max_tokens, args.timeout)
+        try:
+            while not stop.is_set():
+                client.run(Request(0, "", LOAD_PROMPT))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(args.load_clients)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def ttft_ms(client: StreamClient, adapter: str) -> float:
+    rec = client.run(Request(1, adapter, PROMPT))
+    if not rec.ok or rec.first is None:
+        raise RuntimeError(f"request with adapter {adapter!r} failed: {rec.error}")
+    return (rec.first - rec.start) * 1e3
+
+
+def main() -> None:
+    args = parse_args()
+    names, file_bytes = write_ids(args)
+    client = StreamClient(args.url, args.model, 1, args.timeout)
+    stop = threading.Event()
+    load = background_load(args, stop)
+    cold, warm = [], []
+    try:
+        ttft_ms(client, "")  # the stream and the server warmed up
+        for name in tqdm(names, desc="cold/warm", unit="pair"):
+            cold.append(ttft_ms(client, name))
+            warm.append(ttft_ms(client, name))
+    finally:
+        stop.set()
+        for t in load:
+            t.join(args.timeout)
+        client.close()
+    result = {"adapter_file_mb": file_bytes / 1e6, "rank": args.rank, "repeats": args.repeats,
+              "load_clients": args.load_clients, "ttft_cold_ms": statistics.median(cold),
+              "ttft_warm_ms": statistics.median(warm),
+              "added_cold_ms": statistics.median([c - w for c, w in zip(cold, warm)]),
+              "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
+    print(json.dumps(result, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""weights_file: the one-read safetensors reader against safetensors' own loader, and the
+header checks that refuse a file rewritten or damaged between validation and load."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from slora_backend.adapters.weights_file import (
+    StagingBuffers,
+    open_regular,
+    parse_header,
+    read_into,
+)
+from slora_backend.errors import EngineError, ErrorCode
+
+TENSORS = {"b": (3, 5), "a": (4, 2), "c": (7,)}
+
+
+def _write(path: Path, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(shape, generator=gen).to(dtypes[k]) for k, shape in TENSORS.items()}
+    save_file(tensors, str(path))
+    return tensors
+
+
+def _read(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    fd = open_regular(str(path))
+    try:
+        wf = parse_header("x", fd)
+        numel = sum(t.numel() for t in load_file(str(path)).values())
+        out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        return read_into(fd, wf, out, dtype, StagingBuffers())
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("file_dtypes, dtype", [
+    ({"a": torch.float16, "b": torch.float16, "c": torch.float16}, torch.float16),  # direct
+    ({"a": torch.float16, "b": torch.float16, "c": torch.float16}, torch.float32),  # one cast
+    ({"a": torch.float32, "b": torch.bfloat16, "c": torch.float16}, torch.float32),  # mixed
+])
+def test_read_equals_safetensors(tmp_path: Path, file_dtypes: dict, dtype: torch.dtype) -> None:
+    path = tmp_path / "w.safetensors"
+    _write(path, file_dtypes)
+    views = _read(path, dtype)
+    reference = load_file(str(path))
+    assert set(views) == set(reference)
+    for key, tensor in reference.items():
+        assert views[key].dtype == dtype and torch.equal(views[key], tensor.to(dtype))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw + b"\0", "trailing"),
+    (lambda raw: raw[:-1], "truncated"),
+    (lambda raw: (1 << 40).to_bytes(8, "little") + raw[8:], "header length"),
+    (lambda raw: raw[:8] + b"[" + raw[9:], "header is not JSON"),
+])
+def test_damaged_files_are_refused(tmp_path: Path, damage, message: str) -> None:
+    path = tmp_path / "w.safetensors"
+    _write(path, dict.fromkeys(TENSORS, torch.float16))
+    path.write_bytes(damage(path.read_bytes()))
+    fd = open_regular(str(path))
+    try:
+        with pytest.raises(EngineError, match=message) as info:
+            parse_header("x", fd)
+    finally:
+        os.close(fd)
+    assert info.value.code == ErrorCode.INVALID_ARG and "'x'" in info.value.message
+
+
+def test_overlapping_ranges_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    _write(path, dict.fromkeys(TENSORS, torch.float16))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].decode()
+    # move "c" onto the start of the data: its length is right, only the tiling check can tell
+    meta = json.loads(header)
+    start, end = meta["c"]["data_offsets"]
+    meta["c"]["data_offsets"] = [0, end - start]
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    assert len(text) <= n
+    text = text.ljust(n)  # safetensors pads its header with spaces too
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+    fd = open_regular(str(path))
+    try:
+        with pytest.raises(EngineError, match="overlaps"):
+            parse_header("x", fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_fifo_is_not_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        os.close(open_regular(str(fifo)))
