@@ -12,6 +12,8 @@ set -u
 out=${1:?OUT_DIR}
 tok=${2:?TOKENIZER_DIR}
 mkdir -p "$out"
+# a bare checkout (the GPU host has no editable install): the kernels package is in kernels/
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 step() {  # step SECONDS NAME CMD...
     local limit=$1 name=$2

@@ -11,6 +11,8 @@ out=${1:?OUT_DIR}
 tok=${2:?TOKENIZER_DIR}
 dev=${3:-.device}
 mkdir -p "$out"
+# a bare checkout (the GPU host has no editable install): the kernels package is in kernels/
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # shellcheck disable=SC1091
 source "$dev/gpu-setup.sh" "$dev" >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }

@@ -25,7 +25,7 @@ if [[ -d "$VENV/bin" ]]; then
 fi
 # The repo is installed editable into the venv; PYTHONPATH also covers a python3 without it
 # (e.g. the container's system interpreter).
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT:$ROOT/kernels${PYTHONPATH:+:$PYTHONPATH}"
 
 ARGS=("$@")
 has_opt() {

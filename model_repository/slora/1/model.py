@@ -30,9 +30,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-if str(REPO_ROOT) not in sys.path:
-    # normally the repo is installed (editable) in the venv; this keeps a bare checkout working
-    sys.path.append(str(REPO_ROOT))
+# normally the repo is installed (editable) in the venv; this keeps a bare checkout working
+# (the kernels' package slora_kernels sits in the folder kernels/)
+for _path in (REPO_ROOT, REPO_ROOT / "kernels"):
+    if str(_path) not in sys.path:
+        sys.path.append(str(_path))
 
 from slora_backend import EngineConfig, EngineError, ErrorCode  # noqa: E402
 from slora_backend.serving.client import EngineClient  # noqa: E402
