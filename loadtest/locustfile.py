@@ -25,6 +25,7 @@ from locust import events  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
 from loadtest import users  # noqa: E402
+
 # OpenAIChatUser is not listed: a third User class here left the compose master/worker run
 # with no requests at all (tests/docker/test_compose_locust.py); `python -m loadtest.run
 # --protocol openai` picks it through users.USER_CLASSES
