@@ -55,12 +55,11 @@ FIRST_TOKEN_ID = 3  # random prompts skip special tokens
 HBM_BYTES_PER_S = 4.8e12  # H200 spec sheet; the decode floor reads every weight once per step
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_workload_args(p: argparse.ArgumentParser, num_requests: int) -> None:
+    """The request list and engine settings (shared with bench_table3.py)."""
     p.add_argument("--tokenizer", type=Path, required=True,
                    help="folder with tokenizer.json (any Llama-family tokenizer; ids < 32000)")
-    p.add_argument("--num-requests", type=int, default=200)
-    p.add_argument("--num-adapters", type=int, default=100)
+    p.add_argument("--num-requests", type=int, default=num_requests)
     p.add_argument("--ranks", default="8,16,32,64")
     p.add_argument("--lengths", default="8,512", help="min,max input and output tokens")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -69,6 +68,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pool-bytes", type=int, default=None, help="instead of --pool-fraction")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_workload_args(p, num_requests=200)
+    p.add_argument("--num-adapters", type=int, default=100)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine_gpu.json")
     p.add_argument("--quick", action="store_true", help="20 requests, 8 adapters")
     p.add_argument("--tiny", action="store_true", help="a small model instead of Llama-7B")

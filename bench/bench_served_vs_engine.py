@@ -24,8 +24,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,11 +43,11 @@ import bench_server_throughput as client_bench  # noqa: E402
 from bench_engine_gpu import make_adapters, make_model_dir  # noqa: E402
 
 from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_testing.servers import free_ports, stop_server  # noqa: E402
 from slora_testing.synthetic_adapters import LLAMA7B_CONFIG, make_tiny_model  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 READY_TIMEOUT_S = 600.0
-STOP_TIMEOUT_S = 60.0
 POLL_S = 0.5
 WARMUP_TOKENS = 2
 # the issue's shapes: engine settings (EngineConfig fields) and the client load per preset
@@ -244,30 +242,6 @@ def start_server(env: dict[str, str], log: Path,
             time.sleep(POLL_S)
     stop_server(proc)
     raise RuntimeError(f"tritonserver did not become ready:\n{log.read_text()[-4000:]}")
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports. As tests/conftest.py's, which this script cannot import: the
-    GPU host runs it without pytest or requests."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def run_served(url: str, args: argparse.Namespace, adapters: list[str], adapter_dir: Path,

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from bench_engine_gpu import (  # noqa: E402 (after the path fix)
     LLAMA7B_CONFIG,
     TINY_CONFIG,
+    add_workload_args,
     make_adapters,
     make_model_dir,
     make_requests,
@@ -62,21 +63,11 @@ GIB = 1 << 30
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokenizer", type=Path, required=True,
-                   help="folder with tokenizer.json (any Llama-family tokenizer; ids < 32000)")
+    add_workload_args(p, num_requests=600)
     p.add_argument("--ns", default="0,5,100,1000,2000", help="adapter counts (0 = base model)")
     p.add_argument("--modes", default="cold,preloaded")
-    p.add_argument("--num-requests", type=int, default=600)
-    p.add_argument("--ranks", default="8,16,32,64")
-    p.add_argument("--lengths", default="8,512", help="min,max input and output tokens")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    p.add_argument("--pool-fraction", type=float, default=0.8, help="of free GPU memory")
-    p.add_argument("--pool-bytes", type=int, default=None, help="instead of --pool-fraction")
     p.add_argument("--host-cache-gib", type=float, default=40.0)
     p.add_argument("--host-cache-workers", type=int, default=8)
-    p.add_argument("--cuda-graph-max-batch", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a small model instead of Llama-7B")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "table3.json")

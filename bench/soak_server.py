@@ -18,8 +18,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from client import ClientError, stream_grpc_values  # noqa: E402
+from slora_testing.servers import free_ports, stop_server  # noqa: E402
 
 DEMO_ADAPTER = REPO / "adapters" / "pirate"
 STUB_NAME = "triton_python_backend_stub"
@@ -49,16 +48,6 @@ MIX = ((3, "base"), (4, "adapter"), (2, "cancel"), (1, "bad_param"), (1, "unknow
 SERVER_ENV = {"SLORA_MAX_LOADED_ADAPTERS": "4", "SLORA_HOST_CACHE_BYTES": str(64 * MIB),
               "SLORA_MAX_NUM_SEQS": "8"}
 PROMPTS = ("Why is the sky blue?", "Tell me about ships.", "Write a haiku about rain.")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def make_adapter_dir(root: Path, count: int) -> list[str]:
@@ -183,11 +172,7 @@ def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
         stop.set()
         for thread in users:
             thread.join(RESPONSE_TIMEOUT_S)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc, STOP_TIMEOUT_S)
     return {"args": vars(args), "server_env": SERVER_ENV, "counts": counts, "samples": samples}
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,11 +20,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from slora_testing.servers import STOP_TIMEOUT_S, free_ports, stop_server
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = REPO_ROOT / "scripts" / "tritonserver.sh"
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 READY_TIMEOUT_S = float(os.environ.get("SLORA_TEST_READY_TIMEOUT", "900"))
-STOP_TIMEOUT_S = 60.0
 POLL_S = 0.5
 LOG_TAIL_CHARS = 6000
 EXTERNAL_SERVER_ENV = "SLORA_TEST_SERVER"
@@ -48,18 +47,6 @@ class TritonServer:
         return self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports (bound together so they cannot repeat)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _answers(url: str) -> bool:
     """GET url answers 200."""
     try:
@@ -70,18 +57,6 @@ def _answers(url: str) -> bool:
 
 def _ready(http_url: str) -> bool:
     return _answers(f"http://{http_url}/v2/health/ready")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (Triton unloads the model: finalize runs), then SIGKILL the group if stuck."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def start_triton_server(log: Path, env: dict[str, str] | None = None,
@@ -103,7 +78,7 @@ def start_triton_server(log: Path, env: dict[str, str] | None = None,
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not _ready(server.http_url):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop_server(proc)
             pytest.fail(f"tritonserver did not become ready (exit {proc.returncode}):\n"
                         f"{server.log_tail()}")
         time.sleep(POLL_S)
@@ -126,7 +101,7 @@ def triton_server_factory(
         try:
             yield server
         finally:
-            _stop(proc)
+            stop_server(proc)
 
     return factory
 
@@ -144,7 +119,7 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
     try:
         yield server
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @contextlib.contextmanager
