@@ -13,7 +13,7 @@ read where they are at replay, so adapters loaded after capture are served.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -48,6 +48,29 @@ LORA_VARIANTS = (frozenset(), ATTENTION_MODULES, ALL_MODULES)
 def lora_variant(lora_modules: frozenset[int]) -> frozenset[int]:
     """The LoRA variant a step whose adapters target `lora_modules` replays."""
     return next(v for v in LORA_VARIANTS if lora_modules <= v)
+
+
+def capture_graphs(keys: list[Hashable], forward: Callable[[Hashable], torch.Tensor],
+                   device: torch.device, pool: tuple, desc: str
+                   ) -> dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """One CUDA graph per key of `forward(key)` (its output tensor kept with it), all in the
+    memory pool `pool` (torch.cuda.graph_pool_handle(): graphs never replay concurrently, so
+    their temporaries may share memory; capture the largest first). A warm-up run of every key
+    first compiles the Triton kernels outside capture."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for key in keys:
+            forward(key)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    captured = {}
+    for key in tqdm(keys, desc=desc, leave=False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            output = forward(key)
+        captured[key] = (graph, output)
+    torch.cuda.synchronize(device)
+    return captured
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -111,22 +134,14 @@ class DecodeGraphs:
                 yield size, lora_modules
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every (size, with/without LoRA) graph; kernels are compiled by a warm-up."""
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.storage.device)
-        stream.wait_stream(torch.cuda.current_stream(self.storage.device))
-        with torch.cuda.stream(stream):
-            for size, lora_modules in self._variants():
-                self._forward(size, lora_modules)  # warm-up: Triton compiles outside capture
-        torch.cuda.current_stream(self.storage.device).wait_stream(stream)
-        variants = list(self._variants())
-        for key in tqdm(variants, desc="capturing decode CUDA graphs", leave=False):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self._outputs[key] = self._forward(*key)
-            self._graphs[key] = graph
-        torch.cuda.synchronize(self.storage.device)
+    def capture(self, pool: tuple | None = None) -> None:
+        """Capture every (size, LoRA variant) graph in `pool` (default: a new one)."""
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
+        captured = capture_graphs(list(self._variants()), lambda key: self._forward(*key),
+                                  self.storage.device, pool, "capturing decode CUDA graphs")
+        for key, (graph, output) in captured.items():
+            self._graphs[key], self._outputs[key] = graph, output
         log.info("captured %d decode CUDA graphs (batch sizes %s)", len(self._graphs), self.sizes)
 
     def run(self, batch: BatchInput, lora_modules: frozenset[int],
