@@ -71,6 +71,10 @@ class LLMEngine:
             raise EngineError.invalid("model", f"built for {self.model.dtype} on "
                                                f"{self.model.device}, the engine runs "
                                                f"{self.dtype} on {self.device}")
+        self.model.set_backend(config.kernel_backend)
+        if config.cuda_graph_mixed == "on" and not self.model.graphable:
+            raise EngineError.invalid("cuda_graph_mixed", "on needs the triton backend on CUDA "
+                                                          "(fp16/bf16)")
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
@@ -101,7 +105,6 @@ class LLMEngine:
         self.admission = Admission(self.spec, self.tokenizer, self.adapters, self.max_model_len,
                                    config.block_size, num_pages, config.seed)
         self.outputs = OutputProcessor(self.spec.eos_token_ids, self.max_model_len)
-        self.model.set_backend(config.kernel_backend)
         self.runner = ModelRunner(self.model, self.storage, self.kv, self.adapters.tables,
                                   self.device, *self._cuda_graphs())
 
@@ -124,9 +127,6 @@ class LLMEngine:
         (model/cuda_graphs.py, model/mixed_graphs.py), captured into one memory pool."""
         config = self.config
         if not self.model.graphable:
-            if config.cuda_graph_mixed == "on":
-                raise EngineError.invalid("cuda_graph_mixed", "on needs the triton backend on "
-                                                              "CUDA (fp16/bf16)")
             return None, None
         from slora_backend.model.cuda_graphs import DecodeGraphs
         from slora_backend.model.mixed_graphs import MixedGraphs
