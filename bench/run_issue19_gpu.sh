@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 19 on one GPU, in one device call (ends within ~9.5 minutes of wall time):
+#   bash bench/run_issue19_gpu.sh OUT_DIR TOKENIZER_DIR     # TOKENIZER_DIR: SmolLM2's tokenizer
+# 1. CUDA tests: the new kernels (fused norm, RoPE + KV write, silu*up, varlen attention), the
+#    refactored prefill attention, mixed-step graphs against HF + PEFT and against the eager
+#    path, the model on CUDA, async scheduling on CUDA;
+# 2. the prefill LoRA kernels (8 x 256 tokens, 8 adapters): MBGMM (eager path) and the grouped
+#    MBGMV (mixed-step graphs) against a device copy of their bytes;
+# 3. bench_engine_gpu.py on the issue's workload (Llama-7B shape, random fp16, 600 requests,
+#    lengths uniform in [8, 512], EOS ignored, max_num_seqs 256, max_num_batched_tokens 4096):
+#    NEW (this tree: base, then LoRA with 100 adapters resident), with per step kind device
+#    times and the mixed-step bound; if it fails, again with cuda_graph_mixed off;
+# 4. OLD: the same workload on commit c9dfa4d (its own bench script: base, LoRA cold, LoRA
+#    resident), then today's main a1824fc if time is left.
+# Then a summary table (bench/summarize_issue19.py), printed last and in OUT_DIR/summary.md.
+# OUT_DIR gets at most 8 files: tests.log, bench.log, lora_kernels.json, engine_new.json,
+# engine_old.json, engine_main.json, summary.md.
+set -u
+out=${1:?OUT_DIR}
+tok=$(cd "${2:?TOKENIZER_DIR}" && pwd)
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+repo=$PWD
+scratch=$(mktemp -d /tmp/issue19.XXXXXX)
+export PYTHONUNBUFFERED=1
+deadline=$(( $(date +%s) + 555 ))
+WORKLOAD=(--tokenizer "$tok" --num-requests 600 --lengths 8,512 --max-num-seqs 256
+          --max-num-batched-tokens 4096)
+
+step() {  # step LIMIT LOG NAME CMD... : at most LIMIT seconds and never past the deadline
+    local limit=$1 log=$2 name=$3
+    shift 3
+    local left=$(( deadline - $(date +%s) - 5 ))
+    (( left < limit )) && limit=$left
+    if (( limit < 30 )); then
+        echo "=== $name: skipped (${left}s left)" | tee -a "$out/bench.log"
+        return 99
+    fi
+    local t0=$(date +%s)
+    echo "=== $name ($(date +%T), limit ${limit}s): $*" >> "$log"
+    timeout -k 5 "$limit" "$@" >> "$log" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$log"
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/bench.log"
+new_env=(env "PYTHONPATH=$repo:$repo/kernels")
+
+step 150 "$out/tests.log" tests "${new_env[@]}" python -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_kernel_layer_ops.py tests/kernels/test_kernel_varlen_attention.py \
+    tests/kernels/test_mixed_graphs.py tests/engine/test_cuda_graph_mixed.py \
+    tests/kernels/test_kernel_forward.py tests/kernels/test_kernel_attention.py \
+    tests/model/test_model_cuda.py \
+    "tests/engine/test_async_scheduling.py::test_async_equals_sync_on_cuda"
+tail -n 4 "$out/tests.log"
+
+step 50 "$out/bench.log" lora_kernels "${new_env[@]}" python bench/bench_lora_kernels.py \
+    --cases prefill --out "$scratch/lora"
+cp "$scratch/lora/lora_kernels.json" "$out/" 2>/dev/null
+
+if ! step 170 "$out/bench.log" engine_new "${new_env[@]}" python bench/bench_engine_gpu.py \
+        "${WORKLOAD[@]}" --runs base,lora_resident --out "$scratch/new/engine.json"; then
+    step 150 "$out/bench.log" engine_new_mixed_off "${new_env[@]}" python \
+        bench/bench_engine_gpu.py "${WORKLOAD[@]}" --runs base,lora_resident \
+        --cuda-graph-mixed off --out "$scratch/new/engine.json"
+fi
+cp "$scratch/new/engine.json" "$out/engine_new.json" 2>/dev/null
+
+for rev in c9dfa4d a1824fc; do
+    name=$([ "$rev" = c9dfa4d ] && echo old || echo main)
+    mkdir -p "$scratch/$rev"
+    git archive "$rev" | tar -x -C "$scratch/$rev"
+    kernels_path=$scratch/$rev/kernels  # the kernels' package moved under kernels/ later
+    (cd "$scratch/$rev" && step 200 "$out/bench.log" "engine_$name ($rev)" \
+        env "PYTHONPATH=$scratch/$rev:$kernels_path" python bench/bench_engine_gpu.py \
+        "${WORKLOAD[@]}" --out "$scratch/$rev/engine.json")
+    cp "$scratch/$rev/engine.json" "$out/engine_$name.json" 2>/dev/null
+done
+
+"${new_env[@]}" python bench/summarize_issue19.py "$out" | tee "$out/summary.md"
+rm -rf "$scratch"
