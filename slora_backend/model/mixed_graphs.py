@@ -24,7 +24,12 @@ import torch
 
 import slora_kernels
 from slora_backend.model.batch import BatchInput, TokenFeed
-from slora_backend.model.cuda_graphs import LORA_VARIANTS, PAD_SLOT, capture_graphs, lora_variant
+from slora_backend.model.cuda_graphs import (
+    LORA_VARIANTS,
+    TokenBuffers,
+    capture_graphs,
+    lora_variant,
+)
 from slora_backend.model.kernel_ops import KernelStep, rows_always_aligned
 from slora_backend.model.llama import LlamaModel
 from slora_backend.model.lora import LoraTables
@@ -71,16 +76,14 @@ class MixedGraphs:
         self.max_seqs = max_seqs
         self.aligned = rows_always_aligned(model.spec, storage.shape[2])
         dev = storage.device
-        i32, i64 = torch.int32, torch.int64
-        self.input_ids = torch.zeros(max_tokens, dtype=i64, device=dev)
-        self.positions = torch.zeros(max_tokens, dtype=i64, device=dev)
-        self.slot_mapping = torch.full((max_tokens,), PAD_SLOT, dtype=i64, device=dev)
-        self.lora_slots = torch.full((max_tokens,), PAD_SLOT, dtype=i32, device=dev)
+        i32 = torch.int32
+        self.tokens = TokenBuffers(max_tokens, dev)
         self.block_tables = torch.zeros(max_seqs, max_blocks, dtype=i32, device=dev)
         # not read by the graphs' kernels (the work list says it all): BatchInput's fields
         self.query_start_loc = torch.zeros(max_seqs + 1, dtype=i32, device=dev)
         self.context_lens = torch.ones(max_seqs, dtype=i32, device=dev)
-        self.logits_indices = torch.zeros(self._logit_rows(max_tokens), dtype=i64, device=dev)
+        self.logits_indices = torch.zeros(self._logit_rows(max_tokens), dtype=torch.int64,
+                                          device=dev)
         self.work = torch.full((max(self._capacity(s) for s in self.sizes), WORK_FIELDS),
                                PAD_ITEM, dtype=i32, device=dev)
         self.logits = torch.zeros(self._logit_rows(max_tokens), model.spec.vocab_size,
@@ -108,10 +111,8 @@ class MixedGraphs:
 
     def _static_batch(self, size: int) -> BatchInput:
         return BatchInput(
-            input_ids=self.input_ids[:size], positions=self.positions[:size],
-            query_start_loc=self.query_start_loc, context_lens=self.context_lens,
-            block_tables=self.block_tables, slot_mapping=self.slot_mapping[:size],
-            lora_slots=self.lora_slots[:size],
+            **self.tokens.batch_fields(size), query_start_loc=self.query_start_loc,
+            context_lens=self.context_lens, block_tables=self.block_tables,
             logits_indices=self.logits_indices[:self._logit_rows(size)])
 
     def _forward(self, size: int, lora_modules: frozenset[int]) -> torch.Tensor:
@@ -145,7 +146,7 @@ class MixedGraphs:
         size = self.bucket(batch.num_tokens)
         self._load(batch, size)
         if feed is not None:
-            feed.apply(self.input_ids)
+            feed.apply(self.tokens.input_ids)
         key = (size, lora_variant(lora_modules))
         graph = self._graphs.get(key)
         if graph is None:
@@ -158,14 +159,7 @@ class MixedGraphs:
     def _load(self, batch: BatchInput, size: int) -> None:
         """Copy the batch into the first rows and pad the bucket: slot -1 rows, -1 work items,
         logits rows of row 0."""
-        n = batch.num_tokens
-        for dst, src in ((self.input_ids, batch.input_ids), (self.positions, batch.positions),
-                         (self.slot_mapping, batch.slot_mapping),
-                         (self.lora_slots, batch.lora_slots)):
-            dst[:n].copy_(src, non_blocking=True)
-        if size > n:
-            self.slot_mapping[n:size].fill_(PAD_SLOT)
-            self.lora_slots[n:size].fill_(PAD_SLOT)
+        self.tokens.load(batch, size)
         seqs, width = batch.block_tables.shape
         self.block_tables[:seqs, :width].copy_(batch.block_tables, non_blocking=True)
         rows, sampled = self._logit_rows(size), batch.logits_indices.shape[0]
