@@ -100,20 +100,8 @@ class KernelStep:
         """Decode step over static device buffers (CUDA-graph capture): every padded row has
         slot -1 and slot_mapping -1; the LoRA call sites of `lora_modules` run whenever
         `tables` is given."""
-        return cls(
-            decode=True,
-            query_start_loc=batch.query_start_loc,
-            context_lens=batch.context_lens,
-            block_tables=batch.block_tables,
-            slot_mapping=batch.slot_mapping,
-            max_query_len=1,
-            max_context_len=None,
-            num_splits=num_splits,
-            work=None,
-            block_m=0,
-            **cls._graph_lora(batch, tables, lora_modules),
-            aligned=aligned,
-        )
+        return cls._graph(batch, tables, aligned, lora_modules, decode=True, max_query_len=1,
+                          num_splits=num_splits, work=None, block_m=0)
 
     @classmethod
     def mixed_graph(cls, batch: BatchInput, work: torch.Tensor, block_m: int,
@@ -123,31 +111,22 @@ class KernelStep:
         over `work` (`slora_kernels.varlen_work` with `block_m`), LoRA per token (the grouped
         MBGMV and its device chunk plan). Padded rows have slot -1, slot_mapping -1 and no
         work item."""
-        return cls(
-            decode=False,
-            query_start_loc=batch.query_start_loc,
-            context_lens=batch.context_lens,
-            block_tables=batch.block_tables,
-            slot_mapping=batch.slot_mapping,
-            max_query_len=0,
-            max_context_len=None,
-            num_splits=None,
-            work=work,
-            block_m=block_m,
-            **cls._graph_lora(batch, tables, lora_modules),
-            aligned=aligned,
-        )
+        return cls._graph(batch, tables, aligned, lora_modules, decode=False, max_query_len=0,
+                          num_splits=None, work=work, block_m=block_m)
 
-    @staticmethod
-    def _graph_lora(batch: BatchInput, tables: LoraTables | None,
-                    lora_modules: frozenset[int]) -> dict:
-        """A graph step's LoRA fields: the call sites of `lora_modules` run over the per-token
-        slots whenever `tables` is given."""
+    @classmethod
+    def _graph(cls, batch: BatchInput, tables: LoraTables | None, aligned: bool,
+               lora_modules: frozenset[int], **attention) -> KernelStep:
+        """A step over static buffers; LoRA over the per-token slots (the call sites of
+        `lora_modules`) whenever `tables` is given."""
         on = tables is not None
-        return dict(tables=tables, lora_modules=lora_modules if on else frozenset(),
-                    lora_slots=batch.lora_slots if on else None,
-                    lora_chunks=slora_kernels.decode_chunks(batch.lora_slots) if on else None,
-                    segments=None)
+        return cls(query_start_loc=batch.query_start_loc, context_lens=batch.context_lens,
+                   block_tables=batch.block_tables, slot_mapping=batch.slot_mapping,
+                   max_context_len=None, **attention, tables=tables,
+                   lora_modules=lora_modules if on else frozenset(),
+                   lora_slots=batch.lora_slots if on else None,
+                   lora_chunks=slora_kernels.decode_chunks(batch.lora_slots) if on else None,
+                   segments=None, aligned=aligned)
 
     # ---- the roles (those of torch_step.TorchStep) ---------------------------------------------
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
