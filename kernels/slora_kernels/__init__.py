@@ -1,14 +1,13 @@
 """Triton-lang kernels over the unified pool (docs/DESIGN.md).
 
 LoRA (MBGMM prefill; MBGMV decode, per token or grouped by adapter), paged attention (prefill,
-decode, and a mixed step over a fixed grid), KV write, and the fused layer ops of the triton
-backend: RMSNorm with the residual add, RoPE with the KV write, SwiGLU's silu * up.
+decode, and a mixed step over a fixed grid), and the fused layer ops of the triton backend:
+RMSNorm with the residual add, RoPE with the KV write, SwiGLU's silu * up.
 
 Each kernel file holds a launcher (checks shapes/dtypes/devices) and a torch reference.
 On CPU they run under ``TRITON_INTERPRET=1`` (tests); the engine uses them on CUDA.
 """
 
-from .kv_write import kv_write, kv_write_ref
 from .lora import add_lora, add_lora_ref, decode_chunks
 from .lora_common import LoraSegments, make_lora_segments, rows_aligned
 from .lora_expand import lora_expand, lora_expand_ref
@@ -26,8 +25,6 @@ __all__ = [
     "add_lora_ref",
     "add_lora_grouped",
     "decode_chunks",
-    "kv_write",
-    "kv_write_ref",
     "lora_chunks",
     "lora_expand",
     "lora_expand_ref",

@@ -3,7 +3,7 @@
 KV layout (docs/DESIGN.md): ``kv_cache = storage[l].view(num_pages, 2, block_size, num_kv_heads,
 head_dim)``; ``[p, 0]`` is K and ``[p, 1]`` V; token n of sequence s lives in page
 ``block_tables[s, n // block_size]`` at offset ``n % block_size``. The new tokens' K/V must be
-in the pool already (``kv_write`` first).
+in the pool already (``rope_kv_write`` first).
 
 - prefill: queries ``q`` [T, H, D] of all sequences concatenated (``query_start_loc`` [S+1]);
   ``context_lens[s]`` is the KV length after this step, so new token i of sequence s sits at
