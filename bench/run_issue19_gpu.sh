@@ -4,8 +4,9 @@
 # 1. CUDA tests: the new kernels (fused norm, RoPE + KV write, silu*up, varlen attention), the
 #    refactored prefill attention, mixed-step graphs against HF + PEFT and against the eager
 #    path, the model on CUDA, async scheduling on CUDA;
-# 2. the prefill LoRA kernels (8 x 256 tokens, 8 adapters): MBGMM (eager path) and the grouped
-#    MBGMV (mixed-step graphs) against a device copy of their bytes;
+# 2. the prefill LoRA kernels (8 x 256 tokens, 8 adapters): MBGMM (eager path; its expand's
+#    launch configurations swept first) and the grouped MBGMV (mixed-step graphs) against a
+#    device copy of their bytes;
 # 3. bench_engine_gpu.py on the issue's workload (Llama-7B shape, random fp16, 600 requests,
 #    lengths uniform in [8, 512], EOS ignored, max_num_seqs 256, max_num_batched_tokens 4096):
 #    NEW (this tree: base, then LoRA with 100 adapters resident), with per step kind device
@@ -47,16 +48,18 @@ step() {  # step LIMIT LOG NAME CMD... : at most LIMIT seconds and never past th
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/bench.log"
 new_env=(env "PYTHONPATH=$repo:$repo/kernels")
 
-step 150 "$out/tests.log" tests "${new_env[@]}" python -m pytest -q -p no:cacheprovider \
+step 100 "$out/tests.log" tests_new "${new_env[@]}" python -m pytest -q -p no:cacheprovider \
     tests/kernels/test_kernel_layer_ops.py tests/kernels/test_kernel_varlen_attention.py \
     tests/kernels/test_mixed_graphs.py tests/engine/test_cuda_graph_mixed.py \
-    tests/kernels/test_kernel_forward.py tests/kernels/test_kernel_attention.py \
-    tests/model/test_model_cuda.py \
+    tests/kernels/test_kernel_forward.py tests/model/test_model_cuda.py \
     "tests/engine/test_async_scheduling.py::test_async_equals_sync_on_cuda"
-tail -n 4 "$out/tests.log"
+step 40 "$out/tests.log" tests_attention "${new_env[@]}" python -m pytest -q \
+    -p no:cacheprovider tests/kernels/test_kernel_attention.py -k "prefill or kv_write"
+grep -E "passed|failed|error" "$out/tests.log" | tail -n 6
 
-step 50 "$out/bench.log" lora_kernels "${new_env[@]}" python bench/bench_lora_kernels.py \
-    --cases prefill --out "$scratch/lora"
+# MBGMM expand configurations at 8 and 16 x 256 tokens first (the kept one is then timed)
+step 70 "$out/bench.log" lora_kernels "${new_env[@]}" python bench/bench_lora_kernels.py \
+    --sweep mbgmm-expand --cases prefill --out "$scratch/lora"
 cp "$scratch/lora/lora_kernels.json" "$out/" 2>/dev/null
 
 if ! step 170 "$out/bench.log" engine_new "${new_env[@]}" python bench/bench_engine_gpu.py \
@@ -72,7 +75,7 @@ for rev in c9dfa4d a1824fc; do
     mkdir -p "$scratch/$rev"
     git archive "$rev" | tar -x -C "$scratch/$rev"
     kernels_path=$scratch/$rev/kernels  # the kernels' package moved under kernels/ later
-    (cd "$scratch/$rev" && step 200 "$out/bench.log" "engine_$name ($rev)" \
+    (cd "$scratch/$rev" && step 180 "$out/bench.log" "engine_$name ($rev)" \
         env "PYTHONPATH=$scratch/$rev:$kernels_path" python bench/bench_engine_gpu.py \
         "${WORKLOAD[@]}" --out "$scratch/$rev/engine.json")
     cp "$scratch/$rev/engine.json" "$out/engine_$name.json" 2>/dev/null

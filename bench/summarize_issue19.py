@@ -99,6 +99,10 @@ def lora_kernels(result: dict | None) -> list[str]:
             pct = 100 * r["copy_us"] / r[f"{key}_us"]
             lines.append(f"| {label} | {r[f'{key}_us']:.1f} | {r['copy_us']:.1f} | "
                          f"**{pct:.0f}%** |")
+    sweep = (result or {}).get("sweep") or ""
+    if sweep:  # the MBGMM expand sweep: each configuration's time, the kept one last
+        lines += ["", "MBGMM expand sweep (the code's default is the first config tried; 'kept' "
+                  "rows are relative to the fastest):", *sweep.splitlines()[-12:]]
     return lines
 
 
@@ -108,7 +112,7 @@ def tests(log: Path) -> str:
     except OSError:
         return "tests: no log"
     found = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", text, re.M)
-    return "tests: " + (found[-1] if found else "no pytest summary (timed out?)")
+    return "tests: " + ("; ".join(found) if found else "no pytest summary (timed out?)")
 
 
 def main() -> None:
