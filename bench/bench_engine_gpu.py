@@ -6,7 +6,12 @@ fp16 weights made on the GPU (no download), --num-adapters synthetic PEFT adapte
 uniform in --lengths, EOS ignored, greedy, all queued at once. The same requests run through
 one engine: every request on the base model, then every request with its (random) adapter,
 twice: with the adapters on disk at the start (loaded on demand), then with all of them
-resident in the pool. Reports requests/s, output tokens/s and the LoRA cost of each.
+resident in the pool. Reports requests/s, output tokens/s and the LoRA cost of each, and per
+step kind (decode-only, mixed: prompt tokens beside decode rows) the device time per step and
+the path the steps took (CUDA graphs or eager), with the mixed-step bound of issue 19: the
+decode-only step of the batch plus 1.5x the prompt tokens' FLOP floor at the measured fp16
+matmul rate (slora_testing/step_timing.py). `--runs` picks the runs: without lora_cold, the
+adapters are made resident first by one short request each.
 
 Adapters of one rank share their weights (hard links of one file per rank): writing 100
 distinct 7B-shaped adapters (~6 GB of random numbers) would take most of a device lease. Each
@@ -14,6 +19,7 @@ adapter id is still validated, read, cached, and paged into the pool on its own.
 
     python bench/bench_engine_gpu.py --tokenizer DIR        # full run (CUDA)
     python bench/bench_engine_gpu.py --tokenizer DIR --quick
+    python bench/bench_engine_gpu.py --tokenizer DIR --num-requests 600 --runs base,lora_resident
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from slora_backend.adapters.source import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 from slora_backend.model.llama import LlamaModel  # noqa: E402
 from slora_backend.model.spec import ModelSpec  # noqa: E402
+from slora_testing.step_timing import (  # noqa: E402
+    StepTimer,
+    by_kind,
+    matmul_flops_per_token,
+    measure_matmul_flops,
+    mixed_bound,
+)
 from slora_testing.synthetic_adapters import (  # noqa: E402
     LLAMA7B_CONFIG,
     AdapterRecipe,
@@ -67,7 +80,11 @@ def add_workload_args(p: argparse.ArgumentParser, num_requests: int) -> None:
     p.add_argument("--pool-fraction", type=float, default=0.8, help="of free GPU memory")
     p.add_argument("--pool-bytes", type=int, default=None, help="instead of --pool-fraction")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256)
+    p.add_argument("--cuda-graph-mixed", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--seed", type=int, default=0)
+
+
+RUN_NAMES = ("base", "lora_cold", "lora_resident")
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     add_workload_args(p, num_requests=200)
     p.add_argument("--num-adapters", type=int, default=100)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine_gpu.json")
+    p.add_argument("--runs", default=",".join(RUN_NAMES),
+                   help=f"comma list of {', '.join(RUN_NAMES)}")
     p.add_argument("--quick", action="store_true", help="20 requests, 8 adapters")
     p.add_argument("--tiny", action="store_true", help="a small model instead of Llama-7B")
     p.add_argument("--device", default="cuda")
@@ -87,6 +106,9 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.num_requests, args.num_adapters = 20, 8
+    args.runs = args.runs.split(",")
+    if not set(args.runs) <= set(RUN_NAMES):
+        p.error(f"--runs: choose from {RUN_NAMES}")
     return args
 
 
@@ -137,10 +159,12 @@ PHASE_BATCHES = (("decode 1-31", 31), ("decode 32-127", 127), ("decode 128+", 1 
 
 
 def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
-        logprobs: int | None = None) -> dict:
-    """All requests queued at once; wall time until the last one finishes."""
+        logprobs: int | None = None, flops: tuple[float, float] | None = None) -> dict:
+    """All requests queued at once; wall time until the last one finishes. `flops`: (FLOPs per
+    prompt token, matmul FLOP/s) for the mixed-step bound."""
     sync(engine.config.device)
     compiled = compiled_kernels()
+    timer = StepTimer(engine)
     t0 = time.perf_counter()
     for i, r in enumerate(requests):
         params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0,
@@ -167,12 +191,16 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
             steps += 1
     sync(engine.config.device)
     wall = time.perf_counter() - t0
+    timer.close()
+    records = timer.records()
     return {"requests": finished, "output_tokens": tokens, "wall_s": round(wall, 2),
             "steps": steps, "requests_per_s": round(finished / wall, 3),
             "output_tokens_per_s": round(tokens / wall, 1),
             "preemptions": engine.scheduler.num_preemptions,
             "steps_and_seconds_by_phase": {k: [v[0], round(v[1], 3)] for k, v in
                                            sorted(phases.items())},
+            "step_kinds": by_kind(records),
+            "mixed_bound": mixed_bound(records, *flops) if flops else {},
             "jit_compiles": {k: n - compiled.get(k, 0) for k, n in compiled_kernels().items()
                              if n > compiled.get(k, 0)}}
 
@@ -222,7 +250,7 @@ def main() -> None:
             max_loaded_adapters=args.num_adapters + 1, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=4 * args.num_requests,
             host_cache_bytes=64 << 30, cuda_graph_max_batch=args.cuda_graph_max_batch,
-            async_scheduling=args.async_scheduling)
+            async_scheduling=args.async_scheduling, cuda_graph_mixed=args.cuda_graph_mixed)
         t0 = time.perf_counter()
         engine = LLMEngine(config, model=(spec, model))
         init_s = time.perf_counter() - t0
@@ -232,28 +260,21 @@ def main() -> None:
         warm = [dict(r, max_tokens=4, prompt=r["prompt"][:64], adapter=adapters[0])
                 for r in requests[:32]]
         run(engine, warm, True, "warm-up")
+        flops = (matmul_flops_per_token(model), measure_matmul_flops(dev))
         results = {
             "device": torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
             "model_build_s": round(build_s, 2), "engine_init_s": round(init_s, 2),
+            "matmul_tflops": round(flops[1] / 1e12, 1),
             "pool_pages": engine.pool.num_pages, "args": {k: str(v) for k, v in vars(args).items()},
-            "base": run(engine, requests, False, "base"),
-            "lora_cold": run(engine, requests, True, "lora_cold"),  # adapters loaded on demand
-            "lora_resident": run(engine, requests, True, "lora_resident"),  # all in the pool
             "async_scheduling": engine.async_scheduling,
+            **timed_runs(engine, requests, adapters, args, flops),
         }
-        if args.sync_too:  # the same engine, each step's tokens read back before the next
-            engine.async_scheduling = False
-            results["base_sync"] = run(engine, requests, False, "base_sync")
-            results["lora_resident_sync"] = run(engine, requests, True, "lora_resident_sync")
-        if args.logprobs_too is not None:
-            results["lora_resident_logprobs"] = run(engine, requests, True, "lora_logprobs",
-                                                    logprobs=args.logprobs_too)
         engine.close()
     for base_key, cases in (("base", ("lora_cold", "lora_resident")),
                             ("base_sync", ("lora_resident_sync",)),
                             ("lora_resident", ("lora_resident_logprobs",))):
         for case in cases:
-            if case in results:
+            if case in results and base_key in results:
                 cost = 100 * (1 - results[case]["output_tokens_per_s"]
                               / results[base_key]["output_tokens_per_s"])
                 results[case]["cost_vs_base_pct"] = round(cost, 1)
@@ -263,6 +284,41 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     plot(results, args.out.with_suffix(".png"))
+
+
+def timed_runs(engine: LLMEngine, requests: list[dict], adapters: list[str],
+               args: argparse.Namespace, flops: tuple[float, float]) -> dict:
+    """The runs of --runs in order (then --sync-too, --logprobs-too) on one engine."""
+    out: dict = {}
+    for name in RUN_NAMES:
+        if name not in args.runs:
+            continue
+        if name == "lora_resident" and "lora_cold" not in args.runs:
+            out["preload_s"] = preload(engine, adapters)
+        out[name] = run(engine, requests, name != "base", name, flops=flops)
+    if args.sync_too:  # the same engine, each step's tokens read back before the next
+        engine.async_scheduling = False
+        out["base_sync"] = run(engine, requests, False, "base_sync", flops=flops)
+        out["lora_resident_sync"] = run(engine, requests, True, "lora_resident_sync",
+                                        flops=flops)
+    if args.logprobs_too is not None:
+        out["lora_resident_logprobs"] = run(engine, requests, True, "lora_logprobs",
+                                            logprobs=args.logprobs_too, flops=flops)
+    return out
+
+
+def preload(engine: LLMEngine, adapters: list[str]) -> float:
+    """Every adapter made resident in the pool by one short request each; seconds taken."""
+    t0 = time.perf_counter()
+    for name in adapters:
+        engine.add_request(f"preload-{name}", prompt_token_ids=[FIRST_TOKEN_ID] * 8,
+                           params=SamplingParams(max_tokens=1, ignore_eos=True), adapter_id=name)
+    while engine.has_unfinished():
+        engine.step()
+    if len(engine.adapters.resident()) < len(adapters):
+        raise RuntimeError(f"only {len(engine.adapters.resident())} of {len(adapters)} adapters "
+                           "stayed resident")
+    return round(time.perf_counter() - t0, 2)
 
 
 RUNS = (("base", "base only"), ("lora_resident", "LoRA, adapters resident"),

@@ -11,7 +11,9 @@ engine's default ``max_rank``).
 - prefill: 8 sequences x 256 tokens, sequence i on adapter i.
 
 Compared in the same run:
-- ours: ``add_lora`` as the engine calls it: MBGMM shrink + expand for prefill; for decode the
+- ours: ``add_lora`` as the engine calls it eagerly: MBGMM shrink + expand for prefill (the
+  mixed-step CUDA graphs run prefill tokens through the grouped MBGMV instead, with the chunk
+  plan built once per step: the prefill case's "grouped" column); for decode the
   per-token MBGMV (shrink + expand, two launches) below ``GROUPED_MIN_TOKENS`` tokens, the
   grouped MBGMV (one launch, each adapter read once) from there, with the chunk plan built
   beforehand (once per step in the engine). Decode also shows each of the two alone (the
@@ -44,6 +46,7 @@ coordinate search) and ``shrink-expand`` (a fixed list for the per-token and MBG
 per-token expand); a comma list, all three by default.
 
     python bench/bench_lora_kernels.py [--out DIR] [--sweep [KINDS]] [--max-rank R]
+        [--cases decode,prefill]
 Without CUDA it runs a small correctness pass of the same code paths under the interpreter.
 """
 
@@ -291,6 +294,13 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
         impls["ours"] = lambda y: add_lora(
             y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, segments=seg
         )
+        # what the engine's mixed-step CUDA graphs run: per-token slots, the chunk plan built
+        # once per step beforehand
+        prefill_chunks = lora_chunks(slots_d)
+        impls["ours_grouped"] = lambda y: add_lora_grouped(
+            y, x, flat, a_ptr, b_ptr, ranks, scales, mods, outs, lora_slots=slots_d,
+            chunks=prefill_chunks,
+        )  # fmt: skip
     padded = TorchPadded(slots, a_ptr, b_ptr, ranks, scales, hidden, device)
     loop = TorchLoop(slots, a_ptr, b_ptr, ranks, scales, hidden, device)
     impls["torch_padded"] = lambda y: padded(y, x, flat)
@@ -337,6 +347,9 @@ def run_case(name, slots, pool, hidden, device, dtype, gen, timed, results, rate
         row["ours_pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
         row["latency_floor_us"] = latency_floor_us(slots_d, pool)
         row["copy_us"], row["row_stream_us"] = byte_references_us(slots, pool, hidden, nbytes)
+        for k in ("ours", "ours_grouped"):
+            if f"{k}_us" in row:
+                row[f"{k}_pct_copy"] = 100 * row["copy_us"] / row[f"{k}_us"]
         if "ours_grouped_us" in row:
             row["grouped_pct_floor"] = 100 * row["floor_us"] / row["ours_grouped_us"]
             row["chunks_us"] = gpu_time_us(lambda: lora_chunks(slots_d))
@@ -375,8 +388,9 @@ def markdown(results):
         "",
         "| case | ours (us/call) | torch padded bmm (us/call) | torch loop (us/call) "
         "| ours, no alignment hint (us) | split_k | grouped: shrink alone / expand alone (us) "
-        "| copy of the floor's bytes (us) | row stream (us) |",
-        "|" + "---|" * 9,
+        "| copy of the floor's bytes (us) | row stream (us) | ours % of copy speed "
+        "| grouped % of copy speed |",
+        "|" + "---|" * 11,
     ]
     for r in results:
         phases = (f"{r['grouped_shrink_alone_us']:.1f} / {r['grouped_expand_alone_us']:.1f}"
@@ -385,7 +399,8 @@ def markdown(results):
             f"| {r['case']} | {r['ours_call_us']:.1f} | {r['torch_padded_call_us']:.1f} "
             f"| {r['torch_loop_call_us']:.1f} "
             f"| {r['ours_unaligned_us']:.1f} | {r['split_k']} | {phases} "
-            f"| {r['copy_us']:.1f} | {r['row_stream_us']:.1f} |"
+            f"| {r['copy_us']:.1f} | {r['row_stream_us']:.1f} | {r['ours_pct_copy']:.0f}% "
+            f"| {r.get('ours_grouped_pct_copy', float('nan')):.0f}% |"
         )
     return "\n".join(lines)
 
@@ -613,6 +628,8 @@ def main():
         default=MAX_RANK,
         help=f"rank capacity of the slot tables (default {MAX_RANK}, the engine's max_rank)",
     )
+    ap.add_argument("--cases", default="decode,prefill",
+                    help="comma list: decode (M in 1..256), prefill (8 x 256 tokens)")
     ap.add_argument(
         "--profile-decode",
         type=int,
@@ -678,14 +695,15 @@ def main():
             sweep_table = "sweep failed"
         print(sweep_table, flush=True)
     results = []
-    for M in decode_ms:
+    cases = args.cases.split(",")
+    for M in decode_ms if "decode" in cases else ():
         slots = torch.arange(M, dtype=torch.int32) % n_ad
         run_case(f"decode M={M}", slots, pool, hidden, device, dtype, gen, cuda, results, rate)
-    n_seq, seq_len = prefill
-    slots = torch.arange(n_seq, dtype=torch.int32).repeat_interleave(seq_len)
-    run_case(
-        f"prefill {n_seq}x{seq_len}", slots, pool, hidden, device, dtype, gen, cuda, results, rate
-    )
+    if "prefill" in cases:
+        n_seq, seq_len = prefill
+        slots = torch.arange(n_seq, dtype=torch.int32).repeat_interleave(seq_len)
+        run_case(f"prefill {n_seq}x{seq_len}", slots, pool, hidden, device, dtype, gen, cuda,
+                 results, rate)
     if not cuda:
         print("no CUDA: correctness pass only (interpreter)")
         return

@@ -21,6 +21,7 @@ DEFAULT_POOL_FRACTION = 0.5
 DEFAULT_CUDA_GRAPH_MAX_BATCH = 256
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 ASYNC_SCHEDULING_MODES = ("auto", "on", "off")
+CUDA_GRAPH_MIXED_MODES = ("auto", "on", "off")
 LOAD_FORMATS = ("auto", "dummy")
 # A CPU step is many small per-adapter matmuls and gathers, where OpenMP's fork/join per op
 # costs more than a second thread saves: SmolLM2 with 8 adapters, 32 decoding requests on
@@ -66,6 +67,10 @@ class EngineConfig:
     # decode steps of up to this many sequences replay CUDA graphs (triton backend on CUDA);
     # 0 = off
     cuda_graph_max_batch: int = DEFAULT_CUDA_GRAPH_MAX_BATCH
+    # mixed steps (prefill chunks beside decode tokens, up to max_num_batched_tokens) replay
+    # CUDA graphs too (model/mixed_graphs.py); auto = on where the model can be graphed (triton
+    # backend on CUDA), on = the same but an error where it cannot, off = eager
+    cuda_graph_mixed: str = "auto"
     # torch intra-op threads of an engine on the CPU (process-wide); 0 = torch's default
     cpu_threads: int = DEFAULT_CPU_THREADS
     # on: a step's tokens are read back after the next step is launched, so the host work
@@ -96,6 +101,7 @@ class EngineConfig:
         _check_int("cpu_threads", self.cpu_threads, 0)
         for name, choices in (("kernel_backend", KERNEL_BACKENDS),
                               ("async_scheduling", ASYNC_SCHEDULING_MODES),
+                              ("cuda_graph_mixed", CUDA_GRAPH_MIXED_MODES),
                               ("load_format", LOAD_FORMATS)):
             if getattr(self, name) not in choices:
                 raise EngineError.invalid(

@@ -3,7 +3,7 @@
 KV layout (docs/DESIGN.md): ``kv_cache = storage[l].view(num_pages, 2, block_size, num_kv_heads,
 head_dim)``; ``[p, 0]`` is K and ``[p, 1]`` V; token n of sequence s lives in page
 ``block_tables[s, n // block_size]`` at offset ``n % block_size``. The new tokens' K/V must be
-in the pool already (``kv_write`` first).
+in the pool already (``rope_kv_write`` first).
 
 - prefill: queries ``q`` [T, H, D] of all sequences concatenated (``query_start_loc`` [S+1]);
   ``context_lens[s]`` is the KV length after this step, so new token i of sequence s sits at
@@ -86,6 +86,51 @@ def _attn_block(
     return acc, l_i, m_new
 
 
+@triton.jit
+def _causal_tile(
+    q_ptr, kv_ptr, o_ptr, bt_row, rows, m_mask, q_pos, tile_first, kv_end, h, sm_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_kv, stride_blk, stride_kvh,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
+):  # fmt: skip
+    """One tile of up to BLOCK_M consecutive queries of one sequence and query head ``h``:
+    query rows ``rows`` (batch rows, ``m_mask`` the real ones) at positions ``q_pos`` (the
+    first is ``tile_first``) attend causally to keys ``[0, kv_end)`` of the sequence's pages
+    (``bt_row``); the output rows are stored."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    kv_base = kv_ptr + (h // GROUP) * stride_kvh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # keys before the tile's first query: no mask at all
+    full_end = (tile_first // BLOCK_N) * BLOCK_N
+    for n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attn_block(
+            acc, l_i, m_i, q, kv_base, bt_row, stride_page, stride_kv, stride_blk, n, full_end,
+            q_pos, offs_d, d_mask, sm_scale_log2,
+            MASK=False, CAUSAL=False, FP32=FP32, PAGE=PAGE, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+    # the diagonal: causal mask
+    for n in range(full_end, kv_end, BLOCK_N):
+        acc, l_i, m_i = _attn_block(
+            acc, l_i, m_i, q, kv_base, bt_row, stride_page, stride_kv, stride_blk, n, kv_end,
+            q_pos, offs_d, d_mask, sm_scale_log2,
+            MASK=True, CAUSAL=True, FP32=FP32, PAGE=PAGE, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+    out = acc / l_i[:, None]
+    tl.store(
+        o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
 # the block table width changes with the step: no recompile when it is 1 or a multiple of 16
 @triton.jit(do_not_specialize=["stride_bts"])
 def _prefill_kernel(
@@ -123,44 +168,14 @@ def _prefill_kernel(
     ctx = tl.load(ctx_ptr + s)
     prefix = ctx - q_len
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < q_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    rows = (q_begin + offs_m).to(tl.int64)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=m_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    kv_base = kv_ptr + (h // GROUP) * stride_kvh
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bts
-    q_pos = prefix + offs_m
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # keys before the tile's first query: no mask at all
     tile_first = prefix + mt * BLOCK_M
-    full_end = (tile_first // BLOCK_N) * BLOCK_N
-    for n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attn_block(
-            acc, l_i, m_i, q, kv_base, bt_row, stride_page, stride_kv, stride_blk, n, full_end,
-            q_pos, offs_d, d_mask, sm_scale_log2,
-            MASK=False, CAUSAL=False, FP32=FP32, PAGE=PAGE, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
-    # the diagonal: causal mask
-    kv_end = tl.minimum(ctx, tile_first + BLOCK_M)
-    for n in range(full_end, kv_end, BLOCK_N):
-        acc, l_i, m_i = _attn_block(
-            acc, l_i, m_i, q, kv_base, bt_row, stride_page, stride_kv, stride_blk, n, kv_end,
-            q_pos, offs_d, d_mask, sm_scale_log2,
-            MASK=True, CAUSAL=True, FP32=FP32, PAGE=PAGE, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
-    out = acc / l_i[:, None]
-    tl.store(
-        o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
+    _causal_tile(
+        q_ptr, kv_ptr, o_ptr, bt_ptr + s.to(tl.int64) * stride_bts,
+        (q_begin + offs_m).to(tl.int64), offs_m < q_len, prefix + offs_m, tile_first,
+        tl.minimum(ctx, tile_first + BLOCK_M), h, sm_scale_log2,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_kv, stride_blk,
+        stride_kvh, GROUP, PAGE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, FP32,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -31,8 +31,9 @@ from slora_backend.pages import ceil_div
 from slora_backend.sampling_params import SamplingParams
 from slora_backend.tokenizer import Tokenizer
 
-if TYPE_CHECKING:  # cuda_graphs imports the Triton kernels: only loaded when graphs are on
+if TYPE_CHECKING:  # the graphs import the Triton kernels: only loaded when graphs are on
     from slora_backend.model.cuda_graphs import DecodeGraphs
+    from slora_backend.model.mixed_graphs import MixedGraphs
 
 MIN_POOL_PAGES = 2
 
@@ -70,6 +71,10 @@ class LLMEngine:
             raise EngineError.invalid("model", f"built for {self.model.dtype} on "
                                                f"{self.model.device}, the engine runs "
                                                f"{self.dtype} on {self.device}")
+        self.model.set_backend(config.kernel_backend)
+        if config.cuda_graph_mixed == "on" and not self.model.graphable:
+            raise EngineError.invalid("cuda_graph_mixed", "on needs the triton backend on CUDA "
+                                                          "(fp16/bf16)")
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
@@ -100,9 +105,8 @@ class LLMEngine:
         self.admission = Admission(self.spec, self.tokenizer, self.adapters, self.max_model_len,
                                    config.block_size, num_pages, config.seed)
         self.outputs = OutputProcessor(self.spec.eos_token_ids, self.max_model_len)
-        self.model.set_backend(config.kernel_backend)
         self.runner = ModelRunner(self.model, self.storage, self.kv, self.adapters.tables,
-                                  self.device, self._decode_graphs())
+                                  self.device, *self._cuda_graphs())
 
     def _num_pages(self) -> int:
         page_elems = self.spec.page_elems(self.config.block_size)
@@ -118,17 +122,28 @@ class LLMEngine:
                                                     f"of {self.config.block_size} tokens")
         return pages
 
-    def _decode_graphs(self) -> DecodeGraphs | None:
-        """CUDA graphs for decode steps, when the model can be graphed (model/cuda_graphs.py)."""
-        max_batch = min(self.config.cuda_graph_max_batch, self.config.max_num_seqs)
-        if not self.model.graphable or max_batch == 0:
-            return None
+    def _cuda_graphs(self) -> tuple[DecodeGraphs | None, MixedGraphs | None]:
+        """CUDA graphs for decode steps and for mixed steps, when the model can be graphed
+        (model/cuda_graphs.py, model/mixed_graphs.py), captured into one memory pool."""
+        config = self.config
+        if not self.model.graphable:
+            return None, None
         from slora_backend.model.cuda_graphs import DecodeGraphs
+        from slora_backend.model.mixed_graphs import MixedGraphs
 
-        graphs = DecodeGraphs(self.model, self.storage.tensor, self.adapters.tables, max_batch,
-                              ceil_div(self.max_model_len, self.config.block_size))
-        graphs.capture()
-        return graphs
+        max_blocks = ceil_div(self.max_model_len, config.block_size)
+        pool = torch.cuda.graph_pool_handle()
+        mixed = decode = None
+        if config.cuda_graph_mixed != "off":  # first: the largest graphs
+            mixed = MixedGraphs(self.model, self.storage.tensor, self.adapters.tables,
+                                config.max_num_batched_tokens, config.max_num_seqs, max_blocks)
+            mixed.capture(pool)
+        max_batch = min(config.cuda_graph_max_batch, config.max_num_seqs)
+        if max_batch:
+            decode = DecodeGraphs(self.model, self.storage.tensor, self.adapters.tables,
+                                  max_batch, max_blocks)
+            decode.capture(pool)
+        return decode, mixed
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt = None,

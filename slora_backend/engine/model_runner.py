@@ -24,11 +24,16 @@ from slora_backend.model.llama import LlamaModel
 from slora_backend.model.lora import LoraTables
 from slora_backend.sampler import Sampler
 
-if TYPE_CHECKING:  # cuda_graphs imports the Triton kernels: only loaded when graphs are on
+if TYPE_CHECKING:  # the graphs import the Triton kernels: only loaded when graphs are on
     from slora_backend.model.cuda_graphs import DecodeGraphs
+    from slora_backend.model.mixed_graphs import MixedGraphs
 
 # called with (request ids of the sampled rows, their fp32 logits) after every forward
 LogitsHook = Callable[[list[str], torch.Tensor], None]
+# how a step ran (ModelRunner.last_path)
+DECODE_GRAPH = "decode_graph"
+MIXED_GRAPH = "mixed_graph"
+EAGER = "eager"
 
 
 @dataclass
@@ -64,9 +69,11 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: LlamaModel, storage: PoolStorage, kv: KVManager,
                  tables: LoraTables, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, mixed: MixedGraphs | None = None) -> None:
         self.model = model
         self.graphs = graphs
+        self.mixed = mixed
+        self.last_path = EAGER
         self.storage = storage
         self.kv = kv
         self.tables = tables
@@ -106,6 +113,15 @@ class ModelRunner:
                              previous.tokens.index_select(0, src))
         return batch, sampled, feed
 
+    def _eager(self, batch: BatchInput, lora_modules: frozenset[int],
+               feed: TokenFeed | None) -> torch.Tensor:
+        if self.device.type != "cpu":
+            batch = batch.to(self.device)
+        if feed is not None:
+            feed.apply(batch.input_ids)
+        tables = self.tables if lora_modules else None
+        return self.model.forward(batch, self.storage.tensor, tables)
+
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, seqs: Mapping[str, Sequence],
                previous: StepResult | None = None) -> StepResult | None:
@@ -116,14 +132,14 @@ class ModelRunner:
                                               for s in sched.scheduled)
         every_row_sampled = len(sampled) == batch.num_seqs
         if self.graphs is not None and every_row_sampled and self.graphs.fits(batch):
+            self.last_path = DECODE_GRAPH
             logits = self.graphs.run(batch, lora_modules, feed)
+        elif self.mixed is not None and self.mixed.fits(batch):
+            self.last_path = MIXED_GRAPH
+            logits = self.mixed.run(batch, lora_modules, feed)
         else:
-            if self.device.type != "cpu":
-                batch = batch.to(self.device)
-            if feed is not None:
-                feed.apply(batch.input_ids)
-            tables = self.tables if lora_modules else None
-            logits = self.model.forward(batch, self.storage.tensor, tables)
+            self.last_path = EAGER
+            logits = self._eager(batch, lora_modules, feed)
         if not sampled:
             return None
         if self.logits_hook is not None:

@@ -13,7 +13,7 @@ read where they are at replay, so adapters loaded after capture are served.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -50,6 +50,55 @@ def lora_variant(lora_modules: frozenset[int]) -> frozenset[int]:
     return next(v for v in LORA_VARIANTS if lora_modules <= v)
 
 
+def capture_graphs(keys: list[Hashable], forward: Callable[[Hashable], torch.Tensor],
+                   device: torch.device, pool: tuple, desc: str
+                   ) -> dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """One CUDA graph per key of `forward(key)` (its output tensor kept with it), all in the
+    memory pool `pool` (torch.cuda.graph_pool_handle(): graphs never replay concurrently, so
+    their temporaries may share memory; capture the largest first). A warm-up run of every key
+    first compiles the Triton kernels outside capture."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for key in keys:
+            forward(key)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    captured = {}
+    for key in tqdm(keys, desc=desc, leave=False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            output = forward(key)
+        captured[key] = (graph, output)
+    torch.cuda.synchronize(device)
+    return captured
+
+
+class TokenBuffers:
+    """The per-token inputs of a captured step, for up to `n` tokens: ids, positions, KV slots
+    and adapter slots. A step fills the first rows; padding rows get slot -1 (no KV write, no
+    adapter) and keep whatever ids and positions they had."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), PAD_SLOT, dtype=torch.int64, device=device)
+        self.lora_slots = torch.full((n,), PAD_SLOT, dtype=torch.int32, device=device)
+
+    def batch_fields(self, size: int) -> dict[str, torch.Tensor]:
+        """The BatchInput fields of a step padded to `size` tokens."""
+        return dict(input_ids=self.input_ids[:size], positions=self.positions[:size],
+                    slot_mapping=self.slot_mapping[:size], lora_slots=self.lora_slots[:size])
+
+    def load(self, batch: BatchInput, size: int) -> None:
+        """Copy the batch's tokens into rows [0, n) and pad rows [n, size)."""
+        n = batch.num_tokens
+        for name, dst in self.batch_fields(n).items():
+            dst.copy_(getattr(batch, name), non_blocking=True)
+        if size > n:
+            self.slot_mapping[n:size].fill_(PAD_SLOT)
+            self.lora_slots[n:size].fill_(PAD_SLOT)
+
+
 def graph_batch_sizes(max_batch: int) -> list[int]:
     sizes = [s for s in SMALL_SIZES if s < max_batch]
     sizes += range(SIZE_STEP, max_batch, SIZE_STEP)
@@ -71,10 +120,7 @@ class DecodeGraphs:
         self.aligned = rows_always_aligned(model.spec, storage.shape[2])
         dev = storage.device
         i32, i64 = torch.int32, torch.int64
-        self.input_ids = torch.zeros(max_batch, dtype=i64, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=i64, device=dev)
-        self.slot_mapping = torch.full((max_batch,), PAD_SLOT, dtype=i64, device=dev)
-        self.lora_slots = torch.full((max_batch,), PAD_SLOT, dtype=i32, device=dev)
+        self.tokens = TokenBuffers(max_batch, dev)
         self.context_lens = torch.ones(max_batch, dtype=i32, device=dev)
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=i32, device=dev)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=dev)
@@ -92,10 +138,8 @@ class DecodeGraphs:
 
     def _static_batch(self, size: int) -> BatchInput:
         return BatchInput(
-            input_ids=self.input_ids[:size], positions=self.positions[:size],
-            query_start_loc=self.query_start_loc[:size + 1],
+            **self.tokens.batch_fields(size), query_start_loc=self.query_start_loc[:size + 1],
             context_lens=self.context_lens[:size], block_tables=self.block_tables[:size],
-            slot_mapping=self.slot_mapping[:size], lora_slots=self.lora_slots[:size],
             logits_indices=self.logits_indices[:size], is_decode_only=True)
 
     def _forward(self, size: int, lora_modules: frozenset[int]) -> torch.Tensor:
@@ -111,22 +155,14 @@ class DecodeGraphs:
                 yield size, lora_modules
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every (size, with/without LoRA) graph; kernels are compiled by a warm-up."""
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.storage.device)
-        stream.wait_stream(torch.cuda.current_stream(self.storage.device))
-        with torch.cuda.stream(stream):
-            for size, lora_modules in self._variants():
-                self._forward(size, lora_modules)  # warm-up: Triton compiles outside capture
-        torch.cuda.current_stream(self.storage.device).wait_stream(stream)
-        variants = list(self._variants())
-        for key in tqdm(variants, desc="capturing decode CUDA graphs", leave=False):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self._outputs[key] = self._forward(*key)
-            self._graphs[key] = graph
-        torch.cuda.synchronize(self.storage.device)
+    def capture(self, pool: tuple | None = None) -> None:
+        """Capture every (size, LoRA variant) graph in `pool` (default: a new one)."""
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
+        captured = capture_graphs(list(self._variants()), lambda key: self._forward(*key),
+                                  self.storage.device, pool, "capturing decode CUDA graphs")
+        for key, (graph, output) in captured.items():
+            self._graphs[key], self._outputs[key] = graph, output
         log.info("captured %d decode CUDA graphs (batch sizes %s)", len(self._graphs), self.sizes)
 
     def run(self, batch: BatchInput, lora_modules: frozenset[int],
@@ -137,7 +173,7 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         self._load(batch, n, size)
         if feed is not None:
-            feed.apply(self.input_ids)
+            feed.apply(self.tokens.input_ids)
         key = (size, lora_variant(lora_modules))
         graph = self._graphs.get(key)
         if graph is None:
@@ -148,13 +184,8 @@ class DecodeGraphs:
     def _load(self, batch: BatchInput, n: int, size: int) -> None:
         """Copy the batch into rows [0, n) and reset the padding rows [n, size)."""
         width = batch.block_tables.shape[1]
-        for dst, src in ((self.input_ids, batch.input_ids), (self.positions, batch.positions),
-                         (self.slot_mapping, batch.slot_mapping),
-                         (self.lora_slots, batch.lora_slots),
-                         (self.context_lens, batch.context_lens)):
-            dst[:n].copy_(src, non_blocking=True)
+        self.tokens.load(batch, size)
+        self.context_lens[:n].copy_(batch.context_lens, non_blocking=True)
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
         if size > n:
-            self.slot_mapping[n:size].fill_(PAD_SLOT)
-            self.lora_slots[n:size].fill_(PAD_SLOT)
             self.context_lens[n:size].fill_(1)

@@ -3,9 +3,15 @@
 torch_step.py (torch) serves the CPU; this path serves CUDA (and, under TRITON_INTERPRET=1, any
 device: that is how CI checks it). A `KernelStep` is built once per engine step and shared by
 every layer: device metadata for attention, per-token adapter slots (MBGMV) for a decode-only
-step or adapter segments (MBGMM) for a step with prefill tokens. A decode step built by
-`KernelStep.decode_graph` from static buffers, with a fixed split-K factor, neither allocates on
-the host nor synchronises, so CUDA graphs can capture it (model/cuda_graphs.py).
+step or adapter segments (MBGMM) for a step with prefill tokens. Each role is one launch (or two:
+LoRA's shrink and expand, split-K decode attention's merge): the residual add with the RMSNorm,
+RoPE with the KV write, attention, SwiGLU's activation.
+
+Two kinds of step are built from static buffers and neither allocate on the host nor
+synchronise, so CUDA graphs capture them: a decode step (`KernelStep.decode_graph`, fixed split-K
+factor; model/cuda_graphs.py) and a mixed step of prefill and decode rows
+(`KernelStep.mixed_graph`: attention over a work list of query tiles, LoRA by the grouped kernel
+over the per-token slots; model/mixed_graphs.py).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class KernelStep:
     max_query_len: int
     max_context_len: int | None  # None: the attention kernel sizes split-K from num_splits
     num_splits: int | None
+    work: torch.Tensor | None  # mixed graphs: the varlen attention's work list
+    block_m: int  # the query tile the work list was built with
     tables: LoraTables | None  # None: no LoRA this step
     lora_modules: frozenset[int]  # modules some adapter of the step targets: other sites skip
     lora_slots: torch.Tensor | None  # decode: int32 [T]
@@ -76,6 +84,8 @@ class KernelStep:
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_context_len=max(ctx),
             num_splits=None,
+            work=None,
+            block_m=0,
             tables=tables,
             lora_modules=lora_modules,
             lora_slots=lora_slots,
@@ -90,33 +100,54 @@ class KernelStep:
         """Decode step over static device buffers (CUDA-graph capture): every padded row has
         slot -1 and slot_mapping -1; the LoRA call sites of `lora_modules` run whenever
         `tables` is given."""
-        return cls(
-            decode=True,
-            query_start_loc=batch.query_start_loc,
-            context_lens=batch.context_lens,
-            block_tables=batch.block_tables,
-            slot_mapping=batch.slot_mapping,
-            max_query_len=1,
-            max_context_len=None,
-            num_splits=num_splits,
-            tables=tables,
-            lora_modules=lora_modules if tables is not None else frozenset(),
-            lora_slots=batch.lora_slots if tables is not None else None,
-            lora_chunks=(slora_kernels.decode_chunks(batch.lora_slots)
-                         if tables is not None else None),
-            segments=None,
-            aligned=aligned,
-        )
+        return cls._graph(batch, tables, aligned, lora_modules, decode=True, max_query_len=1,
+                          num_splits=num_splits, work=None, block_m=0)
 
-    # ---- the ops (same roles as ops.TorchStep) -----------------------------------------------
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        slora_kernels.kv_write(k, v, kv_cache, self.slot_mapping)
+    @classmethod
+    def mixed_graph(cls, batch: BatchInput, work: torch.Tensor, block_m: int,
+                    tables: LoraTables | None, aligned: bool,
+                    lora_modules: frozenset[int]) -> KernelStep:
+        """Prefill and decode rows over static device buffers (CUDA-graph capture): attention
+        over `work` (`slora_kernels.varlen_work` with `block_m`), LoRA per token (the grouped
+        MBGMV and its device chunk plan). Padded rows have slot -1, slot_mapping -1 and no
+        work item."""
+        return cls._graph(batch, tables, aligned, lora_modules, decode=False, max_query_len=0,
+                          num_splits=None, work=work, block_m=block_m)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [T, H, hd] over the pool (the new K/V were written there): [T, H * hd]."""
-        del k, v  # the kernels read the new tokens' K/V from the pool
-        if self.decode:
+    @classmethod
+    def _graph(cls, batch: BatchInput, tables: LoraTables | None, aligned: bool,
+               lora_modules: frozenset[int], **attention) -> KernelStep:
+        """A step over static buffers; LoRA over the per-token slots (the call sites of
+        `lora_modules`) whenever `tables` is given."""
+        on = tables is not None
+        return cls(query_start_loc=batch.query_start_loc, context_lens=batch.context_lens,
+                   block_tables=batch.block_tables, slot_mapping=batch.slot_mapping,
+                   max_context_len=None, **attention, tables=tables,
+                   lora_modules=lora_modules if on else frozenset(),
+                   lora_slots=batch.lora_slots if on else None,
+                   lora_chunks=slora_kernels.decode_chunks(batch.lora_slots) if on else None,
+                   segments=None, aligned=aligned)
+
+    # ---- the roles (those of torch_step.TorchStep) ---------------------------------------------
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual), the sum written into `residual` in place;
+        without a residual (RMSNorm(x), x). One launch."""
+        return slora_kernels.rms_norm(x, weight, eps, residual), (
+            x if residual is None else residual)
+
+    def rope_attention(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                       cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+        """RoPE (q rotated in place in `qkv`) with the KV write, one launch; then attention
+        over the pool: [T, H * D]."""
+        slora_kernels.rope_kv_write(qkv, cos, sin, kv_cache, self.slot_mapping, num_heads)
+        T, hd = qkv.shape[0], kv_cache.shape[-1]
+        q = qkv[:, : num_heads * hd].view(T, num_heads, hd)
+        if self.work is not None:
+            out = slora_kernels.paged_attention_varlen(q, kv_cache, self.work, self.block_tables,
+                                                       block_m=self.block_m, scale=scale)
+        elif self.decode:
             out = slora_kernels.paged_attention_decode(
                 q, kv_cache, self.context_lens, self.block_tables, scale=scale,
                 max_context_len=self.max_context_len, num_splits=self.num_splits)
@@ -124,7 +155,11 @@ class KernelStep:
             out = slora_kernels.paged_attention_prefill(
                 q, kv_cache, self.query_start_loc, self.context_lens, self.block_tables,
                 scale=scale, max_query_len=self.max_query_len)
-        return out.view(q.shape[0], -1)
+        return out.view(T, -1)
+
+    def act(self, gu: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: silu(gate) * up of the fused [T, 2 I] output, one launch."""
+        return slora_kernels.silu_mul(gu)
 
     def lora(self, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor,
              modules: tuple[int, ...], columns: tuple[tuple[int, int], ...]) -> None:

@@ -1,9 +1,15 @@
 """Llama forward over a BatchInput: paged KV in the unified pool, LoRA per token.
 
 The weight matmuls are single batched matmuls over all T tokens of the step (q/k/v fused into
-one, gate/up fused into one). KV write, attention and LoRA go through a per-step plan of one of
-two backends: "torch" (TorchStep: torch ops, the CPU path) or "triton" (kernel_ops.KernelStep:
-the Triton-lang kernels of kernels/, the CUDA path for fp16/bf16).
+one, gate/up fused into one). Everything else goes through a per-step plan of one of two
+backends, whose roles every layer calls: the residual add with the RMSNorm (`add_norm`), RoPE
+with the KV write and attention (`rope_attention`), LoRA (`lora`) and SwiGLU's activation
+(`act`). "torch" (TorchStep: torch ops, the CPU path) or "triton" (kernel_ops.KernelStep: the
+Triton-lang kernels of kernels/, the CUDA path for fp16/bf16, one launch per role).
+
+A layer is two blocks, `attention_block` and `mlp_block`, between two `add_norm`s: the residual
+stream is carried beside the blocks' outputs (x + residual is added by the next norm), so the
+triton backend fuses each add into its norm.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch import BatchInput
-from .layers import apply_rope, kv_cache_view, rms_norm, rope_cos_sin, rope_inv_freq
+from .layers import kv_cache_view, rope_cos_sin, rope_inv_freq
 from .lora import LoraTables
 from .spec import MODULE_INDEX, ModelSpec
 from .torch_step import TorchStep
@@ -231,40 +237,48 @@ class LlamaModel:
         block_size = self.check_storage(storage)
         if step is None:
             step = self.prepare_step(batch, storage, block_size, lora)
-        spec = self.spec
-        dev = self.device
-        T = batch.input_ids.shape[0]
-        H, kvh, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        qs, kvs, inter = spec.q_size, spec.kv_size, spec.intermediate_size
-        eps = spec.rms_norm_eps
-        qkv_cols = ((0, qs), (qs, kvs), (qs + kvs, kvs))
-        gate_up_cols = ((0, inter), (inter, inter))
-
-        cos, sin = rope_cos_sin(batch.positions.to(dev), self.inv_freq, self.dtype)
-        x = F.embedding(batch.input_ids.to(dev), self.embed)
+        eps = self.spec.rms_norm_eps
+        cos, sin = rope_cos_sin(batch.positions.to(self.device), self.inv_freq, self.dtype)
+        x = F.embedding(batch.input_ids.to(self.device), self.embed)
+        residual = None
         for li, w in enumerate(self.layers):
-            flat = storage[li].view(-1)
-            h = rms_norm(x, w.attn_norm, eps)
-            qkv = F.linear(h, w.w_qkv)
-            step.lora(h, qkv, flat, QKV_MODULES, qkv_cols)
-            q = apply_rope(qkv[:, :qs].view(T, H, hd), cos, sin)
-            k = apply_rope(qkv[:, qs : qs + kvs].view(T, kvh, hd), cos, sin)
-            v = qkv[:, qs + kvs :].view(T, kvh, hd)
-            kv_cache = kv_cache_view(storage[li], block_size, kvh, hd)
-            step.write_kv(kv_cache, k, v)
-            attn = step.attention(q, k, v, kv_cache, self.scale)
-            o = F.linear(attn, w.w_o)
-            step.lora(attn, o, flat, O_MODULES, ((0, spec.hidden_size),))
-            x = x + o
-            h = rms_norm(x, w.mlp_norm, eps)
-            gu = F.linear(h, w.w_gate_up)
-            step.lora(h, gu, flat, GATE_UP_MODULES, gate_up_cols)
-            a = F.silu(gu[:, :inter]) * gu[:, inter:]
-            d = F.linear(a, w.w_down)
-            step.lora(a, d, flat, DOWN_MODULES, ((0, spec.hidden_size),))
-            x = x + d
-        idx = batch.logits_indices.to(dev)
-        hs = rms_norm(x.index_select(0, idx), self.norm, eps)
+            h, residual = step.add_norm(x, residual, w.attn_norm, eps)
+            o = self.attention_block(li, w, h, storage, block_size, step, cos, sin)
+            h, residual = step.add_norm(o, residual, w.mlp_norm, eps)
+            x = self.mlp_block(li, w, h, storage, step)
+        idx = batch.logits_indices.to(self.device)
+        hs, _ = step.add_norm(x.index_select(0, idx), residual.index_select(0, idx), self.norm,
+                              eps)
         return F.linear(hs, self.lm_head).float()
+
+    def attention_block(self, li: int, w: LayerWeights, h: torch.Tensor, storage: torch.Tensor,
+                        block_size: int, step: TorchStep | KernelStep, cos: torch.Tensor,
+                        sin: torch.Tensor) -> torch.Tensor:
+        """Layer `li`'s attention on its normed input `h`: q,k,v (+ LoRA), RoPE, KV write,
+        paged attention, o (+ LoRA). Returns o [T, hidden] (the residual is added later)."""
+        spec = self.spec
+        qs, kvs = spec.q_size, spec.kv_size
+        flat = storage[li].view(-1)
+        qkv = F.linear(h, w.w_qkv)
+        step.lora(h, qkv, flat, QKV_MODULES, ((0, qs), (qs, kvs), (qs + kvs, kvs)))
+        kv_cache = kv_cache_view(storage[li], block_size, spec.num_kv_heads, spec.head_dim)
+        attn = step.rope_attention(qkv, spec.num_heads, spec.num_kv_heads, cos, sin, kv_cache,
+                                   self.scale)
+        o = F.linear(attn, w.w_o)
+        step.lora(attn, o, flat, O_MODULES, ((0, spec.hidden_size),))
+        return o
+
+    def mlp_block(self, li: int, w: LayerWeights, h: torch.Tensor, storage: torch.Tensor,
+                  step: TorchStep | KernelStep) -> torch.Tensor:
+        """Layer `li`'s SwiGLU MLP on its normed input `h` (+ LoRA at gate,up and down):
+        [T, hidden]."""
+        inter = self.spec.intermediate_size
+        flat = storage[li].view(-1)
+        gu = F.linear(h, w.w_gate_up)
+        step.lora(h, gu, flat, GATE_UP_MODULES, ((0, inter), (inter, inter)))
+        a = step.act(gu)
+        d = F.linear(a, w.w_down)
+        step.lora(a, d, flat, DOWN_MODULES, ((0, self.spec.hidden_size),))
+        return d
 
     __call__ = forward

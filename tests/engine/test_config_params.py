@@ -19,7 +19,7 @@ def refused_field(exc: pytest.ExceptionInfo[EngineError]) -> str:
     ("pool_bytes", 0), ("pool_fraction", 0.0), ("pool_fraction", 1.5), ("dtype", "int8"),
     ("device", "tpu"), ("model", ""), ("seed", -1), ("max_num_batched_tokens", "12"),
     ("kernel_backend", "cuda"), ("cuda_graph_max_batch", -1),
-    ("async_scheduling", "yes"), ("load_format", "npz"),
+    ("async_scheduling", "yes"), ("load_format", "npz"), ("cuda_graph_mixed", "yes"),
 ])
 def test_engine_config_refuses_bad_fields(field: str, value: object) -> None:
     with pytest.raises(EngineError) as exc:

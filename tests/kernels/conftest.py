@@ -21,8 +21,11 @@ if not ON_CUDA:
         "slora_kernels.lora_expand",
         "slora_kernels.lora_grouped",
         "slora_kernels.lora",
-        "slora_kernels.kv_write",
         "slora_kernels.paged_attention",
+        "slora_kernels.varlen_attention",
+        "slora_kernels.rms_norm",
+        "slora_kernels.rope_kv",
+        "slora_kernels.silu_mul",
         "slora_kernels",
     ):
         if name in sys.modules:

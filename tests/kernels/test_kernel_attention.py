@@ -1,4 +1,4 @@
-"""Paged attention (prefill, decode) and KV write against the float64 reference.
+"""Paged attention (prefill, decode) and the KV write against the float64 reference.
 
 Pages of every sequence are scattered in the pool (shuffled page ids); outputs are poisoned with
 NaN before each launch so that an unwritten element fails. GQA ratios 1, 3, 4; head_dim 64, 128.
@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from slora_kernels import (
-    kv_write,
-    kv_write_ref,
     paged_attention_decode,
     paged_attention_prefill,
     paged_attention_ref,
+    rope_kv_write,
 )
 
 ON_CUDA = torch.cuda.is_available()
@@ -112,7 +111,8 @@ def test_decode_batch_one(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kv_write_then_prefill(dtype):
-    """kv_write puts new K/V in scattered slots (skipping -1); prefill then reads them."""
+    """rope_kv_write puts new K/V in scattered slots (skipping -1); prefill then reads them.
+    cos 1, sin 0: the keys go in unrotated, so the pool must hold exactly k and v."""
     gen = torch.Generator().manual_seed(3)
     h, hkv, d = HEADS[2]
     ctx = [40, 9] if not ON_CUDA else [700, 90]
@@ -122,38 +122,22 @@ def test_kv_write_then_prefill(dtype):
     for s, (c, n) in enumerate(zip(ctx, new)):
         for pos in range(c - n, c):
             slots.append(int(bt[s, pos // BLOCK]) * BLOCK + pos % BLOCK)
+    slots.insert(5, -1)  # a padding row
     T = len(slots)
-    k = torch.randn(T + 1, hkv, d, generator=gen).to(DEVICE, dtype)
-    v = torch.randn(T + 1, hkv, d, generator=gen).to(DEVICE, dtype)
-    slot_t = torch.tensor(
-        slots[:5] + [-1] + slots[5:], dtype=torch.int64, device=DEVICE
-    )  # a padding row
-    k = torch.cat([k[:5], k[T : T + 1], k[5:T]])
-    v = torch.cat([v[:5], v[T : T + 1], v[5:T]])
+    qkv = torch.randn(T, (h + 2 * hkv) * d, generator=gen).to(DEVICE, dtype)
+    slot_t = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    keep = slot_t >= 0
     want = kv.clone()
-    kv_write_ref(k, v, want, slot_t)
-    kv_write(k, v, kv, slot_t)
+    kv_slots = slot_t[keep]
+    want[kv_slots // BLOCK, 0, kv_slots % BLOCK] = qkv[keep, h * d:(h + hkv) * d].view(-1, hkv, d)
+    want[kv_slots // BLOCK, 1, kv_slots % BLOCK] = qkv[keep, (h + hkv) * d:].view(-1, hkv, d)
+    cos = torch.ones(T, d // 2, dtype=dtype, device=DEVICE)
+    rope_kv_write(qkv, cos, torch.zeros_like(cos), kv, slot_t, h)
     assert torch.equal(kv, want)
     qsl = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     q = torch.randn(sum(new), h, d, generator=gen).to(DEVICE, dtype)
     out = paged_attention_prefill(q, kv, qsl, ctx_t, bt, max_query_len=max(new))
     assert rel_err(out, paged_attention_ref(q, kv, qsl, ctx_t, bt)) < TOL[dtype]
-
-
-def test_kv_write_casts_and_strided_input():
-    """K/V may come as strided views of a fused qkv output, in another float dtype."""
-    gen = torch.Generator().manual_seed(4)
-    dtype = DTYPES[0]
-    hkv, d = 2, 64
-    kv, bt, _ = make_pool([48], hkv, d, dtype, gen)
-    qkv = torch.randn(6, (4 + 2 * hkv) * d, generator=gen, dtype=torch.float32).to(DEVICE)
-    k = qkv[:, 4 * d : (4 + hkv) * d].view(6, hkv, d)
-    v = qkv[:, (4 + hkv) * d :].view(6, hkv, d)
-    slots = torch.tensor([0, 17, 33, 5, 47, 16], dtype=torch.int64, device=DEVICE)
-    want = kv.clone()
-    kv_write_ref(k, v, want, slots)
-    kv_write(k, v, kv, slots)
-    assert torch.equal(kv, want)
 
 
 def test_attention_launcher_errors():
@@ -171,5 +155,3 @@ def test_attention_launcher_errors():
         paged_attention_decode(torch.cat([q, q]), kv, ctx_t, bt)
     with pytest.raises(TypeError, match="query_start_loc must be int32"):
         paged_attention_prefill(q, kv, torch.tensor([0, 1], device=DEVICE), ctx_t, bt)
-    with pytest.raises(ValueError, match="slot_mapping must be int64"):
-        kv_write(q[:, :2], q[:, :2], kv, torch.zeros(1, dtype=torch.int32, device=DEVICE))

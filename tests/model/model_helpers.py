@@ -112,13 +112,19 @@ def run_schedule(
     chunk: int | list[int],
     lora_slots: list[int] | None = None,
     lora: LoraTables | None = None,
+    forward=None,
 ) -> list[torch.Tensor]:
     """Run sequences through the model like an engine would (teacher forcing).
 
     Sequence i joins at step start_steps[i]; its first prompt_lens[i] tokens are fed in chunks
     of `chunk` (chunked prefill), the rest one token per step (decode), all sequences of a step
     in one BatchInput. Returns each sequence's logits at every position [len, V].
+    `forward(batch)` runs a step (default: model.forward over the pool with `lora`).
     """
+    if forward is None:
+        def forward(b: BatchInput) -> torch.Tensor:
+            return model.forward(b, pool.storage, lora)
+
     bs = pool.block_size
     n = len(seqs)
     chunks = chunk if isinstance(chunk, list) else [chunk] * n
@@ -141,7 +147,7 @@ def run_schedule(
             members.append((i, k))
         if batch_seqs:
             b = BatchInput.build(batch_seqs, bs, logits_for="all")
-            logits = model.forward(b, pool.storage, lora)
+            logits = forward(b)
             row = 0
             for i, k in members:
                 outs[i].append(logits[row : row + k])

@@ -1,0 +1,171 @@
+"""Per-step timing of an engine by step kind, and the mixed-step bound (benchmarks).
+
+`StepTimer` wraps `engine.runner.launch`: for every launched step it records its kind
+("decode": every row a decode token; "mixed": prompt tokens too, with or without decode rows),
+its decode rows and prompt tokens, the path it took (`ModelRunner.last_path`: decode graph,
+mixed graph, eager) and its device time between two CUDA events recorded on the stream around
+the launch. With async scheduling the first event fires when the previous step's work is done,
+so the span is the step's own: its kernels and any gap the host leaves while launching them.
+
+`mixed_bound` checks issue 19's bound: a mixed step should cost at most the decode-only step of
+its batch (same run, median by batch size class) plus 1.5x the FLOP floor of its prompt tokens
+(their weight matmuls at a measured matmul peak).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+DECODE = "decode"
+MIXED = "mixed"
+BOUND_FLOP_FACTOR = 1.5  # the issue's slack on the prompt tokens' FLOP floor
+BATCH_CLASS = 16  # decode-only steps are grouped by batch size in classes this wide
+CPU_MATMUL_N = 512  # the matmul rate's product size on a CPU (8192 would take minutes)
+
+
+@dataclass
+class StepRecord:
+    kind: str
+    path: str
+    decode_rows: int
+    prompt_tokens: int
+    host_ms: float  # the launch call on the host
+    gpu_ms: float = float("nan")  # between the events (the host time on a CPU engine)
+
+
+class StepTimer:
+    """Records every launch of `engine.runner` until `close()`; `records()` waits for the
+    device and returns them."""
+
+    def __init__(self, engine) -> None:
+        self.runner = engine.runner
+        self.cuda = engine.device.type == "cuda"
+        self._launch = self.runner.launch
+        self._pending: list[tuple[StepRecord, object, object]] = []
+        self.runner.launch = self._timed
+
+    def _timed(self, sched, seqs, previous=None):
+        decode = sum(1 for s in sched.scheduled
+                     if s.num_new_tokens == 1 and s.start >= seqs[s.request_id].num_prompt_tokens)
+        prompt = sched.num_batched_tokens - decode
+        start = end = None
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        result = self._launch(sched, seqs, previous)
+        host_ms = 1e3 * (time.perf_counter() - t0)
+        if self.cuda:
+            end.record()
+        record = StepRecord(MIXED if prompt else DECODE, getattr(self.runner, "last_path", "?"),
+                            decode, prompt, host_ms)
+        self._pending.append((record, start, end))
+        return result
+
+    def close(self) -> None:
+        self.runner.launch = self._launch
+
+    def records(self) -> list[StepRecord]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = []
+        for record, start, end in self._pending:
+            record.gpu_ms = start.elapsed_time(end) if self.cuda else record.host_ms
+            out.append(record)
+        return out
+
+
+def by_kind(records: list[StepRecord]) -> dict[str, dict]:
+    """Steps, device and host ms per step, and the paths taken, per step kind."""
+    out = {}
+    for kind in (DECODE, MIXED):
+        rs = [r for r in records if r.kind == kind]
+        if not rs:
+            continue
+        mean = statistics.fmean
+        out[kind] = {"steps": len(rs),
+                     "gpu_ms_per_step": round(mean(r.gpu_ms for r in rs), 3),
+                     "host_ms_per_step": round(mean(r.host_ms for r in rs), 3),
+                     "gpu_s": round(sum(r.gpu_ms for r in rs) / 1e3, 3),
+                     "decode_rows_per_step": round(mean(r.decode_rows for r in rs), 1),
+                     "prompt_tokens": sum(r.prompt_tokens for r in rs),
+                     "paths": dict(Counter(r.path for r in rs))}
+    return out
+
+
+def decode_ms_by_class(records: list[StepRecord]) -> dict[int, float]:
+    """Median device ms of the decode-only steps per batch size class (1 = up to 16 rows...)."""
+    groups: dict[int, list[float]] = {}
+    for r in records:
+        if r.kind == DECODE:
+            groups.setdefault(-(-r.decode_rows // BATCH_CLASS), []).append(r.gpu_ms)
+    return {k: statistics.median(v) for k, v in sorted(groups.items())}
+
+
+def mixed_bound(records: list[StepRecord], flops_per_token: float, peak_flops: float) -> dict:
+    """Each mixed step against decode_ms(its decode rows, at least 1) + 1.5 x its prompt
+    tokens' FLOP floor; decode_ms from the nearest batch class that has decode-only steps."""
+    classes = decode_ms_by_class(records)
+    mixed = [r for r in records if r.kind == MIXED]
+    if not classes or not mixed:
+        return {}
+
+    def decode_ms(rows: int) -> float:
+        want = -(-max(rows, 1) // BATCH_CLASS)
+        return classes[min(classes, key=lambda k: (abs(k - want), k))]
+
+    floor_ms = [1e3 * r.prompt_tokens * flops_per_token / peak_flops for r in mixed]
+    bounds = [decode_ms(r.decode_rows) + BOUND_FLOP_FACTOR * f for r, f in zip(mixed, floor_ms)]
+    actual = [r.gpu_ms for r in mixed]
+    return {"mixed_steps": len(mixed),
+            "mixed_ms_per_step": round(statistics.fmean(actual), 3),
+            "bound_ms_per_step": round(statistics.fmean(bounds), 3),
+            "prompt_flop_floor_ms_per_step": round(statistics.fmean(floor_ms), 3),
+            "actual_over_bound_total": round(sum(actual) / sum(bounds), 3),
+            "actual_over_bound_median": round(statistics.median(
+                a / b for a, b in zip(actual, bounds)), 3),
+            "within_bound_pct": round(100 * sum(a <= b for a, b in zip(actual, bounds))
+                                      / len(mixed), 1),
+            "decode_ms_by_batch_class": {str(k * BATCH_CLASS): round(v, 3)
+                                         for k, v in classes.items()}}
+
+
+def matmul_flops_per_token(model) -> float:
+    """2 x the weight matmul parameters of the layers (a prompt token's FLOP floor; attention
+    and the lm_head, which only sampled rows run, left out)."""
+    n = sum(t.numel() for layer in model.layers
+            for t in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down))
+    return 2.0 * n
+
+
+def measure_matmul_flops(device: str | torch.device, n: int = 8192, reps: int = 20) -> float:
+    """The device's matmul rate (FLOP/s) on an n x n x n product, best of `reps`: fp16 on
+    CUDA (timed by events), fp32 of at most CPU_MATMUL_N on a CPU."""
+    cuda = torch.device(device).type == "cuda"
+    if not cuda:
+        n = min(n, CPU_MATMUL_N)
+    dtype = torch.float16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            seconds = time.perf_counter() - t0
+        best = min(best, seconds)
+    return 2.0 * n**3 / best

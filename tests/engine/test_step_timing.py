@@ -1,0 +1,66 @@
+"""The benchmarks' per-step timing (slora_testing/step_timing.py): step kinds recorded from a
+real engine, and the mixed-step bound's arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_engine import GREEDY, drain, make_engine
+
+from slora_backend import SamplingParams
+from slora_testing.step_timing import (
+    DECODE,
+    MIXED,
+    StepRecord,
+    StepTimer,
+    by_kind,
+    matmul_flops_per_token,
+    mixed_bound,
+)
+
+
+def test_step_timer_kinds(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    """Every prompt token is counted once, in mixed steps; decode-only steps carry none; the
+    engine's launch is restored on close."""
+    eng = make_engine(tiny_model_dir, tiny_adapter_dir, max_num_batched_tokens=16,
+                      max_num_seqs=4)
+    launch = eng.runner.launch
+    timer = StepTimer(eng)
+    prompts = [[100 + j for j in range(n)] for n in (30, 5, 12, 9, 20)]
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", prompt_token_ids=p,
+                        params=SamplingParams(max_tokens=6, **GREEDY))
+    drain(eng)
+    timer.close()
+    assert eng.runner.launch == launch
+    records = timer.records()
+    kinds = by_kind(records)
+    assert kinds[MIXED]["prompt_tokens"] == sum(map(len, prompts))
+    assert kinds[DECODE]["prompt_tokens"] == 0 and kinds[DECODE]["steps"] > 0
+    assert all(r.decode_rows <= 4 and r.gpu_ms > 0 for r in records)
+    assert kinds[DECODE]["paths"] == {"eager": kinds[DECODE]["steps"]}
+    eng.close()
+
+
+def test_mixed_bound_arithmetic() -> None:
+    """Bound = decode ms of the nearest batch class + 1.5 x prompt tokens x FLOPs / rate."""
+    records = [StepRecord(DECODE, "g", 200, 0, 1.0, gpu_ms=10.0),
+               StepRecord(DECODE, "g", 10, 0, 1.0, gpu_ms=4.0),
+               StepRecord(MIXED, "m", 199, 100, 1.0, gpu_ms=12.0),  # bound 10 + 1.5 x 2 = 13
+               StepRecord(MIXED, "m", 0, 500, 1.0, gpu_ms=30.0)]  # bound 4 + 1.5 x 10 = 19
+    out = mixed_bound(records, flops_per_token=2e9, peak_flops=1e14)  # 0.02 ms per token
+    assert out["mixed_steps"] == 2 and out["within_bound_pct"] == 50.0
+    assert out["bound_ms_per_step"] == pytest.approx(16.0)
+    assert out["actual_over_bound_total"] == pytest.approx(42 / 32, abs=1e-3)
+    assert out["decode_ms_by_batch_class"] == {"16": 4.0, "208": 10.0}
+    assert mixed_bound(records[:2], 2e9, 1e14) == {}
+
+
+def test_flops_per_token(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    eng = make_engine(tiny_model_dir, tiny_adapter_dir)
+    s = eng.spec
+    per_layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size \
+        + 3 * s.hidden_size * s.intermediate_size
+    assert matmul_flops_per_token(eng.model) == 2 * s.num_layers * per_layer
+    eng.close()
