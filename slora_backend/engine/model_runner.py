@@ -26,6 +26,7 @@ from slora_backend.sampler import Sampler
 
 if TYPE_CHECKING:  # cuda_graphs imports the Triton kernels: only loaded when graphs are on
     from slora_backend.model.cuda_graphs import DecodeGraphs
+    from slora_backend.parallel.driver import TensorParallelDriver
 
 # called with (request ids of the sampled rows, their fp32 logits) after every forward
 LogitsHook = Callable[[list[str], torch.Tensor], None]
@@ -64,9 +65,11 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: LlamaModel, storage: PoolStorage, kv: KVManager,
                  tables: LoraTables, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None,
+                 tp: TensorParallelDriver | None = None) -> None:
         self.model = model
         self.graphs = graphs
+        self.tp = tp
         self.storage = storage
         self.kv = kv
         self.tables = tables
@@ -103,7 +106,7 @@ class ModelRunner:
             src = torch.tensor(feed_src, dtype=torch.int64).to(self.device, non_blocking=True)
             feed = TokenFeed(torch.tensor(feed_rows, dtype=torch.int64).to(self.device,
                                                                            non_blocking=True),
-                             previous.tokens.index_select(0, src))
+                             previous.tokens.index_select(0, src), feed_rows)
         return batch, sampled, feed
 
     @torch.inference_mode()
@@ -117,6 +120,8 @@ class ModelRunner:
         every_row_sampled = len(sampled) == batch.num_seqs
         if self.graphs is not None and every_row_sampled and self.graphs.fits(batch):
             logits = self.graphs.run(batch, lora_modules, feed)
+        elif self.tp is not None:  # every rank runs its shard of the step (parallel/)
+            logits = self.tp.forward(batch, feed)
         else:
             if self.device.type != "cpu":
                 batch = batch.to(self.device)

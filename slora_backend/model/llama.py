@@ -8,6 +8,7 @@ the Triton-lang kernels of kernels/, the CUDA path for fp16/bf16).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,9 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(spec, self.device)
         self.scale = spec.head_dim**-0.5
         self.backend = default_backend(self.device, self.dtype)
+        # tensor parallelism (slora_backend/parallel): sums the row-parallel partial outputs
+        # (o, down: LoRA included) across ranks in place; None on one device
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None
 
     def set_backend(self, backend: str) -> None:
         """'torch', 'triton' or 'auto' (default_backend)."""
@@ -255,6 +259,8 @@ class LlamaModel:
             attn = step.attention(q, k, v, kv_cache, self.scale)
             o = F.linear(attn, w.w_o)
             step.lora(attn, o, flat, O_MODULES, ((0, spec.hidden_size),))
+            if self.all_reduce is not None:
+                self.all_reduce(o)
             x = x + o
             h = rms_norm(x, w.mlp_norm, eps)
             gu = F.linear(h, w.w_gate_up)
@@ -262,6 +268,8 @@ class LlamaModel:
             a = F.silu(gu[:, :inter]) * gu[:, inter:]
             d = F.linear(a, w.w_down)
             step.lora(a, d, flat, DOWN_MODULES, ((0, spec.hidden_size),))
+            if self.all_reduce is not None:
+                self.all_reduce(d)
             x = x + d
         idx = batch.logits_indices.to(dev)
         hs = rms_norm(x.index_select(0, idx), self.norm, eps)
