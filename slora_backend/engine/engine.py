@@ -182,7 +182,12 @@ class LLMEngine:
         outputs += [make_output(seq, [], "", finished=True) for seq in sched.failed]
         launched = None
         if not sched.is_empty:
-            launched = self.runner.launch(sched, self.scheduler.seqs, self._in_flight)
+            try:
+                launched = self.runner.launch(sched, self.scheduler.seqs, self._in_flight)
+            except EngineError:
+                if self.failure is None:
+                    raise
+                return outputs + self.fail_all(self.failure)  # a worker died mid-step
             self.scheduler.commit(sched)
             if launched is not None:
                 self._expect_tokens(launched)

@@ -11,6 +11,7 @@ server like the death of the core itself (docs/DESIGN.md "Tensor parallelism").
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import shutil
 import subprocess
@@ -98,7 +99,7 @@ class TensorParallelDriver:
         store = dist.FileStore(store_path, self.size)
         for rank in range(1, self.size):
             proc = subprocess.Popen([sys.executable, "-c", BOOTSTRAP], stdin=subprocess.PIPE)
-            pickle.dump(sys.path, proc.stdin)
+            pickle.dump([entry or os.getcwd() for entry in sys.path], proc.stdin)
             pickle.dump((config, rank, self.size, str(devices[rank]), store_path), proc.stdin)
             proc.stdin.close()
             log.info("tensor-parallel worker rank %d: pid %d on %s", rank, proc.pid,
