@@ -27,7 +27,8 @@ class LoraTables:
     `storage[l].view(-1)` (entries past the rank are 0 and never read);
     ranks: int32 [slots, 7] (0 = module not targeted); scales: float32 [slots].
     `targets[s]`: the module indices slot s targets, on the host (a step skips the LoRA call
-    sites that no adapter of its batch targets, without reading the device tables).
+    sites that no adapter of its batch targets, without reading the device tables);
+    `host_ranks[s]`: its rank, on the host too (0: empty).
     """
 
     a_ptr: torch.Tensor
@@ -35,14 +36,21 @@ class LoraTables:
     ranks: torch.Tensor
     scales: torch.Tensor
     targets: list[frozenset[int]] = field(default_factory=list)
+    host_ranks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.targets:
             self.targets = [frozenset()] * self.num_slots
+        if not self.host_ranks:
+            self.host_ranks = [0] * self.num_slots
 
     def modules_of(self, slots: Iterable[int]) -> frozenset[int]:
         """Module indices targeted by any of `slots` (-1 = no adapter)."""
         return frozenset().union(*(self.targets[s] for s in set(slots) if s >= 0))
+
+    def max_rank_of(self, slots: Iterable[int]) -> int:
+        """The largest rank among `slots` (-1 = no adapter; 0 when none has one)."""
+        return max((self.host_ranks[s] for s in set(slots) if s >= 0), default=0)
 
     @classmethod
     def create(
@@ -94,6 +102,7 @@ class LoraTables:
             self.ranks[slot, mi] = rank
         self.scales[slot] = float(scale)
         self.targets[slot] = frozenset(MODULE_INDEX[m] for m in pointers)
+        self.host_ranks[slot] = rank
 
     def clear_slot(self, slot: int) -> None:
         self.a_ptr[slot].zero_()
@@ -101,6 +110,7 @@ class LoraTables:
         self.ranks[slot].zero_()
         self.scales[slot] = 0.0
         self.targets[slot] = frozenset()
+        self.host_ranks[slot] = 0
 
 
 class LoraGeometry:

@@ -73,7 +73,8 @@ class ShardedStep:
         from .kernel_lora import KernelShardedLora
 
         inner = model.prepare_step(batch, storage, block_size, tables)
-        return cls(inner, KernelShardedLora(inner, geometry, storage.shape[2], comm))
+        return cls(inner, KernelShardedLora(inner, batch.lora_host(), geometry, storage.shape[2],
+                                            comm))
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.inner.write_kv(kv_cache, k, v)
