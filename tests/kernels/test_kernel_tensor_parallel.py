@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from slora_testing.engine_runs import Req
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-from tp_helpers import Req, engine_config, make_tp_model, max_abs_diff, run  # noqa: E402
+from tp_helpers import engine_config, make_tp_model, max_abs_diff, run  # noqa: E402
 
 LOGITS_TOL = 1e-5
 # a prefill step (MBGMM), then decode steps (MBGMV) of base and adapter tokens together

@@ -5,14 +5,14 @@ and logits."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from slora_backend import EngineConfig, LLMEngine, SamplingParams
+from slora_backend import EngineConfig, LLMEngine
 from slora_backend.model.spec import MODULE_ORDER
+from slora_testing.engine_runs import Req, run_requests
 from slora_testing.synthetic_adapters import (
     AdapterRecipe,
     adapter_config,
@@ -50,15 +50,6 @@ def make_tp_model(root: Path) -> tuple[Path, Path]:
     return model, root / "adapters"
 
 
-@dataclass(frozen=True)
-class Req:
-    request_id: str
-    prompt: list[int]
-    adapter: str | None
-    max_tokens: int
-    arrival_step: int
-
-
 def mixed_requests() -> list[Req]:
     """Base and adapter requests, staggered: prefill chunks and decodes share steps."""
     names = [None, *ADAPTERS, None, "r4_all", "r64_mlp_o"]
@@ -77,28 +68,8 @@ def run(config: EngineConfig, reqs: list[Req]
         ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], dict[str, int]]:
     """Greedy tokens and logits [n, V] per request, and the collectives' bytes by kind."""
     engine = LLMEngine(config)
-    logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in reqs}
-
-    def hook(ids: list[str], rows: torch.Tensor) -> None:
-        for rid, row in zip(ids, rows):
-            logits[rid].append(row.clone())
-
-    engine.runner.logits_hook = hook
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-    step = 0
     try:
-        while step <= max(r.arrival_step for r in reqs) or engine.has_unfinished():
-            for r in reqs:
-                if r.arrival_step == step:
-                    engine.add_request(r.request_id, prompt_token_ids=r.prompt,
-                                       params=SamplingParams(max_tokens=r.max_tokens,
-                                                             temperature=0.0, ignore_eos=True),
-                                       adapter_id=r.adapter)
-            for out in engine.step():
-                assert out.error is None, out.error
-                tokens[out.request_id] += out.new_token_ids
-            step += 1
-        assert engine.stats().pool_pages_kv == 0
+        tokens, logits = run_requests(engine, reqs)
         traffic = dict(engine.tp.comm.traffic) if engine.tp is not None else {}
     finally:
         engine.close()
