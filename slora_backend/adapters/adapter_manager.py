@@ -81,7 +81,7 @@ class AdapterManager:
         """Validate an adapter on disk (EngineError INVALID_ARG / NOT_FOUND, no weight read);
         the pool pages it occupies when resident."""
         settings = self.host.source.inspect(adapter_id).settings
-        return self._plan(settings.modules, settings.rank).num_pages
+        return self._plan(adapter_id, settings.modules, settings.rank).num_pages
 
     def prefetch(self, adapter_id: str) -> None:
         """Start the disk -> host load of an adapter that is not resident."""
@@ -125,7 +125,7 @@ class AdapterManager:
         return self._load(adapter_id, host, reserve_pages)
 
     def _load(self, adapter_id: str, host: HostAdapter, reserve_pages: int) -> int | None:
-        plan = self._plan(host.modules, host.rank)
+        plan = self._plan(adapter_id, host.modules, host.rank)
         if not self._free_slots and not self._evict_lru_idle():
             return None
         if not self._free_pages_for(plan.num_pages + reserve_pages, keep=None):
@@ -150,10 +150,15 @@ class AdapterManager:
         self._resident.move_to_end(adapter_id)
         return res.slot
 
-    def _plan(self, modules: tuple[str, ...], rank: int) -> RowPlan:
+    def _plan(self, adapter_id: str, modules: tuple[str, ...], rank: int) -> RowPlan:
         key = (tuple(modules), int(rank))
         if key not in self._plans:
-            self._plans[key] = self.writer.plan(modules, rank)
+            try:
+                self._plans[key] = self.writer.plan(modules, rank)
+            except ValueError as err:  # a row longer than a pool page
+                raise EngineError(ErrorCode.INVALID_ARG,
+                                  f"adapter {adapter_id!r} does not fit the model: {err}"
+                                  ) from err
         return self._plans[key]
 
     def release(self, adapter_id: str) -> None:

@@ -88,9 +88,13 @@ class TensorParallelDriver:
             store = driver._spawn(config, devices)
             driver.comm = Comm(store, 0, size, device)
             spec, model = load_rank_model(config, driver.comm, dtype)
-        except BaseException:
+        except EngineError:
             driver.shutdown()
             raise
+        except Exception as exc:  # a collective failed: most often a worker that exited
+            failure = driver._broken(exc)
+            driver.shutdown()
+            raise failure from exc
         return driver, spec, model
 
     def _spawn(self, config: EngineConfig, devices: list[torch.device]) -> dist.Store:
@@ -166,7 +170,7 @@ class TensorParallelDriver:
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(START_POLL_S)
         self.failure = self.failure or EngineError(ErrorCode.INTERNAL,
-                                                   f"tensor-parallel step failed: {exc}")
+                                                   f"tensor-parallel collective failed: {exc}")
         return self.failure
 
     def pids(self) -> list[int]:

@@ -17,6 +17,8 @@ from slora_testing.engine_runs import Req
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from tp_helpers import engine_config, make_tp_model, max_abs_diff, run  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 LOGITS_TOL = 1e-5
 # a prefill step (MBGMM), then decode steps (MBGMV) of base and adapter tokens together
 REQUESTS = [Req("base", list(range(3, 15)), None, 2, 0),

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from tp_helpers import engine_config, make_tp_model, max_abs_diff, mixed_requests, run
 
+pytestmark = pytest.mark.slow
+
 LOGITS_TOL = 1e-5  # |logits| here reach ~4.5
 ADAPTER_EFFECT = 0.1  # each adapter moves its request's logits by more than this
 

@@ -14,7 +14,7 @@ from death_helpers import kill_under_stream, wait_not_ready
 
 from client import GenerateRequest
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 TP = 3
 ADAPTERS = (None, "uppercase", "signoff", "pirate")
