@@ -79,6 +79,10 @@ class EngineConfig:
     # auto: weights from `model`; dummy: random weights of its config.json's shape (benchmarks
     # at real scale without the weights, as vLLM's load_format=dummy)
     load_format: str = "auto"
+    # devices one engine spans (tensor parallelism, slora_backend/parallel): cuda:N.. from its
+    # GPU on CUDA, processes on the CPU; must divide the model's heads, KV heads, MLP and
+    # hidden sizes
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("model", "adapter_dir"):
@@ -90,7 +94,7 @@ class EngineConfig:
         self.device = _check_device(self.device)
         positive = ("block_size", "max_rank", "max_loaded_adapters", "max_num_seqs",
                     "max_num_batched_tokens", "max_waiting", "host_cache_bytes",
-                    "host_cache_workers")
+                    "host_cache_workers", "tensor_parallel_size")
         for name in positive:
             _check_int(name, getattr(self, name), 1)
         for name in ("pool_bytes", "max_model_len"):

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from gpu_instance_groups import per_gpu_config  # noqa: E402
+from gpu_instance_groups import per_gpu_config, tensor_parallel_size  # noqa: E402
 
 CONFIG = ROOT / "model_repository" / "slora" / "config.pbtxt"
 TWO_GPUS = ("instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 0 ] }, "
@@ -36,6 +36,19 @@ def test_per_gpu_config_replaces_only_the_instance_group() -> None:
         per_gpu_config("name: \"slora\"\n", 2)
 
 
+def test_tensor_parallel_engines_take_every_tp_th_gpu() -> None:
+    text = CONFIG.read_text()
+    assert tensor_parallel_size(text, {}) == 1  # the committed config
+    assert tensor_parallel_size(text, {"SLORA_TENSOR_PARALLEL_SIZE": "4"}) == 4
+    groups = [ln for ln in per_gpu_config(text, 8, 4).splitlines()
+              if ln.startswith("instance_group")]
+    assert groups == ["instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 0 ] }, "
+                      "{ count: 1, kind: KIND_GPU, gpus: [ 4 ] } ]"]
+    assert per_gpu_config(text, 3, 2).count("kind: KIND_GPU") == 1  # GPU 2 left over
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        per_gpu_config(text, 2, 4)
+
+
 @pytest.fixture()
 def launch(tmp_path: Path):
     """Run scripts/tritonserver.sh with TRITONSERVER=/bin/echo (it execs that binary with the
@@ -44,8 +57,9 @@ def launch(tmp_path: Path):
     (repository / "slora").mkdir(parents=True)
     shutil.copy(CONFIG, repository / "slora" / "config.pbtxt")
 
-    def run(gpus: str, *extra: str) -> list[str]:
-        env = dict(os.environ, TRITONSERVER="/bin/echo", SLORA_LAUNCH_GPUS=gpus)
+    def run(gpus: str, *extra: str, tp: str = "") -> list[str]:
+        env = dict(os.environ, TRITONSERVER="/bin/echo", SLORA_LAUNCH_GPUS=gpus,
+                   SLORA_TENSOR_PARALLEL_SIZE=tp)
         out = subprocess.run([str(ROOT / "scripts" / "tritonserver.sh"), "--model-repository",
                               str(repository), *extra], env=env, capture_output=True,
                              text=True, check=True, timeout=60)
@@ -63,3 +77,7 @@ def test_launcher_gives_each_gpu_a_group(launch) -> None:
         assert "--model-config-name" not in run(gpus)
     mine = run("2", "--model-config-name", "mine")  # the caller's choice wins
     assert mine.count("--model-config-name") == 1 and "mine" in mine
+    tp = run("4", tp="2")  # two engines of 2 GPUs each
+    assert tp[tp.index("--model-config-name") + 1] == "gpus4_tp2"
+    assert (repository / "slora" / "configs" / "gpus4_tp2.pbtxt").read_text().count(
+        "kind: KIND_GPU") == 2

@@ -34,15 +34,42 @@ class _Resident:
     fingerprint: Any
 
 
+class PoolWriter:
+    """Puts an adapter's rows into the pool pages the manager picked, at once. A
+    tensor-parallel engine's writer (parallel/adapters.py ShardedWriter) cuts the factors into
+    every rank's share and writes them into every rank's pool at the next step instead."""
+
+    def __init__(self, spec: ModelSpec, storage: PoolStorage) -> None:
+        self.spec = spec
+        self.storage = storage
+
+    def table_rank(self, rank: int) -> int:
+        """The slot tables' rank for an adapter of `rank` (their width for `max_rank`)."""
+        return rank
+
+    def plan(self, modules: tuple[str, ...], rank: int) -> RowPlan:
+        return plan_adapter_rows(self.spec, modules, rank, self.storage.page_elems)
+
+    def write(self, slot: int, pages: list[int], host: HostAdapter,
+              plan: RowPlan) -> dict[str, tuple[list[int], list[int]]]:
+        """Write the rows; returns the row pointers for the slot tables."""
+        del slot
+        weights = host.weights_on(self.storage.tensor.device)
+        return write_adapter_rows(self.storage.tensor, pages, weights, self.spec, host.modules,
+                                  host.rank, plan)
+
+
 class AdapterManager:
     def __init__(self, spec: ModelSpec, storage: PoolStorage, pool: PagePool, host: HostCache,
-                 max_slots: int, max_rank: int) -> None:
+                 max_slots: int, max_rank: int, writer: PoolWriter | None = None) -> None:
         self.spec = spec
         self.storage = storage
         self.pool = pool
         self.host = host
         self.max_rank = max_rank
-        self.tables = LoraTables.create(max_slots, max_rank, storage.tensor.device)
+        self.writer = writer if writer is not None else PoolWriter(spec, storage)
+        self.tables = LoraTables.create(max_slots, self.writer.table_rank(max_rank),
+                                        storage.tensor.device)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._plans: dict[tuple[tuple[str, ...], int], RowPlan] = {}
@@ -54,7 +81,7 @@ class AdapterManager:
         """Validate an adapter on disk (EngineError INVALID_ARG / NOT_FOUND, no weight read);
         the pool pages it occupies when resident."""
         settings = self.host.source.inspect(adapter_id).settings
-        return self._plan(settings.modules, settings.rank).num_pages
+        return self._plan(adapter_id, settings.modules, settings.rank).num_pages
 
     def prefetch(self, adapter_id: str) -> None:
         """Start the disk -> host load of an adapter that is not resident."""
@@ -98,22 +125,21 @@ class AdapterManager:
         return self._load(adapter_id, host, reserve_pages)
 
     def _load(self, adapter_id: str, host: HostAdapter, reserve_pages: int) -> int | None:
-        plan = self._plan(host.modules, host.rank)
+        plan = self._plan(adapter_id, host.modules, host.rank)
         if not self._free_slots and not self._evict_lru_idle():
             return None
         if not self._free_pages_for(plan.num_pages + reserve_pages, keep=None):
             return None
         pages = self.pool.allocate(plan.num_pages, LORA_KIND)
+        slot = self._free_slots[-1]
         try:
-            weights = host.weights_on(self.storage.tensor.device)
-            pointers = write_adapter_rows(self.storage.tensor, pages, weights, self.spec,
-                                          host.modules, host.rank, plan)
+            pointers = self.writer.write(slot, pages, host, plan)
         except (ValueError, KeyError) as err:
             self.pool.free(pages)
             raise EngineError(ErrorCode.INVALID_ARG,
                               f"adapter {adapter_id!r} does not fit the model: {err}") from err
-        slot = self._free_slots.pop()
-        self.tables.set_slot(slot, host.rank, host.scale, pointers)
+        self._free_slots.pop()
+        self.tables.set_slot(slot, plan.rank, host.scale, pointers)
         res = _Resident(slot, pages, 0, host.fingerprint)
         self._resident[adapter_id] = res
         self.num_loads += 1
@@ -124,11 +150,15 @@ class AdapterManager:
         self._resident.move_to_end(adapter_id)
         return res.slot
 
-    def _plan(self, modules: tuple[str, ...], rank: int) -> RowPlan:
+    def _plan(self, adapter_id: str, modules: tuple[str, ...], rank: int) -> RowPlan:
         key = (tuple(modules), int(rank))
         if key not in self._plans:
-            self._plans[key] = plan_adapter_rows(self.spec, modules, rank,
-                                                 self.storage.page_elems)
+            try:
+                self._plans[key] = self.writer.plan(modules, rank)
+            except ValueError as err:  # a row longer than a pool page
+                raise EngineError(ErrorCode.INVALID_ARG,
+                                  f"adapter {adapter_id!r} does not fit the model: {err}"
+                                  ) from err
         return self._plans[key]
 
     def release(self, adapter_id: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from slora_backend.adapters.adapter_manager import AdapterManager
 from slora_backend.adapters.host_cache import HostCache
 from slora_backend.adapters.source import AdapterSource
-from slora_backend.config import DEFAULT_CPU_POOL_BYTES, EngineConfig
+from slora_backend.config import EngineConfig
 from slora_backend.device import resolve_device, use_device
 from slora_backend.engine.admission import Admission, Prompt
 from slora_backend.engine.kv_manager import KVManager
@@ -23,10 +23,11 @@ from slora_backend.engine.model_runner import ModelRunner, StepResult
 from slora_backend.engine.outputs import OutputProcessor, RequestOutput, make_output
 from slora_backend.engine.scheduler import Scheduler
 from slora_backend.engine.sequence import PLACEHOLDER, Sequence
-from slora_backend.errors import EngineError
+from slora_backend.engine.weights import load_weights, pool_pages
+from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.logprobs import record
-from slora_backend.memory_pool import PagePool, PoolStorage, pages_for_bytes
-from slora_backend.model import LlamaModel, ModelSpec, UnsupportedModelError, load_model, load_spec
+from slora_backend.memory_pool import PagePool, PoolStorage
+from slora_backend.model import LlamaModel, ModelSpec
 from slora_backend.pages import ceil_div
 from slora_backend.sampling_params import SamplingParams
 from slora_backend.tokenizer import Tokenizer
@@ -34,8 +35,7 @@ from slora_backend.tokenizer import Tokenizer
 if TYPE_CHECKING:  # the graphs import the Triton kernels: only loaded when graphs are on
     from slora_backend.model.cuda_graphs import DecodeGraphs
     from slora_backend.model.mixed_graphs import MixedGraphs
-
-MIN_POOL_PAGES = 2
+    from slora_backend.parallel.driver import TensorParallelDriver
 
 
 @dataclass
@@ -65,20 +65,18 @@ class LLMEngine:
         if self.device.type == "cpu" and config.cpu_threads > 0:
             torch.set_num_threads(config.cpu_threads)
         self.dtype = config.torch_dtype
-        self.spec, self.model = model if model is not None else _load(config, self.dtype,
-                                                                      self.device)
-        if self.model.dtype != self.dtype or self.model.device.type != self.device.type:
-            raise EngineError.invalid("model", f"built for {self.model.dtype} on "
-                                               f"{self.model.device}, the engine runs "
-                                               f"{self.dtype} on {self.device}")
-        self.model.set_backend(config.kernel_backend)
-        if config.cuda_graph_mixed == "on" and not self.model.graphable:
-            raise EngineError.invalid("cuda_graph_mixed", "on needs the triton backend on CUDA "
-                                                          "(fp16/bf16)")
-        self.tokenizer = Tokenizer(config.model)
-        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
-                                 self.spec.max_position_embeddings)
-        self._wire(config)
+        self.tp: TensorParallelDriver | None = None
+        self.spec, self.model = self._build_model(config, model)
+        try:
+            self._check_graphs(config)
+            self.tokenizer = Tokenizer(config.model)
+            self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                                     self.spec.max_position_embeddings)
+            self._wire(config)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.shutdown()
+            raise
         self._lock = threading.Lock()  # guards the pending aborts
         self._pending_aborts: deque[str] = deque()
         self._arrival = itertools.count()
@@ -87,18 +85,48 @@ class LLMEngine:
         self.async_scheduling = config.resolved_async_scheduling
         self._in_flight: StepResult | None = None  # launched, tokens not read back yet
 
+    def _build_model(self, config: EngineConfig, model: tuple[ModelSpec, LlamaModel] | None
+                     ) -> tuple[ModelSpec, LlamaModel]:
+        """The whole model, or at tensor_parallel_size > 1 rank 0's share (the workers started
+        and holding theirs); the spec is the whole model's either way."""
+        if config.tensor_parallel_size > 1:
+            if model is not None:
+                raise EngineError.invalid("tensor_parallel_size", "a prebuilt model runs on "
+                                          "one device (load_format=dummy builds shards)")
+            from slora_backend.parallel.driver import TensorParallelDriver
+
+            self.tp, spec, built = TensorParallelDriver.start(config, self.device, self.dtype)
+            return spec, built
+        spec, built = model if model is not None else load_weights(config, self.dtype,
+                                                                   self.device)
+        if built.dtype != self.dtype or built.device.type != self.device.type:
+            raise EngineError.invalid("model", f"built for {built.dtype} on {built.device}, "
+                                               f"the engine runs {self.dtype} on {self.device}")
+        return spec, built
+
+    def _check_graphs(self, config: EngineConfig) -> None:
+        self.model.set_backend(config.kernel_backend)
+        if config.cuda_graph_mixed == "on" and (not self.model.graphable or self.tp is not None):
+            raise EngineError.invalid("cuda_graph_mixed", "on needs the triton backend on CUDA "
+                                                          "(fp16/bf16) and tensor_parallel_size 1")
+
     def _wire(self, config: EngineConfig) -> None:
         """The pool and its users: pages, adapter tiers, KV, scheduler, model runner."""
-        num_pages = self._num_pages()
-        self.storage = PoolStorage(self.spec.num_layers, num_pages, config.block_size,
-                                   self.spec.num_kv_heads, self.spec.head_dim, self.dtype,
-                                   self.device)
+        local = self.model.spec  # a tensor-parallel rank's share of the heads
+        num_pages = pool_pages(config, local, self.dtype, self.device)
+        if self.tp is not None:
+            num_pages = self.tp.agree_pages(num_pages)
+        self.storage = PoolStorage(local.num_layers, num_pages, config.block_size,
+                                   local.num_kv_heads, local.head_dim, self.dtype, self.device)
         self.pool = PagePool(num_pages)
         self.source = AdapterSource(config.adapter_dir, self.spec, config.max_rank, self.dtype)
         self.host_cache = HostCache(self.source, config.host_cache_bytes,
                                     config.host_cache_workers, device=self.device)
+        writer = None if self.tp is None else self.tp.writer(self.spec, self.storage)
         self.adapters = AdapterManager(self.spec, self.storage, self.pool, self.host_cache,
-                                       config.max_loaded_adapters, config.max_rank)
+                                       config.max_loaded_adapters, config.max_rank, writer)
+        if self.tp is not None:
+            self.tp.attach(self.spec, self.model, self.storage, self.adapters.tables)
         self.kv = KVManager(self.pool, config.block_size)
         self.scheduler = Scheduler(self.pool, self.kv, self.adapters, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.max_waiting)
@@ -106,27 +134,14 @@ class LLMEngine:
                                    config.block_size, num_pages, config.seed)
         self.outputs = OutputProcessor(self.spec.eos_token_ids, self.max_model_len)
         self.runner = ModelRunner(self.model, self.storage, self.kv, self.adapters.tables,
-                                  self.device, *self._cuda_graphs())
-
-    def _num_pages(self) -> int:
-        page_elems = self.spec.page_elems(self.config.block_size)
-        pool_bytes = self.config.pool_bytes
-        if pool_bytes is None and self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            pool_bytes = int(free * self.config.pool_fraction)
-        elif pool_bytes is None:
-            pool_bytes = DEFAULT_CPU_POOL_BYTES
-        pages = pages_for_bytes(pool_bytes, self.spec.num_layers, page_elems, self.dtype)
-        if pages < MIN_POOL_PAGES:
-            raise EngineError.invalid("pool_bytes", f"{pool_bytes} bytes hold only {pages} pages "
-                                                    f"of {self.config.block_size} tokens")
-        return pages
+                                  self.device, *self._cuda_graphs(), tp=self.tp)
 
     def _cuda_graphs(self) -> tuple[DecodeGraphs | None, MixedGraphs | None]:
         """CUDA graphs for decode steps and for mixed steps, when the model can be graphed
-        (model/cuda_graphs.py, model/mixed_graphs.py), captured into one memory pool."""
+        (model/cuda_graphs.py, model/mixed_graphs.py), captured into one memory pool; not at
+        tensor parallelism (collectives in captured graphs: not done yet)."""
         config = self.config
-        if not self.model.graphable:
+        if not self.model.graphable or self.tp is not None:
             return None, None
         from slora_backend.model.cuda_graphs import DecodeGraphs
         from slora_backend.model.mixed_graphs import MixedGraphs
@@ -150,7 +165,9 @@ class LLMEngine:
                     prompt_token_ids: list[int] | None = None,
                     params: SamplingParams | None = None, adapter_id: str | None = None) -> None:
         """Validate and queue a request (thread-safe). Raises EngineError INVALID_ARG,
-        NOT_FOUND (unknown adapter) or UNAVAILABLE (queue full)."""
+        NOT_FOUND (unknown adapter) or UNAVAILABLE (queue full, or the engine failed)."""
+        if self.failure is not None:
+            raise EngineError(ErrorCode.UNAVAILABLE, f"engine failed: {self.failure.message}")
         seq = self.admission.sequence(request_id, prompt, prompt_token_ids, params, adapter_id,
                                       next(self._arrival))
         self.scheduler.add(seq)
@@ -176,12 +193,19 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step, then read back the tokens of the previous one (async
         scheduling: its host work overlaps the device running this step) or of this one."""
+        if self.failure is not None:  # a tensor-parallel worker died: nothing can run
+            return self.fail_all(self.failure)
         outputs = self._apply_aborts()
         sched = self.scheduler.schedule()
         outputs += [make_output(seq, [], "", finished=True) for seq in sched.failed]
         launched = None
         if not sched.is_empty:
-            launched = self.runner.launch(sched, self.scheduler.seqs, self._in_flight)
+            try:
+                launched = self.runner.launch(sched, self.scheduler.seqs, self._in_flight)
+            except EngineError:
+                if self.failure is None:
+                    raise
+                return outputs + self.fail_all(self.failure)  # a worker died mid-step
             self.scheduler.commit(sched)
             if launched is not None:
                 self._expect_tokens(launched)
@@ -246,6 +270,12 @@ class LLMEngine:
         return outputs
 
     # ---- introspection -----------------------------------------------------------------------
+    @property
+    def failure(self) -> EngineError | None:
+        """Why the engine can no longer step (a tensor-parallel worker died); None if healthy.
+        The engine core exits on it (serving/core.py)."""
+        return None if self.tp is None else self.tp.failure
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
@@ -270,18 +300,7 @@ class LLMEngine:
         return self.adapters.resident()
 
     def close(self) -> None:
-        """Stop the host cache's loader threads."""
+        """Stop the host cache's loader threads and the tensor-parallel workers."""
         self.host_cache.close()
-
-
-def _load(config: EngineConfig, dtype: torch.dtype,
-          device: torch.device) -> tuple[ModelSpec, LlamaModel]:
-    """load_model (or random weights for load_format 'dummy') with its failures turned into an
-    EngineError naming the 'model' field."""
-    try:
-        if config.load_format == "dummy":
-            spec = load_spec(config.model)
-            return spec, LlamaModel.random(spec, dtype, device, seed=config.seed)
-        return load_model(config.model, dtype, device)
-    except (FileNotFoundError, UnsupportedModelError) as err:
-        raise EngineError.invalid("model", str(err)) from err
+        if self.tp is not None:
+            self.tp.shutdown()

@@ -27,6 +27,7 @@ from slora_backend.sampler import Sampler
 if TYPE_CHECKING:  # the graphs import the Triton kernels: only loaded when graphs are on
     from slora_backend.model.cuda_graphs import DecodeGraphs
     from slora_backend.model.mixed_graphs import MixedGraphs
+    from slora_backend.parallel.driver import TensorParallelDriver
 
 # called with (request ids of the sampled rows, their fp32 logits) after every forward
 LogitsHook = Callable[[list[str], torch.Tensor], None]
@@ -69,10 +70,12 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: LlamaModel, storage: PoolStorage, kv: KVManager,
                  tables: LoraTables, device: torch.device,
-                 graphs: DecodeGraphs | None = None, mixed: MixedGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, mixed: MixedGraphs | None = None,
+                 tp: TensorParallelDriver | None = None) -> None:
         self.model = model
         self.graphs = graphs
         self.mixed = mixed
+        self.tp = tp
         self.last_path = EAGER
         self.storage = storage
         self.kv = kv
@@ -110,7 +113,7 @@ class ModelRunner:
             src = torch.tensor(feed_src, dtype=torch.int64).to(self.device, non_blocking=True)
             feed = TokenFeed(torch.tensor(feed_rows, dtype=torch.int64).to(self.device,
                                                                            non_blocking=True),
-                             previous.tokens.index_select(0, src))
+                             previous.tokens.index_select(0, src), feed_rows)
         return batch, sampled, feed
 
     def _eager(self, batch: BatchInput, lora_modules: frozenset[int],
@@ -137,6 +140,9 @@ class ModelRunner:
         elif self.mixed is not None and self.mixed.fits(batch):
             self.last_path = MIXED_GRAPH
             logits = self.mixed.run(batch, lora_modules, feed)
+        elif self.tp is not None:  # every rank runs its shard of the step (parallel/)
+            self.last_path = EAGER
+            logits = self.tp.forward(batch, feed)
         else:
             self.last_path = EAGER
             logits = self._eager(batch, lora_modules, feed)

@@ -132,6 +132,7 @@ class TokenFeed:
 
     rows: torch.Tensor  # int64 [k]: positions in the batch's input_ids (device)
     tokens: torch.Tensor  # int64 [k]: their tokens (device)
+    host_rows: list[int] | None = None  # `rows` on the host (the tensor-parallel step plan)
 
     def apply(self, input_ids: torch.Tensor) -> None:
         input_ids.index_copy_(0, self.rows, self.tokens)

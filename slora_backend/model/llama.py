@@ -14,6 +14,7 @@ triton backend fuses each add into its norm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,9 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(spec, self.device)
         self.scale = spec.head_dim**-0.5
         self.backend = default_backend(self.device, self.dtype)
+        # tensor parallelism (slora_backend/parallel): sums the row-parallel partial outputs
+        # (o, down: LoRA included) across ranks in place; None on one device
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None
 
     def set_backend(self, backend: str) -> None:
         """'torch', 'triton' or 'auto' (default_backend)."""
@@ -266,6 +270,8 @@ class LlamaModel:
                                    self.scale)
         o = F.linear(attn, w.w_o)
         step.lora(attn, o, flat, O_MODULES, ((0, spec.hidden_size),))
+        if self.all_reduce is not None:  # row-parallel: sum the ranks' partial outputs
+            self.all_reduce(o)
         return o
 
     def mlp_block(self, li: int, w: LayerWeights, h: torch.Tensor, storage: torch.Tensor,
@@ -279,6 +285,8 @@ class LlamaModel:
         a = step.act(gu)
         d = F.linear(a, w.w_down)
         step.lora(a, d, flat, DOWN_MODULES, ((0, self.spec.hidden_size),))
+        if self.all_reduce is not None:  # row-parallel: sum the ranks' partial outputs
+            self.all_reduce(d)
         return d
 
     __call__ = forward

@@ -9,14 +9,18 @@ un-permuted by transformers, so the weights match the HF layout.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .llama import LlamaModel
 from .spec import ModelSpec, UnsupportedModelError
+
+if TYPE_CHECKING:  # the parallel package sits above the model
+    from slora_backend.parallel.shard import Shard
 
 _DTYPES = {
     "float32": torch.float32,
@@ -104,16 +108,19 @@ def _safetensors_files(p: Path) -> list[Path]:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+    path: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
+    shard: Shard | None = None,
 ) -> tuple[ModelSpec, LlamaModel]:
-    """(ModelSpec, LlamaModel) from an HF directory or a .gguf file."""
+    """(ModelSpec, LlamaModel) from an HF directory or a .gguf file. `shard`: only one
+    tensor-parallel rank's slice of the weights (a model of `shard.local_spec(spec)`); the
+    spec returned is the whole model's either way."""
     dt = resolve_dtype(dtype)
     dev = resolve_device(device)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist")
     if is_gguf(p):
-        return _load_gguf(p, dt, dev)
+        return _load_gguf(p, dt, dev, shard)
     spec = load_spec(p)
     from safetensors import safe_open
 
@@ -132,8 +139,16 @@ def load_model(
                 raise KeyError(name)
             return where[name].get_tensor(name)
 
-        model = LlamaModel.from_state_dict(spec, get, dt, dev)
+        model = _build(spec, get, dt, dev, shard)
     return spec, model
+
+
+def _build(spec: ModelSpec, get: Callable[[str], torch.Tensor], dtype: torch.dtype,
+           device: torch.device, shard: Shard | None) -> LlamaModel:
+    if shard is None:
+        return LlamaModel.from_state_dict(spec, get, dtype, device)
+    return LlamaModel.from_state_dict(shard.local_spec(spec), lambda name: shard.take(name, get),
+                                      dtype, device)
 
 
 # ---- GGUF ------------------------------------------------------------------------------------
@@ -205,7 +220,8 @@ class _NameSkeleton:
         return []
 
 
-def _load_gguf(p: Path, dtype: torch.dtype, device: torch.device) -> tuple[ModelSpec, LlamaModel]:
+def _load_gguf(p: Path, dtype: torch.dtype, device: torch.device,
+               shard: Shard | None) -> tuple[ModelSpec, LlamaModel]:
     parsed = _read_gguf(p, return_tensors=True, model_to_load=_NameSkeleton())
     _, d = _hf_config_dict(parsed["config"])
     spec = ModelSpec.from_hf_config(d)
@@ -218,5 +234,5 @@ def _load_gguf(p: Path, dtype: torch.dtype, device: torch.device) -> tuple[Model
             raise KeyError(name)
         return tensors.pop(name)
 
-    model = LlamaModel.from_state_dict(spec, get, dtype, device)
+    model = _build(spec, get, dtype, device, shard)
     return spec, model

@@ -27,7 +27,8 @@ class LoraTables:
     `storage[l].view(-1)` (entries past the rank are 0 and never read);
     ranks: int32 [slots, 7] (0 = module not targeted); scales: float32 [slots].
     `targets[s]`: the module indices slot s targets, on the host (a step skips the LoRA call
-    sites that no adapter of its batch targets, without reading the device tables).
+    sites that no adapter of its batch targets, without reading the device tables);
+    `host_ranks[s]`: its rank, on the host too (0: empty).
     """
 
     a_ptr: torch.Tensor
@@ -35,14 +36,21 @@ class LoraTables:
     ranks: torch.Tensor
     scales: torch.Tensor
     targets: list[frozenset[int]] = field(default_factory=list)
+    host_ranks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.targets:
             self.targets = [frozenset()] * self.num_slots
+        if not self.host_ranks:
+            self.host_ranks = [0] * self.num_slots
 
     def modules_of(self, slots: Iterable[int]) -> frozenset[int]:
         """Module indices targeted by any of `slots` (-1 = no adapter)."""
         return frozenset().union(*(self.targets[s] for s in set(slots) if s >= 0))
+
+    def max_rank_of(self, slots: Iterable[int]) -> int:
+        """The largest rank among `slots` (-1 = no adapter; 0 when none has one)."""
+        return max((self.host_ranks[s] for s in set(slots) if s >= 0), default=0)
 
     @classmethod
     def create(
@@ -72,7 +80,9 @@ class LoraTables:
     ) -> None:
         """Fill slot `slot`.
 
-        pointers[module] = (absolute A row offsets, absolute B^T row offsets).
+        pointers[module] = (absolute A row offsets, absolute B^T row offsets): `rank` B^T rows
+        and as many A rows as the pool's LoraGeometry gives (fewer than `rank` on a
+        tensor-parallel rank's column-parallel modules).
         """
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the slot tables' max_rank {self.max_rank}")
@@ -80,11 +90,10 @@ class LoraTables:
         self.clear_slot(slot)
         for m, (a_rows, b_rows) in pointers.items():
             mi = MODULE_INDEX[m]
-            if len(a_rows) != rank or len(b_rows) != rank:
-                raise ValueError(
-                    f"module {m}: expected {rank} A and B rows, got {len(a_rows)}, {len(b_rows)}"
-                )
-            self.a_ptr[slot, mi, :rank] = torch.as_tensor(
+            if not 0 < len(a_rows) <= rank or len(b_rows) != rank:
+                raise ValueError(f"module {m}: expected {rank} B rows and 1 to {rank} A rows, "
+                                 f"got {len(b_rows)}, {len(a_rows)}")
+            self.a_ptr[slot, mi, : len(a_rows)] = torch.as_tensor(
                 list(a_rows), dtype=torch.int64, device=dev
             )
             self.b_ptr[slot, mi, :rank] = torch.as_tensor(
@@ -93,6 +102,7 @@ class LoraTables:
             self.ranks[slot, mi] = rank
         self.scales[slot] = float(scale)
         self.targets[slot] = frozenset(MODULE_INDEX[m] for m in pointers)
+        self.host_ranks[slot] = rank
 
     def clear_slot(self, slot: int) -> None:
         self.a_ptr[slot].zero_()
@@ -100,6 +110,25 @@ class LoraTables:
         self.ranks[slot].zero_()
         self.scales[slot] = 0.0
         self.targets[slot] = frozenset()
+        self.host_ranks[slot] = 0
+
+
+class LoraGeometry:
+    """The rows one module's factors take in a pool: `a_rows(module, rank)` rows of A, each
+    `lengths(module)[0]` long, and `rank` rows of B^T, each `lengths(module)[1]` long.
+
+    Whole factors here (one device holds the adapter); slora_backend/parallel/shard.py
+    ShardGeometry cuts them for one tensor-parallel rank (S-LoRA's partition)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    def lengths(self, module: str) -> tuple[int, int]:
+        return self.spec.module_dims(module)
+
+    def a_rows(self, module: str, rank: int) -> int:
+        del module
+        return rank
 
 
 @dataclass
@@ -107,12 +136,15 @@ class RowPlan:
     """Where an adapter's rows go, relative to its own page list.
 
     offsets[module] = (A row offsets, B^T row offsets); an offset v means page
-    `pages[v // page_elems]`, element `v % page_elems` of that page.
+    `pages[v // page_elems]`, element `v % page_elems` of that page. `rank`: the slot tables'
+    rank (B^T rows per module); lengths[module] = (A row length, B^T row length).
     """
 
     num_pages: int
     page_elems: int
     offsets: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    rank: int = 0
+    lengths: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def absolute(self, pages: Sequence[int]) -> dict[str, tuple[list[int], list[int]]]:
         """Row offsets into `storage[l].view(-1)` once the adapter's pages are known."""
@@ -127,9 +159,13 @@ class RowPlan:
 
 
 def plan_adapter_rows(
-    spec: ModelSpec, modules: Sequence[str], rank: int, page_elems: int
+    spec: ModelSpec, modules: Sequence[str], rank: int, page_elems: int,
+    geometry: LoraGeometry | None = None,
 ) -> RowPlan:
-    """Pack r A rows then r B^T rows per module (MODULE_ORDER order) into pages of `page_elems`."""
+    """Pack the A rows then the r B^T rows of each module (MODULE_ORDER order) into pages of
+    `page_elems`; `geometry` (default: whole factors) gives the rows' count and lengths."""
+    if geometry is None:
+        geometry = LoraGeometry(spec)
     if rank <= 0:
         raise ValueError(f"rank must be > 0, got {rank}")
     unknown = [m for m in modules if m not in MODULE_INDEX]
@@ -139,6 +175,7 @@ def plan_adapter_rows(
     page = 0
     used = 0  # elements used in the current page
     offsets: dict[str, tuple[list[int], list[int]]] = {}
+    lengths: dict[str, tuple[int, int]] = {}
 
     def place(length: int) -> int:
         nonlocal page, used
@@ -156,14 +193,13 @@ def plan_adapter_rows(
         return off
 
     for m in ordered:
-        d_in, d_out = spec.module_dims(m)
-        a_rows = [place(d_in) for _ in range(rank)]
-        b_rows = [place(d_out) for _ in range(rank)]
+        a_len, b_len = lengths[m] = geometry.lengths(m)
+        a_rows = [place(a_len) for _ in range(geometry.a_rows(m, rank))]
+        b_rows = [place(b_len) for _ in range(rank)]
         offsets[m] = (a_rows, b_rows)
     num_pages = page + 1 if used > 0 else page
-    return RowPlan(num_pages=num_pages, page_elems=page_elems, offsets=offsets)
-
-
+    return RowPlan(num_pages=num_pages, page_elems=page_elems, offsets=offsets, rank=rank,
+                   lengths=lengths)
 
 
 def write_adapter_rows(
@@ -177,7 +213,8 @@ def write_adapter_rows(
 ) -> dict[str, tuple[list[int], list[int]]]:
     """Write an adapter's A rows and B^T rows (all layers) into its pool pages.
 
-    storage: [L, P, page_elems]; weights[(layer, module)] = (A [r, in], B [out, r]).
+    storage: [L, P, page_elems]; weights[(layer, module)] = (A [r, in], B [out, r]), or the
+    shapes of `plan`'s geometry (a tensor-parallel rank's shards).
     Returns the absolute row pointers per module (for `LoraTables.set_slot`).
     Rows that follow each other in one page are contiguous, so each (module, page) run is one
     copy covering all layers.
@@ -188,11 +225,11 @@ def write_adapter_rows(
     flat = storage.view(L, -1)
     pointers = plan.absolute(pages)
     for m, (a_rows, b_rows) in pointers.items():
-        d_in, d_out = spec.module_dims(m)
+        d_in, d_out = plan.lengths[m]
         a_parts = [weights[(li, m)][0] for li in range(L)]
         bt_parts = [weights[(li, m)][1].t() for li in range(L)]
         for rows, parts, length in ((a_rows, a_parts, d_in), (b_rows, bt_parts, d_out)):
-            bad = next((p for p in parts if tuple(p.shape) != (rank, length)), None)
+            bad = next((p for p in parts if tuple(p.shape) != (len(rows), length)), None)
             if bad is not None:
                 raise ValueError(f"module {m}: A / B^T {tuple(bad.shape)} does not match rank "
                                  f"{rank} and dims ({d_in}, {d_out})")

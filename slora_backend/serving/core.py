@@ -18,6 +18,7 @@ next "step" message; so does every output of a failed step (fail_all).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -28,6 +29,7 @@ from slora_backend.errors import EngineError, ErrorCode
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # an idle core blocks this long on its pipe before re-checking
+EXIT_ENGINE_FAILED = 3  # a tensor-parallel worker died: the stub sees the core exit
 STATS_INTERVAL_S = 0.05  # engine stats travel with a step message at most this often
 CALLS = ("list_adapters", "resident_adapters")  # engine methods the stub may call
 
@@ -51,6 +53,8 @@ def core_main(config: EngineConfig, conn: Connection) -> None:
         EngineCore(engine, conn).run()
     finally:
         engine.close()
+    if engine.failure is not None:
+        sys.exit(EXIT_ENGINE_FAILED)
 
 
 class EngineCore:
@@ -73,6 +77,9 @@ class EngineCore:
                 if self.engine.has_unfinished():
                     outputs += self._step()
                 self._publish(outputs)
+                if self.engine.failure is not None:
+                    self._fail()
+                    return
                 if self._stopping and not self.engine.has_unfinished():
                     self.conn.send(("closed",))
                     return
@@ -118,6 +125,13 @@ class EngineCore:
             log.exception("engine step failed")
             return self.engine.fail_all(EngineError(ErrorCode.INTERNAL,
                                                     f"engine step failed: {exc}"))
+
+    def _fail(self) -> None:
+        """The engine cannot step any more (a tensor-parallel worker died): its requests end
+        with the error, and the core exits, which the stub handles like its death (INTERNAL
+        to whatever is left, then the server stops: Triton's health endpoints say so)."""
+        log.error("engine failed: %s; the engine core exits", self.engine.failure.message)
+        self._publish(self.engine.fail_all(self.engine.failure))
 
     def _publish(self, outputs: list) -> None:
         now = time.monotonic()

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from slora_backend.adapters.adapter_manager import AdapterManager
 from slora_backend.adapters.host_cache import HostCache
 from slora_backend.adapters.source import AdapterSource
+from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.memory_pool import PagePool, PoolStorage
 from slora_backend.model.spec import MODULE_INDEX, ModelSpec
 
@@ -20,9 +21,9 @@ HOST_BYTES = 64 << 20
 
 
 def build(model_dir: Path, adapter_dir: Path, num_pages: int, slots: int = 4,
-          max_rank: int = 64) -> tuple[AdapterManager, HostCache]:
+          max_rank: int = 64, block: int = BLOCK) -> tuple[AdapterManager, HostCache]:
     spec = ModelSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
-    storage = PoolStorage(spec.num_layers, num_pages, BLOCK, spec.num_kv_heads, spec.head_dim,
+    storage = PoolStorage(spec.num_layers, num_pages, block, spec.num_kv_heads, spec.head_dim,
                           torch.float32, "cpu")
     cache = HostCache(AdapterSource(adapter_dir, spec, max_rank, torch.float32), HOST_BYTES)
     return AdapterManager(spec, storage, PagePool(num_pages), cache, slots, max_rank), cache
@@ -111,3 +112,16 @@ def test_slot_capacity_waits_then_evicts_lru(tiny_model_dir: Path, tiny_adapter_
     assert mgr.acquire("a_r16_mlp") is not None
     assert mgr.resident() == ["a_r8_all", "a_r16_mlp"]
     cache.close()
+
+
+def test_rows_longer_than_a_page_refuse_the_adapter(tiny_model_dir: Path,
+                                                    tiny_adapter_dir: Path) -> None:
+    """A pool page of 1 token (64 elements here) holds the attention rows (64 long) but not
+    the MLP ones (128): that adapter is refused with INVALID_ARG at admission, not a crash."""
+    mgr, _ = build(tiny_model_dir, tiny_adapter_dir, num_pages=64, block=1)
+    assert mgr.pages_for("a_r4_qv") > 0
+    with pytest.raises(EngineError) as err:
+        mgr.pages_for("a_r16_mlp")
+    assert err.value.code is ErrorCode.INVALID_ARG
+    assert "'a_r16_mlp' does not fit the model" in err.value.message
+

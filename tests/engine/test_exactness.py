@@ -6,14 +6,14 @@ Needs about 1-2 min on an idle 2-core machine (SmolLM2 dominates)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from engine_fixtures import ADAPTERS, SMOL_DIR, AdapterSpec, make_adapters
 
-from slora_backend import EngineConfig, LLMEngine, SamplingParams
+from slora_backend import EngineConfig, LLMEngine
+from slora_testing.engine_runs import Req, run_requests
 
 EXTRA_ADAPTER = AdapterSpec("a_r8_v_gate", 8, 8, ("v_proj", "gate_proj"))
 ALL_ADAPTERS = (*ADAPTERS, EXTRA_ADAPTER)
@@ -21,15 +21,6 @@ NUM_REQUESTS = 14
 NUM_BASE = 3  # requests without adapter
 REL_TOL = 1e-4
 POOL_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class Req:
-    request_id: str
-    prompt: list[int]
-    adapter: str | None
-    max_tokens: int
-    arrival_step: int
 
 
 def make_requests(vocab: int, seed: int) -> list[Req]:
@@ -48,37 +39,10 @@ def run_engine(model_dir: Path, adapter_dir: Path, reqs: list[Req], budget: int,
     engine = LLMEngine(EngineConfig(model=str(model_dir), adapter_dir=str(adapter_dir),
                                     dtype="float32", device="cpu", pool_bytes=POOL_BYTES,
                                     max_num_batched_tokens=budget, max_num_seqs=max_seqs))
-    logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in reqs}
-
-    def hook(ids: list[str], rows: torch.Tensor) -> None:
-        for rid, row in zip(ids, rows):
-            logits[rid].append(row.clone())
-
-    engine.runner.logits_hook = hook
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-    finished: set[str] = set()
-    step = 0
     try:
-        while len(finished) < len(reqs):
-            for r in reqs:
-                if r.arrival_step == step:
-                    engine.add_request(r.request_id, prompt_token_ids=r.prompt,
-                                       params=SamplingParams(max_tokens=r.max_tokens,
-                                                             temperature=0.0, ignore_eos=True),
-                                       adapter_id=r.adapter)
-            for out in engine.step():
-                assert out.error is None, out.error
-                tokens[out.request_id] += out.new_token_ids
-                if out.finished:
-                    assert out.finish_reason == "length"
-                    finished.add(out.request_id)
-            step += 1
-            assert step < 2000, "engine did not finish"
-        stats = engine.stats()
-        assert stats.pool_pages_kv == 0  # every KV page came back
+        return run_requests(engine, reqs)
     finally:
         engine.close()
-    return tokens, logits
 
 
 def hf_reference(model_dir: Path, adapter_dir: Path, reqs: list[Req],
