@@ -83,11 +83,9 @@ class AdapterManager:
         None when it cannot happen now: host copy not loaded yet, no free slot, or fewer than
         (its pages + `reserve_pages`) pages can be freed by evicting idle adapters."""
         res = self._resident.get(adapter_id)
-        if res is not None and res.refcount == 0:
-            fresh = self.host.get(adapter_id)
-            if fresh is not None and fresh.fingerprint != res.fingerprint:  # changed on disk
-                self._evict(adapter_id)
-                res = None
+        if res is not None and res.refcount == 0 and self._rewritten(adapter_id, res):
+            self._evict(adapter_id)
+            res = None
         if res is not None:
             if not self._free_pages_for(reserve_pages, keep=adapter_id):
                 return None
@@ -96,6 +94,13 @@ class AdapterManager:
         if host is None:
             return None
         return self._load(adapter_id, host, reserve_pages)
+
+    def _rewritten(self, adapter_id: str, res: _Resident) -> bool:
+        """The files changed on disk since the resident copy was written. A stat, never a load:
+        reloading the host copy of every resident adapter it admits would evict host entries
+        that queued requests await (and race them)."""
+        now = self.host.disk_fingerprint(adapter_id)
+        return now is not None and now != res.fingerprint
 
     def _load(self, adapter_id: str, host: HostAdapter, reserve_pages: int) -> int | None:
         plan = self._plan(host.modules, host.rank)

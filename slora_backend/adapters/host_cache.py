@@ -141,10 +141,14 @@ class HostCache:
                     self._cond.wait(remaining)
 
     def is_current(self, adapter: HostAdapter) -> bool:
-        """True while the adapter's files are unchanged on disk since it was loaded. A stat
-        only: starts no load, so the pool tier can check a resident copy cheaply."""
-        fingerprint, problem = self._current(adapter.adapter_id)
-        return problem is None and fingerprint == adapter.fingerprint
+        """True while the adapter's files are unchanged on disk since it was loaded."""
+        return self.disk_fingerprint(adapter.adapter_id) == adapter.fingerprint
+
+    def disk_fingerprint(self, adapter_id: str) -> Fingerprint | None:
+        """The adapter's files' fingerprint now (None when they cannot be read). A stat only:
+        starts no load, so the pool tier can check a resident copy cheaply."""
+        fingerprint, problem = self._current(adapter_id)
+        return None if problem is not None else fingerprint
 
     def resident(self) -> list[str]:
         """Resident adapter ids, least recently used first."""

@@ -111,3 +111,21 @@ def test_slot_capacity_waits_then_evicts_lru(tiny_model_dir: Path, tiny_adapter_
     assert mgr.acquire("a_r16_mlp") is not None
     assert mgr.resident() == ["a_r8_all", "a_r16_mlp"]
     cache.close()
+
+
+def test_admitting_a_resident_adapter_starts_no_host_load(tiny_model_dir: Path,
+                                                          tiny_adapter_dir: Path) -> None:
+    # the pool copy serves; only a rewrite on disk (a stat) sends it back to the host tier.
+    # Reloading its host copy instead evicted host entries that queued requests awaited
+    mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64)
+    try:
+        assert load_now(mgr, cache, "a_r4_qv") is not None
+        mgr.release("a_r4_qv")
+        cache.evict("a_r4_qv")
+        before = cache.stats()
+        assert mgr.acquire("a_r4_qv") is not None
+        after = cache.stats()
+        assert (after["misses"], after["loads"]) == (before["misses"], before["loads"])
+        assert "a_r4_qv" not in cache.resident()
+    finally:
+        cache.close()

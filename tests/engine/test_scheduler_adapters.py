@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from test_scheduler import BLOCK, make_seq, run_all, step
 
@@ -44,8 +43,6 @@ def _seq(rid: str, adapter: str | None):
     return seq
 
 
-@pytest.mark.xfail(strict=False, reason="racy in a fresh-clone CI run (1 of 3 runs admitted the "
-                   "later b4 before c0 once 'cold' was ready): under investigation, issue 18")
 def test_ready_requests_fill_the_batch_while_an_adapter_loads(tmp_path: Path) -> None:
     for name, rank in (("warm", 4), ("cold", MAX_RANK), ("holder", MAX_RANK)):
         _write(tmp_path, name, rank)
