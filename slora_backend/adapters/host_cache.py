@@ -160,6 +160,17 @@ class HostCache:
         with self._cond:
             return self._drop(adapter_id, count=True)
 
+    def reject(self, adapter_id: str, error: EngineError,
+               fingerprint: Fingerprint | None) -> None:
+        """The pool tier refused the adapter's values (its finite check runs on the device):
+        drop the host copy and answer `error` for the adapter until its files change (or a
+        prefetch retries it)."""
+        with self._cond:
+            self._drop(adapter_id, count=False)
+            self._failures[adapter_id] = _Failure(error, fingerprint)
+            self._counters["load_errors"] += 1
+            self._cond.notify_all()
+
     def stats(self) -> dict[str, float]:
         """Counters for metrics: hits (get found it resident), misses (a load was started),
         loads, load_errors, evictions, bytes, load latency."""

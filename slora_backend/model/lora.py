@@ -73,25 +73,27 @@ class LoraTables:
         """Fill slot `slot`.
 
         pointers[module] = (absolute A row offsets, absolute B^T row offsets).
+        The rows are built on the host and copied without waiting: a synchronous host -> GPU
+        copy would wait for the step in flight (the loop would lose its overlap with the GPU).
+        On a GPU the copies run on the current stream, after every step launched before.
         """
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the slot tables' max_rank {self.max_rank}")
-        dev = self.a_ptr.device
-        self.clear_slot(slot)
+        ptrs = torch.zeros(2, NUM_MODULES, self.max_rank, dtype=torch.int64)
+        ranks = torch.zeros(NUM_MODULES, dtype=torch.int32)
         for m, (a_rows, b_rows) in pointers.items():
             mi = MODULE_INDEX[m]
             if len(a_rows) != rank or len(b_rows) != rank:
                 raise ValueError(
                     f"module {m}: expected {rank} A and B rows, got {len(a_rows)}, {len(b_rows)}"
                 )
-            self.a_ptr[slot, mi, :rank] = torch.as_tensor(
-                list(a_rows), dtype=torch.int64, device=dev
-            )
-            self.b_ptr[slot, mi, :rank] = torch.as_tensor(
-                list(b_rows), dtype=torch.int64, device=dev
-            )
-            self.ranks[slot, mi] = rank
-        self.scales[slot] = float(scale)
+            ptrs[0, mi, :rank] = torch.tensor(a_rows, dtype=torch.int64)
+            ptrs[1, mi, :rank] = torch.tensor(b_rows, dtype=torch.int64)
+            ranks[mi] = rank
+        for dst, src in ((self.a_ptr[slot], ptrs[0]), (self.b_ptr[slot], ptrs[1]),
+                         (self.ranks[slot], ranks),
+                         (self.scales[slot:slot + 1], torch.tensor([scale], dtype=torch.float32))):
+            _put(dst, src)
         self.targets[slot] = frozenset(MODULE_INDEX[m] for m in pointers)
 
     def clear_slot(self, slot: int) -> None:
@@ -164,6 +166,12 @@ def plan_adapter_rows(
     return RowPlan(num_pages=num_pages, page_elems=page_elems, offsets=offsets)
 
 
+def _put(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src (host), without waiting: through pinned memory when dst is on a GPU."""
+    if dst.device.type == "cpu":
+        dst.copy_(src)
+    else:
+        dst.copy_(src.pin_memory(), non_blocking=True)
 
 
 def write_adapter_rows(
@@ -175,47 +183,53 @@ def write_adapter_rows(
     rank: int,
     plan: RowPlan | None = None,
 ) -> dict[str, tuple[list[int], list[int]]]:
+    """write_adapter_factors for per-layer weights[(layer, module)] = (A [r, in], B [out, r])."""
+    layers = storage.shape[0]
+    try:
+        factors = {m: (torch.stack([weights[(li, m)][0] for li in range(layers)]),
+                       torch.stack([weights[(li, m)][1] for li in range(layers)]))
+                   for m in modules}
+    except RuntimeError as err:  # factors of different shapes across layers
+        raise ValueError(f"adapter factors do not stack across layers: {err}") from None
+    return write_adapter_factors(storage, pages, factors, spec, modules, rank, plan)
+
+
+def write_adapter_factors(
+    storage: torch.Tensor,
+    pages: Sequence[int],
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    spec: ModelSpec,
+    modules: Sequence[str],
+    rank: int,
+    plan: RowPlan | None = None,
+) -> dict[str, tuple[list[int], list[int]]]:
     """Write an adapter's A rows and B^T rows (all layers) into its pool pages.
 
-    storage: [L, P, page_elems]; weights[(layer, module)] = (A [r, in], B [out, r]).
-    Returns the absolute row pointers per module (for `LoraTables.set_slot`).
-    Rows that follow each other in one page are contiguous, so each (module, page) run is one
-    copy covering all layers.
+    storage: [L, P, page_elems]; factors[module] = (A [L, r, in], B [L, out, r]) (every
+    layer's factor stacked, as HostAdapter holds them). Returns the absolute row pointers per
+    module (for `LoraTables.set_slot`). Rows that follow each other in one page are contiguous,
+    so each (module, factor, page) run of rows is one copy covering all layers (B transposed
+    on the way): a few ops per module whatever the number of layers, on CPU and GPU alike.
     """
     L, _, pe = storage.shape
     if plan is None:
         plan = plan_adapter_rows(spec, modules, rank, pe)
     flat = storage.view(L, -1)
     pointers = plan.absolute(pages)
+    for m in pointers:  # all checked before the first write: nothing half written
+        d_in, d_out = spec.module_dims(m)
+        a, b = factors[m]
+        if tuple(a.shape) != (L, rank, d_in) or tuple(b.shape) != (L, d_out, rank):
+            raise ValueError(f"module {m}: A {tuple(a.shape)} / B {tuple(b.shape)} do not match "
+                             f"{L} layers, rank {rank} and dims ({d_in}, {d_out})")
     for m, (a_rows, b_rows) in pointers.items():
         d_in, d_out = spec.module_dims(m)
-        a_parts = [weights[(li, m)][0] for li in range(L)]
-        bt_parts = [weights[(li, m)][1].t() for li in range(L)]
-        for rows, parts, length in ((a_rows, a_parts, d_in), (b_rows, bt_parts, d_out)):
-            bad = next((p for p in parts if tuple(p.shape) != (rank, length)), None)
-            if bad is not None:
-                raise ValueError(f"module {m}: A / B^T {tuple(bad.shape)} does not match rank "
-                                 f"{rank} and dims ({d_in}, {d_out})")
-            _write_rows(flat, parts, contiguous_runs(rows, length), length)
+        a, b = factors[m]
+        for rows, src, length in ((a_rows, a, d_in), (b_rows, b.transpose(1, 2), d_out)):
+            for j0, j1, start in contiguous_runs(rows, length):
+                n = j1 - j0
+                flat[:, start:start + n * length].view(L, n, length).copy_(src[:, j0:j1])
     return pointers
-
-
-def _write_rows(flat: torch.Tensor, parts: list[torch.Tensor],
-                runs: list[tuple[int, int, int]], length: int) -> None:
-    """Copy rows j0:j1 of every layer's factor (parts[layer], [rank, length]) to `start`.
-
-    On the CPU each layer's factor goes straight to its pages (B^T transposed on the way): a
-    stack of all layers first would copy every byte twice. On a GPU one stack per module and
-    one copy per run across all layers: there launches cost more than bytes."""
-    if flat.device.type == "cpu":
-        for layer, part in enumerate(parts):
-            for j0, j1, start in runs:
-                flat[layer, start:start + (j1 - j0) * length].view(j1 - j0, length).copy_(
-                    part[j0:j1])
-        return
-    src = torch.stack(parts).to(device=flat.device, dtype=flat.dtype)
-    for j0, j1, start in runs:
-        flat[:, start:start + (j1 - j0) * length] = src[:, j0:j1].reshape(len(parts), -1)
 
 
 def contiguous_runs(rows: Sequence[int], length: int) -> list[tuple[int, int, int]]:

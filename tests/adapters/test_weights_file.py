@@ -4,6 +4,7 @@ header checks that refuse a file rewritten or damaged between validation and loa
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slora_backend.adapters import weights_file
 from slora_backend.adapters.weights_file import (
     StagingBuffers,
     open_regular,
@@ -29,13 +31,15 @@ def _write(path: Path, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor
     return tensors
 
 
-def _read(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read(path: Path, dtype: torch.dtype, order: list[str] | None = None,
+          out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     fd = open_regular(str(path))
     try:
         wf = parse_header("x", fd)
         numel = sum(t.numel() for t in load_file(str(path)).values())
-        out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
-        return read_into(fd, wf, out, dtype, StagingBuffers())
+        if out is None:
+            out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        return read_into(fd, wf, out, dtype, StagingBuffers(), order)
     finally:
         os.close(fd)
 
@@ -53,6 +57,30 @@ def test_read_equals_safetensors(tmp_path: Path, file_dtypes: dict, dtype: torch
     assert set(views) == set(reference)
     for key, tensor in reference.items():
         assert views[key].dtype == dtype and torch.equal(views[key], tensor.to(dtype))
+
+
+@pytest.mark.parametrize("file_dtypes, dtype", [
+    (dict.fromkeys(TENSORS, torch.float16), torch.float16),  # scattered straight in
+    (dict.fromkeys(TENSORS, torch.float16), torch.float32),  # scattered into staging, one cast
+    ({"a": torch.float32, "b": torch.bfloat16, "c": torch.float16}, torch.float32),  # mixed
+])
+def test_read_places_tensors_in_the_given_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                file_dtypes: dict, dtype: torch.dtype) -> None:
+    # the file holds a, b, c (safetensors sorts); the destination wants c, a, b back to back
+    monkeypatch.setattr(weights_file, "IOV_MAX", 2)  # more tensors than one preadv may take
+    path = tmp_path / "w.safetensors"
+    _write(path, file_dtypes)
+    out = torch.empty(sum(math.prod(s) for s in TENSORS.values()) * dtype.itemsize,
+                      dtype=torch.uint8)
+    views = _read(path, dtype, ["c", "a", "b"], out)
+    reference = load_file(str(path))
+    flat = out.view(dtype)
+    expected = torch.cat([reference[k].to(dtype).flatten() for k in ("c", "a", "b")])
+    assert torch.equal(flat, expected)
+    for key, tensor in reference.items():
+        assert torch.equal(views[key], tensor.to(dtype))
+    with pytest.raises(ValueError, match="every tensor"):
+        _read(path, dtype, ["c", "a"])
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slora_backend.adapters.adapter_manager import AdapterManager
+from slora_backend.adapters.adapter_manager import AdapterManager, Wait
 from slora_backend.adapters.host_cache import HostCache
 from slora_backend.adapters.source import AdapterSource
 from slora_backend.memory_pool import PagePool, PoolStorage
@@ -29,7 +29,7 @@ def build(model_dir: Path, adapter_dir: Path, num_pages: int, slots: int = 4,
 
 
 def load_now(mgr: AdapterManager, cache: HostCache, name: str,
-             reserve: int = 0) -> int | None:
+             reserve: int = 0) -> int | Wait:
     cache.wait(name, timeout=60)
     return mgr.acquire(name, reserve_pages=reserve)
 
@@ -37,9 +37,9 @@ def load_now(mgr: AdapterManager, cache: HostCache, name: str,
 def test_rows_in_pool_equal_peft_weights(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
     mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64)
     name = "a_r16_rslora"
-    assert mgr.acquire(name) is None  # host copy not loaded yet: the request waits
+    assert mgr.acquire(name) is Wait.LOADING  # host copy not loaded yet: the request waits
     slot = load_now(mgr, cache, name)
-    assert slot is not None
+    assert isinstance(slot, int)
     cfg = json.loads((tiny_adapter_dir / name / "adapter_config.json").read_text())
     tensors = load_file(tiny_adapter_dir / name / "adapter_model.safetensors")
     rank = cfg["r"]
@@ -66,7 +66,7 @@ def test_refcount_and_lru_eviction_of_idle_adapters(tiny_model_dir: Path,
     mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64)
     names = ["a_r4_qv", "a_r8_all", "a_r16_mlp"]
     slots = [load_now(mgr, cache, n) for n in names]
-    assert len(set(slots)) == 3 and None not in slots
+    assert len(set(slots)) == 3 and all(isinstance(s, int) for s in slots)
     assert mgr.evict_idle(1000) == 0  # all in use: nothing evictable
     mgr.release("a_r8_all")
     mgr.release("a_r4_qv")  # released last = most recently used
@@ -88,27 +88,27 @@ def test_kv_and_adapters_compete_for_the_same_pages(tiny_model_dir: Path,
     adapter_pages = mgr.pool.used_by("lora")
     mgr.release("a_r64_ko_down")
     kv_pages = mgr.pool.allocate(mgr.pool.num_free, "kv")  # KV takes every free page
-    assert slot is not None and mgr.resident() == ["a_r64_ko_down"]
+    assert isinstance(slot, int) and mgr.resident() == ["a_r64_ko_down"]
     # KV needs more: the idle adapter is evicted and its pages go to KV
     assert mgr.evict_idle(1) == adapter_pages
     assert mgr.pool.num_free == adapter_pages and mgr.resident() == []
-    # with the pool full of KV, an adapter cannot become resident: acquire says "not now"
+    # with the pool full of KV, an adapter cannot become resident: acquire says "no room"
     mgr.pool.allocate(mgr.pool.num_free, "kv")
-    assert load_now(mgr, cache, "a_r4_qv") is None
+    assert load_now(mgr, cache, "a_r4_qv") is Wait.NO_ROOM
     mgr.pool.free(kv_pages)
-    # reserve_pages: the request's KV must fit next to the adapter, or it is refused
-    assert mgr.acquire("a_r4_qv", reserve_pages=mgr.pool.num_free) is None
-    assert mgr.acquire("a_r4_qv", reserve_pages=1) is not None
+    # reserve_pages: the request's KV must fit next to the adapter, or it waits for room
+    assert mgr.acquire("a_r4_qv", reserve_pages=mgr.pool.num_free) is Wait.NO_ROOM
+    assert isinstance(mgr.acquire("a_r4_qv", reserve_pages=1), int)
     cache.close()
 
 
 def test_slot_capacity_waits_then_evicts_lru(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
     mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64, slots=2)
-    assert load_now(mgr, cache, "a_r4_qv") is not None
-    assert load_now(mgr, cache, "a_r8_all") is not None
-    assert load_now(mgr, cache, "a_r16_mlp") is None  # both slots held by running requests
+    assert isinstance(load_now(mgr, cache, "a_r4_qv"), int)
+    assert isinstance(load_now(mgr, cache, "a_r8_all"), int)
+    assert load_now(mgr, cache, "a_r16_mlp") is Wait.NO_ROOM  # both slots held by requests
     mgr.release("a_r4_qv")
-    assert mgr.acquire("a_r16_mlp") is not None
+    assert isinstance(mgr.acquire("a_r16_mlp"), int)
     assert mgr.resident() == ["a_r8_all", "a_r16_mlp"]
     cache.close()
 
@@ -119,11 +119,11 @@ def test_admitting_a_resident_adapter_starts_no_host_load(tiny_model_dir: Path,
     # Reloading its host copy instead evicted host entries that queued requests awaited
     mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64)
     try:
-        assert load_now(mgr, cache, "a_r4_qv") is not None
+        assert isinstance(load_now(mgr, cache, "a_r4_qv"), int)
         mgr.release("a_r4_qv")
         cache.evict("a_r4_qv")
         before = cache.stats()
-        assert mgr.acquire("a_r4_qv") is not None
+        assert isinstance(mgr.acquire("a_r4_qv"), int)
         after = cache.stats()
         assert (after["misses"], after["loads"]) == (before["misses"], before["loads"])
         assert "a_r4_qv" not in cache.resident()

@@ -5,7 +5,6 @@ fill the batch; once loaded, the waiting request is admitted first (it never sta
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -59,7 +58,7 @@ def test_ready_requests_fill_the_batch_while_an_adapter_loads(tmp_path: Path) ->
                       max_num_batched_tokens=64, max_waiting=100)
     try:
         cache.wait("warm", timeout=WAIT_S)
-        manager.acquire("warm")  # in the pool (its host copy may go)
+        assert isinstance(manager.acquire("warm"), int)  # in the pool (its host copy may go)
         manager.release("warm")
         held = cache.wait("holder", timeout=WAIT_S)
         cache.evict("holder")
@@ -72,10 +71,7 @@ def test_ready_requests_fill_the_batch_while_an_adapter_loads(tmp_path: Path) ->
         sched.add(_seq("b4", None))  # arrives after c0
         del held  # the range comes back: "cold" loads
         assert cache.wait("cold", timeout=WAIT_S).adapter_id == "cold"
-        deadline = time.monotonic() + WAIT_S
-        while not manager.ready("cold") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        out, _ = step(sched)
+        out, _ = step(sched)  # its pool copy starts and (on the CPU) completes at once
         admitted = [s.request_id for s in out.scheduled if s.start == 0]
         assert admitted[0] == "c0"  # admitted before the later arrival
         finished = run_all(sched)
