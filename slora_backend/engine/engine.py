@@ -91,7 +91,7 @@ class LLMEngine:
         self.pool = PagePool(num_pages)
         self.source = AdapterSource(config.adapter_dir, self.spec, config.max_rank, self.dtype)
         self.host_cache = HostCache(self.source, config.host_cache_bytes,
-                                    config.host_cache_workers, device=self.device)
+                                    config.resolved_host_cache_workers, device=self.device)
         self.adapters = AdapterManager(self.spec, self.storage, self.pool, self.host_cache,
                                        config.max_loaded_adapters, config.max_rank)
         self.kv = KVManager(self.pool, config.block_size)
