@@ -81,6 +81,8 @@ class AdapterManager:
             self.host.prefetch(adapter_id)
 
     def _host_copy(self, adapter_id: str) -> HostAdapter | None:
+        if self.host.loading(adapter_id):  # the common case while requests wait: no stat
+            return None
         host = self.host.get(adapter_id)
         if host is None:
             err = self.host.error(adapter_id)

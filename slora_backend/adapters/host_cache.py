@@ -112,6 +112,12 @@ class HostCache:
                 self._drain()
         return adapter
 
+    def loading(self, adapter_id: str) -> bool:
+        """A load of the adapter is running or queued. No disk access: admission asks this of
+        every waiting request at every step."""
+        with self._cond:
+            return adapter_id in self._inflight
+
     def error(self, adapter_id: str) -> EngineError | None:
         """Why the last load of this adapter failed (None if it did not)."""
         with self._cond:
