@@ -124,6 +124,7 @@ def workload(args: argparse.Namespace, names: list[str], n: int, vocab: int) -> 
 
 def empty_tiers(engine: LLMEngine) -> None:
     """The pool without adapters (and, between runs, without KV), the host cache empty."""
+    sync(engine.config.device)  # every pool copy done: poll() flips them all
     engine.adapters.poll()
     engine.adapters.evict_idle(engine.pool.num_pages)
     for adapter in engine.host_cache.resident():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -83,8 +84,10 @@ class AdapterInfo:
     fingerprint: Fingerprint
 
 
+@functools.lru_cache(maxsize=256)
 def host_layout(settings: LoraSettings, num_layers: int) -> list[str]:
-    """Tensor keys in HostAdapter's buffer order: per module, A of every layer, then B."""
+    """Tensor keys in HostAdapter's buffer order: per module, A of every layer, then B.
+    Memoized: thousands of adapters share a few settings (the list is never modified)."""
     return [tensor_key(layer, module, which) for module in settings.modules
             for which in ("A", "B") for layer in range(num_layers)]
 
@@ -264,20 +267,31 @@ class AdapterSource:
             # the file may have been rewritten since inspect(): this handle's header decides
             parsed = self._header(adapter_id, fd, settings)
             try:
-                views = read_into(fd, parsed, out, self.dtype, self._staging, layout)
+                starts = read_into(fd, parsed, out, self.dtype, self._staging, layout)
             except OSError as exc:
                 raise refuse(adapter_id, f"{WEIGHTS_FILE} cannot be read: {exc}") from None
-        layers = self.spec.num_layers
-        factors = {m: (_stacked(views, m, "A", layers), _stacked(views, m, "B", layers))
+        buffer = out.view(self.dtype)
+        factors = {m: tuple(_stacked(buffer, starts[tensor_key(0, m, which)],
+                                     (self.spec.num_layers, *shape))
+                            for which, shape in zip("AB", _factor_shapes(self.spec, m,
+                                                                         settings.rank)))
                    for m in settings.modules}
         return HostAdapter(adapter_id=adapter_id, rank=settings.rank, scale=settings.scale,
                            modules=settings.modules, factors=factors, nbytes=info.nbytes,
-                           fingerprint=info.fingerprint, buffer=out.view(self.dtype))
+                           fingerprint=info.fingerprint, buffer=buffer)
 
 
-def _stacked(views: dict[str, torch.Tensor], module: str, which: str,
-             num_layers: int) -> torch.Tensor:
-    """Every layer's `which` factor of `module` as one [L, ...] view: host_layout put them
-    back to back, so the first layer's view extends over all of them."""
-    first = views[tensor_key(0, module, which)]
-    return first.as_strided((num_layers, *first.shape), (first.numel(), *first.stride()))
+def _factor_shapes(spec: ModelSpec, module: str, rank: int) -> tuple[tuple[int, int],
+                                                                     tuple[int, int]]:
+    """(A, B) shapes of one layer's factors: [r, in], [out, r]."""
+    d_in, d_out = spec.module_dims(module)
+    return (rank, d_in), (d_out, rank)
+
+
+def _stacked(buffer: torch.Tensor, start: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous [L, ...] view of `buffer` from element `start` (host_layout put every
+    layer's factor of a module back to back)."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return buffer[start:start + numel].view(shape)

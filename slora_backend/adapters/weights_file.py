@@ -166,10 +166,12 @@ class StagingBuffers:
 
 
 def read_into(fd: int, wf: WeightsFile, out: torch.Tensor, dtype: torch.dtype,
-              staging: StagingBuffers, order: list[str] | None = None) -> dict[str, torch.Tensor]:
+              staging: StagingBuffers, order: list[str] | None = None) -> dict[str, int]:
     """Read every tensor of `wf` into `out` (uint8, exactly the tensors' bytes in `dtype`),
-    laid out back to back in `order` (tensor keys; default: file order); returns key -> view
-    of `out` in `dtype`. The header must have been validated (float dtypes only)."""
+    laid out back to back in `order` (tensor keys; default: file order); returns key ->
+    element offset in `out.view(dtype)` (the caller makes the views it needs: a torch view per
+    tensor is Python work that grows with the adapter). The header must have been validated
+    (float dtypes only)."""
     by_key = {e.key: e for e in wf.entries}
     placed = [by_key[k] for k in order] if order is not None else list(wf.entries)
     if len(placed) != len(by_key) or set(by_key) != {e.key for e in placed}:
@@ -198,4 +200,4 @@ def read_into(fd: int, wf: WeightsFile, out: torch.Tensor, dtype: torch.dtype,
             width = FILE_DTYPES[e.dtype].itemsize
             src = (chunk if e.start % width == 0 else chunk.clone()).view(FILE_DTYPES[e.dtype])
             flat[start[e.key]:start[e.key] + src.numel()].copy_(src)
-    return {e.key: flat[start[e.key]:start[e.key] + _numel(e)].view(e.shape) for e in placed}
+    return start

@@ -39,7 +39,10 @@ def _read(path: Path, dtype: torch.dtype, order: list[str] | None = None,
         numel = sum(t.numel() for t in load_file(str(path)).values())
         if out is None:
             out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
-        return read_into(fd, wf, out, dtype, StagingBuffers(), order)
+        starts = read_into(fd, wf, out, dtype, StagingBuffers(), order)
+        flat = out.view(dtype)
+        return {e.key: flat[starts[e.key]:starts[e.key] + math.prod(e.shape)].view(e.shape)
+                for e in wf.entries}
     finally:
         os.close(fd)
 
