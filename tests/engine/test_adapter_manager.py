@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from pool_helpers import assert_rows_equal
 
 from slora_backend.adapters.adapter_manager import AdapterManager, Wait
 from slora_backend.adapters.host_cache import HostCache
@@ -41,21 +41,9 @@ def test_rows_in_pool_equal_peft_weights(tiny_model_dir: Path, tiny_adapter_dir:
     slot = load_now(mgr, cache, name)
     assert isinstance(slot, int)
     cfg = json.loads((tiny_adapter_dir / name / "adapter_config.json").read_text())
-    tensors = load_file(tiny_adapter_dir / name / "adapter_model.safetensors")
     rank = cfg["r"]
     assert mgr.tables.scales[slot].item() == pytest.approx(cfg["lora_alpha"] / rank ** 0.5)
-    for module in ("q_proj", "up_proj", "o_proj"):
-        m = MODULE_INDEX[module]
-        assert mgr.tables.ranks[slot, m] == rank
-        for layer in range(mgr.spec.num_layers):
-            kind = "self_attn" if module in ("q_proj", "o_proj") else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{kind}.{module}"
-            a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
-            flat = mgr.storage.flat(layer)
-            for j in range(rank):
-                ap, bp = int(mgr.tables.a_ptr[slot, m, j]), int(mgr.tables.b_ptr[slot, m, j])
-                assert torch.equal(flat[ap:ap + a.shape[1]], a[j])
-                assert torch.equal(flat[bp:bp + b.shape[0]], b[:, j])
+    assert_rows_equal(mgr, slot, tiny_adapter_dir, name, ("q_proj", "up_proj", "o_proj"), rank)
     assert mgr.tables.ranks[slot, MODULE_INDEX["k_proj"]] == 0
     assert mgr.pool.used_by("lora") > 0 and mgr.pool.used_by("kv") == 0
     cache.close()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from pool_helpers import assert_rows_equal, poisoned_copy
 from test_scheduler import BLOCK, make_seq, run_all, step
 
 from slora_backend.adapters import AdapterSource, HostCache
@@ -26,7 +25,7 @@ from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.scheduler import Scheduler, SchedulerOutput
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.memory_pool import PagePool, PoolStorage
-from slora_backend.model.spec import MODULE_INDEX, ModelSpec
+from slora_backend.model.spec import ModelSpec
 
 HOST_BYTES = 64 << 20
 WAIT_S = 60.0
@@ -102,15 +101,6 @@ def test_a_loaded_adapter_nobody_claims_becomes_evictable(tiny_model_dir: Path,
         mgr.host.close()
 
 
-def _poison(adapter_dir: Path, name: str, source_name: str, key: str, value: float,
-            dtype: torch.dtype | None = None) -> None:
-    shutil.copytree(adapter_dir / source_name, adapter_dir / name)
-    path = adapter_dir / name / "adapter_model.safetensors"
-    tensors = load_file(path)
-    tensors[key][0, 0] = value
-    save_file({k: v if dtype is None else v.to(dtype) for k, v in tensors.items()}, path)
-
-
 @pytest.mark.parametrize(("key", "value"), [
     (tensor_key(0, "q_proj", "A"), math.nan),
     (tensor_key(0, "v_proj", "B"), math.inf),
@@ -121,9 +111,7 @@ def test_non_finite_values_are_refused_after_the_copy(tiny_model_dir: Path,
                                                       tiny_adapter_dir: Path, tmp_path: Path,
                                                       key: str, value: float,
                                                       held: bool) -> None:
-    adapters = tmp_path / "adapters"
-    shutil.copytree(tiny_adapter_dir, adapters)
-    _poison(adapters, "bad", "a_r4_qv", key, value)
+    adapters = poisoned_copy(tiny_adapter_dir, tmp_path, "a_r4_qv", key, value)
     mgr = build(tiny_model_dir, adapters)
     if not held:
         mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec)
@@ -150,10 +138,8 @@ def test_non_finite_values_are_refused_after_the_copy(tiny_model_dir: Path,
 def test_fp16_overflow_is_refused(tiny_model_dir: Path, tiny_adapter_dir: Path,
                                   tmp_path: Path) -> None:
     # finite in the fp32 file, +inf once converted to the fp16 model dtype
-    adapters = tmp_path / "adapters"
-    shutil.copytree(tiny_adapter_dir, adapters)
     key = tensor_key(0, "q_proj", "A")
-    _poison(adapters, "overflow", "a_r4_qv", key, 1e6)
+    adapters = poisoned_copy(tiny_adapter_dir, tmp_path, "a_r4_qv", key, 1e6, "overflow")
     mgr = build(tiny_model_dir, adapters, dtype=torch.float16)
     mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec)
     try:
@@ -215,16 +201,7 @@ def test_copied_rows_equal_the_adapter(tiny_model_dir: Path, tiny_adapter_dir: P
         mgr.host.wait(name, timeout=WAIT_S)
         slot = mgr.acquire(name)
         assert isinstance(slot, int)
-        tensors = load_file(tiny_adapter_dir / name / "adapter_model.safetensors")
-        for module in ("k_proj", "o_proj", "down_proj"):
-            m = MODULE_INDEX[module]
-            for layer in range(mgr.spec.num_layers):
-                a = tensors[tensor_key(layer, module, "A")]
-                b = tensors[tensor_key(layer, module, "B")]
-                flat = mgr.storage.flat(layer)
-                for j in range(64):
-                    ap, bp = int(mgr.tables.a_ptr[slot, m, j]), int(mgr.tables.b_ptr[slot, m, j])
-                    assert torch.equal(flat[ap:ap + a.shape[1]], a[j])
-                    assert torch.equal(flat[bp:bp + b.shape[0]], b[:, j])
+        assert_rows_equal(mgr, slot, tiny_adapter_dir, name, ("k_proj", "o_proj", "down_proj"),
+                          64)
     finally:
         mgr.host.close()

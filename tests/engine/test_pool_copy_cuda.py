@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from pool_helpers import assert_rows_equal, poisoned_copy
 from test_engine import GREEDY, make_engine, tokens_of
 
 from slora_backend import SamplingParams
@@ -25,7 +24,7 @@ from slora_backend.adapters.adapter_manager import AdapterManager, Wait
 from slora_backend.adapters.validation import tensor_key
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.memory_pool import PagePool, PoolStorage
-from slora_backend.model.spec import MODULE_INDEX, ModelSpec
+from slora_backend.model.spec import ModelSpec
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -70,32 +69,16 @@ def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
         assert mgr.acquire(name) is Wait.LOADING  # the copy waits behind the busy stream
         slot = until_ready(mgr, name)
         torch.cuda.synchronize()
-        tensors = load_file(tiny_adapter_dir / name / "adapter_model.safetensors")
-        for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            m = MODULE_INDEX[module]
-            for layer in range(mgr.spec.num_layers):
-                a = tensors[tensor_key(layer, module, "A")].half().cuda()
-                b = tensors[tensor_key(layer, module, "B")].half().cuda()
-                flat = mgr.storage.flat(layer)
-                for j in range(32):
-                    ap, bp = int(mgr.tables.a_ptr[slot, m, j]), int(mgr.tables.b_ptr[slot, m, j])
-                    assert torch.equal(flat[ap:ap + a.shape[1]], a[j])
-                    assert torch.equal(flat[bp:bp + b.shape[0]], b[:, j])
-        assert mgr.tables.ranks[slot, MODULE_INDEX["q_proj"]] == 32
+        assert_rows_equal(mgr, slot, tiny_adapter_dir, name,
+                          ("q_proj", "k_proj", "v_proj", "o_proj"), 32)
     finally:
         mgr.host.close()
 
 
 def test_non_finite_adapter_refused_on_the_gpu(tiny_model_dir: Path, tiny_adapter_dir: Path,
                                                tmp_path: Path) -> None:
-    adapters = tmp_path / "adapters"
-    shutil.copytree(tiny_adapter_dir, adapters)
-    shutil.copytree(adapters / "a_r4_qv", adapters / "bad")
-    path = adapters / "bad" / "adapter_model.safetensors"
-    tensors = load_file(path)
     key = tensor_key(1, "v_proj", "B")
-    tensors[key][0, 0] = math.nan
-    save_file(tensors, path)
+    adapters = poisoned_copy(tiny_adapter_dir, tmp_path, "a_r4_qv", key, math.nan)
     mgr = build(tiny_model_dir, adapters)
     try:
         mgr.host.wait("bad", timeout=WAIT_S)
