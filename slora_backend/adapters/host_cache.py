@@ -304,18 +304,20 @@ class HostCache:
 
     def _load(self, adapter_id: str) -> None:
         start = time.perf_counter()
-        # a failure is remembered with the files' state before the attempt: only a rewrite
-        # of the files makes get() try again
-        fingerprint, _ = self._current(adapter_id)
+        # a failure is remembered with the files' state (what inspect saw, or a stat if inspect
+        # itself failed): only a rewrite of the files makes get() try again
+        fingerprint = None
         try:
             info = self.source.inspect(adapter_id)  # validates before anything is allocated
+            fingerprint = info.fingerprint
             if footprint(info.nbytes) > self.capacity_bytes:
                 raise refuse(adapter_id, f"needs {info.nbytes} bytes of host memory, more than "
                                          f"the whole host cache ({self.capacity_bytes} bytes, "
                                          "host_cache_bytes)")
             where = self._reserve(info.nbytes)
             try:
-                adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes))
+                adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes),
+                                           info)
             except BaseException:
                 with self._cond:
                     self._reserved -= footprint(info.nbytes)
@@ -326,11 +328,11 @@ class HostCache:
                              adapter.fences).atexit = False
             self._commit(adapter, info.nbytes, time.perf_counter() - start)
         except EngineError as exc:
-            self._fail(adapter_id, exc, fingerprint)
+            self._fail(adapter_id, exc, fingerprint or self._current(adapter_id)[0])
         except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
             self._fail(adapter_id, EngineError(ErrorCode.INTERNAL,
                                                f"adapter '{adapter_id}': load failed: {exc!r}"),
-                       fingerprint)
+                       fingerprint or self._current(adapter_id)[0])
 
     def _commit(self, adapter: HostAdapter, reserved: int, seconds: float) -> None:
         """Turn the reservation into a resident entry, atomically (the bound never breaks).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -92,6 +93,13 @@ def host_layout(settings: LoraSettings, num_layers: int) -> list[str]:
             for which in ("A", "B") for layer in range(num_layers)]
 
 
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def _vanished(adapter_id: str) -> EngineError:
     """A file went away between two looks at it (the adapter is being removed or replaced)."""
     return EngineError(ErrorCode.NOT_FOUND, f"adapter '{adapter_id}' was removed while reading it")
@@ -151,31 +159,49 @@ class AdapterSource:
     def resolve(self, adapter_id: str) -> Path:
         """The adapter's folder. INVALID_ARG for a bad id or a path escaping the adapter dir,
         NOT_FOUND when there is no such adapter."""
-        check_adapter_id(adapter_id)
-        path = self.root / adapter_id
-        if not os.path.lexists(path):
-            raise EngineError(ErrorCode.NOT_FOUND, f"adapter '{adapter_id}' not found")
-        root_real = os.path.realpath(self.root)
-        for target in (path, path / CONFIG_FILE, path / WEIGHTS_FILE):
-            real = os.path.realpath(target)
-            if os.path.commonpath([root_real, real]) != root_real:
-                raise refuse(adapter_id, f"'{target.name}' resolves outside the adapter "
-                                         "directory (symlink escape)")
-        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
-            raise EngineError(ErrorCode.NOT_FOUND,
-                              f"adapter '{adapter_id}' not found (no {CONFIG_FILE})")
-        return path
+        return self._locate(adapter_id)[0]
 
     def fingerprint(self, adapter_id: str) -> Fingerprint:
         """(mtime, size) of both files: changes when the adapter is rewritten on disk."""
-        path = self.resolve(adapter_id)
-        if not (path / WEIGHTS_FILE).exists():
+        path, fingerprint = self._locate(adapter_id, need_weights=True)
+        assert fingerprint is not None
+        return fingerprint
+
+    def _locate(self, adapter_id: str,
+                need_weights: bool = False) -> tuple[Path, Fingerprint | None]:
+        """The adapter's folder, checked (resolve), and with `need_weights` its fingerprint,
+        in about eight syscalls: an lstat per entry, a realpath only of a symlink (and of the
+        root). Loader threads call this for every load and each syscall lets the GIL go: the
+        hundreds that realpath of every file took made a load wait for the engine thread
+        hundreds of times."""
+        check_adapter_id(adapter_id)
+        path = self.root / adapter_id
+        root_real = os.path.realpath(self.root)
+        stats = []
+        for target in (path, path / CONFIG_FILE, path / WEIGHTS_FILE):
+            try:
+                st = os.lstat(target)
+            except (FileNotFoundError, NotADirectoryError):  # (a file in place of the folder)
+                stats.append(None)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                real = os.path.realpath(target)
+                if os.path.commonpath([root_real, real]) != root_real:
+                    raise refuse(adapter_id, f"'{target.name}' resolves outside the adapter "
+                                             "directory (symlink escape)")
+                st = _stat_or_none(target)
+            stats.append(st)
+        folder, cfg, weights = stats
+        if folder is None:
+            raise EngineError(ErrorCode.NOT_FOUND, f"adapter '{adapter_id}' not found")
+        if not stat.S_ISDIR(folder.st_mode) or cfg is None or not stat.S_ISREG(cfg.st_mode):
+            raise EngineError(ErrorCode.NOT_FOUND,
+                              f"adapter '{adapter_id}' not found (no {CONFIG_FILE})")
+        if not need_weights:
+            return path, None
+        if weights is None:
             self._weights_problem(adapter_id, path)
-        try:
-            cfg, weights = (path / CONFIG_FILE).stat(), (path / WEIGHTS_FILE).stat()
-        except FileNotFoundError:
-            raise _vanished(adapter_id) from None
-        return (cfg.st_mtime_ns, cfg.st_size, weights.st_mtime_ns, weights.st_size)
+        return path, (cfg.st_mtime_ns, cfg.st_size, weights.st_mtime_ns, weights.st_size)
 
     def _weights_problem(self, adapter_id: str, path: Path) -> None:
         if (path / PICKLE_WEIGHTS_FILE).exists():
@@ -202,8 +228,8 @@ class AdapterSource:
 
         Runs on the request path (add_request), so a result is memoized until the files
         change (fingerprint); refusals are not memoized."""
-        path = self.resolve(adapter_id)
-        fingerprint = self.fingerprint(adapter_id)
+        path, fingerprint = self._locate(adapter_id, need_weights=True)
+        assert fingerprint is not None
         with self._lock:
             known = self._infos.get(adapter_id)
             if known is not None and known.fingerprint == fingerprint:
@@ -248,13 +274,15 @@ class AdapterSource:
                 self._headers.popitem(last=False)
         return parsed
 
-    def load(self, adapter_id: str, out: torch.Tensor | None = None) -> HostAdapter:
+    def load(self, adapter_id: str, out: torch.Tensor | None = None,
+             info: AdapterInfo | None = None) -> HostAdapter:
         """Validate config and header and read the weights into `out` (uint8,
         `inspect(adapter_id).nbytes` long, e.g. a region of the host cache's arena; allocated
         when None) in HostAdapter's layout: one scatter read of the data region
         (weights_file). The header is parsed only if unlike every header seen lately.
-        Values are not checked here: the pool tier checks them after its copy (on the GPU)."""
-        info = self.inspect(adapter_id)
+        Values are not checked here: the pool tier checks them after its copy (on the GPU).
+        `info`: this adapter's inspect() result, when the caller has it already."""
+        info = info if info is not None else self.inspect(adapter_id)
         settings = info.settings
         path = self.resolve(adapter_id)
         if out is None:
