@@ -138,6 +138,7 @@ class AdapterSource:
         self.max_rank = max_rank
         self.dtype = dtype
         self._infos: OrderedDict[str, AdapterInfo] = OrderedDict()  # validated, LRU first
+        self._root: tuple[object, str] | None = None  # (the dir's lstat identity, realpath)
         self._lock = threading.Lock()  # inspect() runs on request threads and loader threads
         self._staging = StagingBuffers()  # per loader thread, for files needing a conversion
         # (raw header, file size, settings) -> the parsed header, checked; LRU first
@@ -176,7 +177,7 @@ class AdapterSource:
         hundreds of times."""
         check_adapter_id(adapter_id)
         path = self.root / adapter_id
-        root_real = os.path.realpath(self.root)
+        root_real = self._root_real()
         stats = []
         for target in (path, path / CONFIG_FILE, path / WEIGHTS_FILE):
             try:
@@ -202,6 +203,19 @@ class AdapterSource:
         if weights is None:
             self._weights_problem(adapter_id, path)
         return path, (cfg.st_mtime_ns, cfg.st_size, weights.st_mtime_ns, weights.st_size)
+
+    def _root_real(self) -> str:
+        """realpath of the adapter dir, recomputed only when the dir's own entry changes (one
+        lstat instead of one per path component)."""
+        try:
+            st = os.lstat(self.root)
+            key = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns)
+        except FileNotFoundError:
+            key = None
+        with self._lock:
+            if self._root is None or self._root[0] != key:
+                self._root = (key, os.path.realpath(self.root))
+            return self._root[1]
 
     def _weights_problem(self, adapter_id: str, path: Path) -> None:
         if (path / PICKLE_WEIGHTS_FILE).exists():

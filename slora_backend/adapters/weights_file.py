@@ -27,6 +27,7 @@ from slora_backend.adapters.validation import refuse
 
 HEADER_LEN = struct.Struct("<Q")  # the u64 little-endian length that starts a safetensors file
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on the JSON header
+HEADER_PROBE = 1 << 16  # bytes read for the header in one go
 METADATA_KEY = "__metadata__"
 FILE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                "F64": torch.float64}
@@ -70,16 +71,24 @@ def _entry(adapter_id: str, key: str, info: object) -> TensorEntry:
 
 
 def read_header(adapter_id: str, fd: int) -> tuple[bytes, int]:
-    """The raw JSON header of the open file `fd` and the file's size (length checked)."""
+    """The raw JSON header of the open file `fd` and the file's size (length checked). One
+    read covers the length and a header of up to HEADER_PROBE bytes (adapters' are a few tens
+    of KB)."""
     size = os.fstat(fd).st_size
-    raw = os.pread(fd, HEADER_LEN.size, 0)
+    raw = os.pread(fd, HEADER_PROBE, 0)
     if len(raw) < HEADER_LEN.size:
         raise refuse(adapter_id, "adapter_model.safetensors is too short for a header")
-    (header_len,) = HEADER_LEN.unpack(raw)
+    (header_len,) = HEADER_LEN.unpack(raw[:HEADER_LEN.size])
     if header_len > min(MAX_HEADER_BYTES, size - HEADER_LEN.size):
         raise refuse(adapter_id, f"adapter_model.safetensors is not a valid safetensors file: "
                                  f"header length {header_len} is invalid")
-    return os.pread(fd, header_len, HEADER_LEN.size), size
+    end = HEADER_LEN.size + header_len
+    while len(raw) < end:  # a longer header (reads may also come back short)
+        more = os.pread(fd, end - len(raw), len(raw))
+        if not more:
+            raise refuse(adapter_id, "adapter_model.safetensors is truncated")
+        raw += more
+    return raw[HEADER_LEN.size:end], size
 
 
 def parse_header(adapter_id: str, fd: int) -> WeightsFile:

@@ -132,3 +132,11 @@ def test_a_fifo_is_not_opened(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(OSError, match="not a regular file"):
         os.close(open_regular(str(fifo)))
+
+
+def test_header_longer_than_one_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights_file, "HEADER_PROBE", 16)  # the header takes several reads
+    path = tmp_path / "w.safetensors"
+    _write(path, dict.fromkeys(TENSORS, torch.float32))
+    views = _read(path, torch.float32)
+    assert all(torch.equal(views[k], t) for k, t in load_file(str(path)).items())
