@@ -77,6 +77,10 @@ class HostCache:
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
+        # they share a large file's read with a loader: an adapter loaded alone (a cold
+        # request while nothing else loads) is read by all of them
+        self._readers = ThreadPoolExecutor(max_workers=workers,
+                                           thread_name_prefix="slora-host-read")
         self._closed = False
         self._window = PrefetchWindow(capacity_bytes)  # S-LoRA's lookahead (prefetch.py)
 
@@ -208,6 +212,7 @@ class HostCache:
             self._arena.stop()
             self._cond.notify_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._readers.shutdown(wait=True)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -317,7 +322,7 @@ class HostCache:
             where = self._reserve(info.nbytes)
             try:
                 adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes),
-                                           info)
+                                           info, self._readers)
             except BaseException:
                 with self._cond:
                     self._reserved -= footprint(info.nbytes)

@@ -9,6 +9,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,13 +290,14 @@ class AdapterSource:
         return parsed
 
     def load(self, adapter_id: str, out: torch.Tensor | None = None,
-             info: AdapterInfo | None = None) -> HostAdapter:
+             info: AdapterInfo | None = None, helpers: Executor | None = None) -> HostAdapter:
         """Validate config and header and read the weights into `out` (uint8,
         `inspect(adapter_id).nbytes` long, e.g. a region of the host cache's arena; allocated
         when None) in HostAdapter's layout: one scatter read of the data region
         (weights_file). The header is parsed only if unlike every header seen lately.
         Values are not checked here: the pool tier checks them after its copy (on the GPU).
-        `info`: this adapter's inspect() result, when the caller has it already."""
+        `info`: this adapter's inspect() result, when the caller has it already; `helpers`:
+        threads that share the read of a large file."""
         info = info if info is not None else self.inspect(adapter_id)
         settings = info.settings
         path = self.resolve(adapter_id)
@@ -309,7 +311,8 @@ class AdapterSource:
             # the file may have been rewritten since inspect(): this handle's header decides
             parsed = self._header(adapter_id, fd, settings)
             try:
-                starts = read_into(fd, parsed, out, self.dtype, self._staging, layout)
+                starts = read_into(fd, parsed, out, self.dtype, self._staging, layout,
+                                   helpers)
             except OSError as exc:
                 raise refuse(adapter_id, f"{WEIGHTS_FILE} cannot be read: {exc}") from None
         buffer = out.view(self.dtype)

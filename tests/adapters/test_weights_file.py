@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,26 @@ def test_header_longer_than_one_probe(tmp_path: Path, monkeypatch: pytest.Monkey
     _write(path, dict.fromkeys(TENSORS, torch.float32))
     views = _read(path, torch.float32)
     assert all(torch.equal(views[k], t) for k, t in load_file(str(path)).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_large_read_is_shared_by_helper_threads(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 dtype: torch.dtype) -> None:
+    # pieces of 8 bytes: tensors are cut across pieces, pieces across tensors
+    monkeypatch.setattr(weights_file, "SPLIT_BYTES", 8)
+    path = tmp_path / "w.safetensors"
+    _write(path, dict.fromkeys(TENSORS, torch.float16))
+    fd = open_regular(str(path))
+    try:
+        wf = parse_header("x", fd)
+        out = torch.empty(wf.data_len // 2 * dtype.itemsize, dtype=torch.uint8)
+        with ThreadPoolExecutor(2) as helpers:
+            starts = read_into(fd, wf, out, dtype, StagingBuffers(), ["c", "a", "b"], helpers)
+    finally:
+        os.close(fd)
+    reference = load_file(str(path))
+    flat = out.view(dtype)
+    for key, tensor in reference.items():
+        got = flat[starts[key]:starts[key] + tensor.numel()].view(tensor.shape)
+        assert torch.equal(got, tensor.to(dtype))
