@@ -6,6 +6,9 @@ other loads to finish), then reads it, so the bound holds even while loads run i
 The bytes themselves are ranges of one HostArena of that capacity (allocated once, reused): a
 range returns to the arena when its HostAdapter is evicted and no longer referenced.
 
+Values are not checked here: the pool tier checks them after its copy (on the GPU) and
+`reject`s an adapter with a NaN/Inf, whose error is then kept like a failed load's.
+
 Prefetch (S-LoRA's): `prefetch` is called for every queued request, in arrival order. Loads
 run in that order, and the adapters prefetched but not yet claimed by a `get` (the admission of
 their request), plus the prefetches loading, are kept within the capacity: further prefetches
