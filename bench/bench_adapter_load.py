@@ -8,10 +8,11 @@
                                                        # only disk -> host GB/s through HostCache
     (--threads 1 by default: single-threaded torch gives stable timings on a shared CPU)
 
-disk -> host: AdapterSource.load (validation, safetensors read, dtype conversion, finite check;
-the OS page cache is warm after the first repeat). host -> pool: AdapterManager.acquire of an
-adapter whose host copy is resident (pages allocated, A / B^T rows written into the pool, slot
-tables filled; CUDA synchronized); bulk copy: one copy of the whole host buffer to the device,
+disk -> host: AdapterSource.load (validation, safetensors read, dtype conversion; the OS page
+cache is warm after the first repeat). host -> pool: AdapterManager.acquire of an adapter whose
+host copy is resident, until it is ready (pages allocated, the copy with the finite check on the
+device (a side stream on CUDA), A / B^T rows written into the pool, slot tables filled; CUDA
+synchronized); bulk copy: one copy of the whole host buffer to the device,
 the floor for host -> pool. TTFT: a 1-token request through LLMEngine whose adapter is
 only on disk, only in host RAM, or already in the pool. Throughput: --throughput-count ids
 (hard links of one Llama-7B-shaped rank-32 q,k,v,o file, 67 MB, page cache warm) loaded at once
@@ -108,7 +109,7 @@ def pool_tier(
     """A timer of host -> pool residency through the engine's AdapterManager (None when the
     engine's pool tier cannot be imported)."""
     try:
-        from slora_backend.adapters.adapter_manager import AdapterManager
+        from slora_backend.adapters.adapter_manager import AdapterManager, Wait
         from slora_backend.memory_pool import PagePool, PoolStorage
         from slora_backend.model.lora import plan_adapter_rows
     except ImportError:
@@ -126,7 +127,10 @@ def pool_tier(
     manager = AdapterManager(spec, storage, pool, cache, max_slots=2, max_rank=max(RANKS))
 
     def once(name: str) -> None:
-        assert manager.acquire(name) is not None, f"{name} did not become resident"
+        # on CUDA the copy runs on a side stream: the adapter is ready once its event completed
+        while (got := manager.acquire(name)) is Wait.LOADING:
+            pass
+        assert not isinstance(got, Wait), f"{name} did not become resident"
         manager.release(name)
         manager.evict_idle(pages)  # back to host-only for the next repeat
 

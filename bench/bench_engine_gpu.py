@@ -127,19 +127,22 @@ def make_model_dir(root: Path, tokenizer: Path, config: dict) -> Path:
     return d
 
 
-def make_adapters(root: Path, spec: ModelSpec, count: int, ranks: list[int]) -> list[str]:
-    """One real PEFT folder per rank; the other ids hard-link its weights file."""
-    first: dict[int, Path] = {}
+def make_adapters(root: Path, spec: ModelSpec, count: int, ranks: list[int], prefix: str = "",
+                  first: dict[int, Path] | None = None) -> list[str]:
+    """One real PEFT folder per rank; the other ids hard-link its weights file. `first`
+    (rank -> folder) carries the real folders over calls: ids made with another `prefix` link
+    the same files (one file per rank in the page cache, whatever the number of ids)."""
+    first = {} if first is None else first
     names = []
     for i in tqdm(range(count), desc="adapters"):
         rank = ranks[i % len(ranks)]
-        name = f"a{i:03d}-r{rank}"
+        name = f"{prefix}a{i:03d}-r{rank}"
         recipe = AdapterRecipe(rank, ATTN_MODULES, float(2 * rank), False, "list", seed=rank)
         if rank not in first:
             first[rank] = write_adapter(root / name, adapter_config(recipe),
                                         adapter_tensors(recipe, spec, torch.float16))
         else:
-            (root / name).mkdir()
+            (root / name).mkdir(parents=True)
             shutil.copy(first[rank] / CONFIG_FILE, root / name / CONFIG_FILE)
             os.link(first[rank] / WEIGHTS_FILE, root / name / WEIGHTS_FILE)
         names.append(name)
@@ -160,8 +163,10 @@ PHASE_BATCHES = (("decode 1-31", 31), ("decode 32-127", 127), ("decode 128+", 1 
 
 def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
         logprobs: int | None = None, flops: tuple[float, float] | None = None) -> dict:
-    """All requests queued at once; wall time until the last one finishes. `flops`: (FLOPs per
-    prompt token, matmul FLOP/s) for the mixed-step bound."""
+    """All requests queued at once; wall time until the last one finishes. Per step phase
+    (step_phase): steps, seconds, the mean number of running requests and the pool loads
+    started (adapters copied host -> pool). `flops`: (FLOPs per prompt token, matmul FLOP/s)
+    for the mixed-step bound."""
     sync(engine.config.device)
     compiled = compiled_kernels()
     timer = StepTimer(engine)
@@ -172,15 +177,18 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
         engine.add_request(f"{tag}-{i}", prompt_token_ids=r["prompt"], params=params,
                            adapter_id=r["adapter"] if with_adapters else None)
     tokens = finished = steps = 0
-    phases: dict[str, list[float]] = {}  # phase -> [steps, seconds]
+    phases: dict[str, list[float]] = {}  # phase -> [steps, seconds, running, pool loads]
     with tqdm(total=len(requests), desc=tag) as bar:
         while engine.has_unfinished():
             phase = step_phase(engine)
+            running, loads = len(engine.scheduler.running), engine.adapters.num_loads
             t_step = time.perf_counter()
             outs = engine.step()
-            acc = phases.setdefault(phase, [0, 0.0])
+            acc = phases.setdefault(phase, [0, 0.0, 0, 0])
             acc[0] += 1
             acc[1] += time.perf_counter() - t_step
+            acc[2] += running
+            acc[3] += engine.adapters.num_loads - loads
             for out in outs:
                 tokens += len(out.new_token_ids)
                 if out.finished:
@@ -201,6 +209,8 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
                                            sorted(phases.items())},
             "step_kinds": by_kind(records),
             "mixed_bound": mixed_bound(records, *flops) if flops else {},
+            "running_mean_by_phase": {k: round(v[2] / v[0], 1) for k, v in sorted(phases.items())},
+            "pool_loads_by_phase": {k: v[3] for k, v in sorted(phases.items())},
             "jit_compiles": {k: n - compiled.get(k, 0) for k, n in compiled_kernels().items()
                              if n > compiled.get(k, 0)}}
 
@@ -220,10 +230,14 @@ def compiled_kernels() -> dict[str, int]:
 
 
 def step_phase(engine: LLMEngine) -> str:
-    """What a step is about to run: prompt tokens still to compute (prefill or mixed steps,
-    eager), else decode of a batch of this size class (CUDA graphs)."""
+    """What a step is about to run: "queue" while requests wait (for a free place in the batch,
+    or for their adapter: admission runs each step), then "prefill" while prompt tokens are
+    still to compute (both mostly mixed, eager steps), else decode of a batch of this size
+    class (CUDA graphs)."""
     sched = engine.scheduler
-    if sched.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
+    if sched.waiting:
+        return "queue"
+    if any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
         return "prefill"
     n = len(engine.scheduler.running)
     return next(name for name, top in PHASE_BATCHES if n <= top)

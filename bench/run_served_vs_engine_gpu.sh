@@ -15,12 +15,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # shellcheck disable=SC1091
-source "$dev/gpu-setup.sh" "$dev" >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-# the image's scipy / scikit-learn are built for numpy 2; the stub's venv has numpy 1.26 and
-# transformers imports scikit-learn when it is present: hide both from the venv's Python
-site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "import sys; sys.modules.update({m: None for m in ('sklearn', 'scipy')})" \
-    >"$site/zz_hide_numpy2_only.pth"
+source bench/gpu_server_setup.sh "$dev" "$out/setup.log" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 470 python3 bench/bench_served_vs_engine.py --preset gpu --tokenizer "$tok" --out "$out"
 echo "exit $?"

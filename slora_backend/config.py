@@ -27,6 +27,7 @@ LOAD_FORMATS = ("auto", "dummy")
 # costs more than a second thread saves: SmolLM2 with 8 adapters, 32 decoding requests on
 # 2 cores took 836 ms per step with 2 threads, 312 ms with 1 (docs/BENCHMARKS.md)
 DEFAULT_CPU_THREADS = 1
+MAX_AUTO_LOADERS = 8  # host_cache_workers auto: beyond 8 the loads share memory bandwidth
 ENV_PREFIX = "SLORA_"
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -60,7 +61,8 @@ class EngineConfig:
     max_waiting: int = 1024
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     host_cache_bytes: int = 2 * GIB
-    host_cache_workers: int = 2
+    # disk -> host loader threads; 0 = auto (resolved_host_cache_workers)
+    host_cache_workers: int = 0
     seed: int = 0
     # auto = the Triton-lang kernels for fp16/bf16 on CUDA, torch ops elsewhere
     kernel_backend: str = "auto"
@@ -94,7 +96,7 @@ class EngineConfig:
         self.device = _check_device(self.device)
         positive = ("block_size", "max_rank", "max_loaded_adapters", "max_num_seqs",
                     "max_num_batched_tokens", "max_waiting", "host_cache_bytes",
-                    "host_cache_workers", "tensor_parallel_size")
+                    "tensor_parallel_size")
         for name in positive:
             _check_int(name, getattr(self, name), 1)
         for name in ("pool_bytes", "max_model_len"):
@@ -103,6 +105,7 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         _check_int("cuda_graph_max_batch", self.cuda_graph_max_batch, 0)
         _check_int("cpu_threads", self.cpu_threads, 0)
+        _check_int("host_cache_workers", self.host_cache_workers, 0)
         for name, choices in (("kernel_backend", KERNEL_BACKENDS),
                               ("async_scheduling", ASYNC_SCHEDULING_MODES),
                               ("cuda_graph_mixed", CUDA_GRAPH_MIXED_MODES),
@@ -123,6 +126,16 @@ class EngineConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def resolved_host_cache_workers(self) -> int:
+        """'auto' (0): half the CPUs this process may use, at least 1, at most
+        MAX_AUTO_LOADERS. A loader thread spends its time in the kernel's copy out of the page
+        cache, with the GIL released: one per two cores leaves the rest to the engine, the
+        Triton stub and the server (a 2-core host gets 1, a 16-core GPU host 8)."""
+        if self.host_cache_workers:
+            return self.host_cache_workers
+        return max(1, min(MAX_AUTO_LOADERS, len(os.sched_getaffinity(0)) // 2))
 
     @property
     def resolved_async_scheduling(self) -> bool:

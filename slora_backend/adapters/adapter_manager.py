@@ -2,19 +2,29 @@
 
 An adapter is resident when its A rows and B^T rows (all layers) sit in pages of the SAME
 PagePool the KV cache uses (kind "lora") and a slot of the slot tables points at them.
-Running requests hold a reference; idle adapters (refcount 0) stay resident and are evicted
-LRU when pages or slots are needed. The engine reaches the lower tiers only through here.
+Making one resident is asynchronous: `acquire` takes pages and a slot and starts the host ->
+pool copy (pool_copy.py: a side stream on a GPU); the adapter is *loading* until the copy has
+completed, then the loop flips it to ready (`poll`, or the next `acquire`): the slot tables are
+written and requests may use it. Running requests hold a reference; idle ready adapters
+(refcount 0) stay resident and are evicted LRU when pages or slots are needed; a loading one
+is never evicted (its copy still writes its pages). The engine reaches the lower tiers only
+through here. The copier decides where the rows go: this device's pool, or, at tensor
+parallelism, every rank's share into every rank's pool (parallel/adapters.py ShardedCopier).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.adapters.pool_copy import PoolCopier, PoolCopy
+from slora_backend.adapters.validation import refuse
+from slora_backend.errors import EngineError
 from slora_backend.memory_pool import PagePool, PoolStorage
-from slora_backend.model.lora import LoraTables, RowPlan, plan_adapter_rows, write_adapter_rows
+from slora_backend.model.lora import LoraTables, RowPlan
 from slora_backend.model.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -22,6 +32,13 @@ if TYPE_CHECKING:
     from slora_backend.adapters.source import HostAdapter
 
 LORA_KIND = "lora"
+
+
+class Wait(Enum):
+    """Why `acquire` returned no slot."""
+
+    LOADING = "loading"  # host copy not loaded yet, or the pool copy in flight: others go first
+    NO_ROOM = "no_room"  # no free slot, or too few pages even after evicting idle adapters
 
 
 @dataclass
@@ -32,45 +49,22 @@ class _Resident:
     # of the host copy it was written from; not the copy itself, whose host memory the host
     # cache reuses once it is evicted there
     fingerprint: Any
-
-
-class PoolWriter:
-    """Puts an adapter's rows into the pool pages the manager picked, at once. A
-    tensor-parallel engine's writer (parallel/adapters.py ShardedWriter) cuts the factors into
-    every rank's share and writes them into every rank's pool at the next step instead."""
-
-    def __init__(self, spec: ModelSpec, storage: PoolStorage) -> None:
-        self.spec = spec
-        self.storage = storage
-
-    def table_rank(self, rank: int) -> int:
-        """The slot tables' rank for an adapter of `rank` (their width for `max_rank`)."""
-        return rank
-
-    def plan(self, modules: tuple[str, ...], rank: int) -> RowPlan:
-        return plan_adapter_rows(self.spec, modules, rank, self.storage.page_elems)
-
-    def write(self, slot: int, pages: list[int], host: HostAdapter,
-              plan: RowPlan) -> dict[str, tuple[list[int], list[int]]]:
-        """Write the rows; returns the row pointers for the slot tables."""
-        del slot
-        weights = host.weights_on(self.storage.tensor.device)
-        return write_adapter_rows(self.storage.tensor, pages, weights, self.spec, host.modules,
-                                  host.rank, plan)
+    copy: PoolCopy | None = None  # in flight: the slot tables are written when it completes
 
 
 class AdapterManager:
     def __init__(self, spec: ModelSpec, storage: PoolStorage, pool: PagePool, host: HostCache,
-                 max_slots: int, max_rank: int, writer: PoolWriter | None = None) -> None:
+                 max_slots: int, max_rank: int, copier: PoolCopier | None = None) -> None:
         self.spec = spec
         self.storage = storage
         self.pool = pool
         self.host = host
         self.max_rank = max_rank
-        self.writer = writer if writer is not None else PoolWriter(spec, storage)
-        self.tables = LoraTables.create(max_slots, self.writer.table_rank(max_rank),
+        self.copier = copier if copier is not None else PoolCopier(storage.tensor, spec)
+        self.tables = LoraTables.create(max_slots, self.copier.table_rank(max_rank),
                                         storage.tensor.device)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
+        self._loading: dict[str, _Resident] = {}  # copies in flight
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._plans: dict[tuple[tuple[str, ...], int], RowPlan] = {}
         self.num_loads = 0
@@ -88,13 +82,9 @@ class AdapterManager:
         if adapter_id not in self._resident:
             self.host.prefetch(adapter_id)
 
-    def ready(self, adapter_id: str) -> bool:
-        """Resident, or its host copy is loaded. Raises the EngineError of a failed load."""
-        if adapter_id in self._resident:
-            return True
-        return self._host_copy(adapter_id) is not None
-
     def _host_copy(self, adapter_id: str) -> HostAdapter | None:
+        if self.host.loading(adapter_id):  # the common case while requests wait: no stat
+            return None
         host = self.host.get(adapter_id)
         if host is None:
             err = self.host.error(adapter_id)
@@ -104,46 +94,85 @@ class AdapterManager:
         return host
 
     # ---- the pool ---------------------------------------------------------------------------
-    def acquire(self, adapter_id: str, reserve_pages: int = 0) -> int | None:
-        """Take a reference and return the adapter's slot, making it resident if needed.
+    def acquire(self, adapter_id: str, reserve_pages: int = 0) -> int | Wait:
+        """Take a reference and return the adapter's slot once it is ready in the pool.
 
-        None when it cannot happen now: host copy not loaded yet, no free slot, or fewer than
-        (its pages + `reserve_pages`) pages can be freed by evicting idle adapters."""
+        Wait.LOADING while its host copy or its pool copy is not done (this call starts the
+        pool copy when the host copy is there); Wait.NO_ROOM when no slot is free, or fewer
+        than (its pages + `reserve_pages`) pages can be freed by evicting idle adapters.
+        Raises the EngineError of an adapter that failed to load or was refused."""
         res = self._resident.get(adapter_id)
-        if res is not None and res.refcount == 0:
-            fresh = self.host.get(adapter_id)
-            if fresh is not None and fresh.fingerprint != res.fingerprint:  # changed on disk
-                self._evict(adapter_id)
-                res = None
+        if res is not None and res.copy is not None and not self._complete(adapter_id, res):
+            return Wait.LOADING
+        if res is not None and res.refcount == 0 and self._rewritten(adapter_id, res):
+            self._drop(adapter_id)
+            res = None
         if res is not None:
             if not self._free_pages_for(reserve_pages, keep=adapter_id):
-                return None
+                return Wait.NO_ROOM
             return self._take(adapter_id, res)
         host = self._host_copy(adapter_id)
         if host is None:
-            return None
+            return Wait.LOADING
         return self._load(adapter_id, host, reserve_pages)
 
-    def _load(self, adapter_id: str, host: HostAdapter, reserve_pages: int) -> int | None:
+    def poll(self) -> None:
+        """Flip every adapter whose copy has completed (once per step, by the scheduler), so
+        that one whose requests were cancelled meanwhile becomes evictable too. A refusal is
+        remembered by the host tier and raised to the adapter's requests at their acquire."""
+        for adapter_id, res in list(self._loading.items()):
+            try:
+                self._complete(adapter_id, res)
+            except EngineError:
+                pass
+
+    def _rewritten(self, adapter_id: str, res: _Resident) -> bool:
+        """The files changed on disk since the resident copy was written. A stat, never a load:
+        reloading the host copy of every resident adapter it admits would evict host entries
+        that queued requests await (and race them)."""
+        now = self.host.disk_fingerprint(adapter_id)
+        return now is not None and now != res.fingerprint
+
+    def _load(self, adapter_id: str, host: HostAdapter, reserve_pages: int) -> int | Wait:
         plan = self._plan(adapter_id, host.modules, host.rank)
         if not self._free_slots and not self._evict_lru_idle():
-            return None
+            return Wait.NO_ROOM
         if not self._free_pages_for(plan.num_pages + reserve_pages, keep=None):
-            return None
+            return Wait.NO_ROOM
         pages = self.pool.allocate(plan.num_pages, LORA_KIND)
-        slot = self._free_slots[-1]
         try:
-            pointers = self.writer.write(slot, pages, host, plan)
+            copy = self.copier.start(host, pages, plan, self._free_slots[-1])
         except (ValueError, KeyError) as err:
             self.pool.free(pages)
-            raise EngineError(ErrorCode.INVALID_ARG,
-                              f"adapter {adapter_id!r} does not fit the model: {err}") from err
-        self._free_slots.pop()
-        self.tables.set_slot(slot, plan.rank, host.scale, pointers)
-        res = _Resident(slot, pages, 0, host.fingerprint)
+            raise refuse(adapter_id, f"does not fit the model: {err}") from err
+        res = _Resident(self._free_slots.pop(), pages, 0, host.fingerprint, copy)
         self._resident[adapter_id] = res
+        self._loading[adapter_id] = res
         self.num_loads += 1
+        if not self._complete(adapter_id, res):
+            return Wait.LOADING
         return self._take(adapter_id, res)
+
+    def _complete(self, adapter_id: str, res: _Resident) -> bool:
+        """Flip a loading adapter to ready once its copy has completed (False while in
+        flight): its slot tables are written. A copy with a NaN/Inf is refused: its pages are
+        zeroed and freed, and the INVALID_ARG naming the tensor is raised (and kept)."""
+        copy = res.copy
+        assert copy is not None
+        if not copy.done():
+            return False
+        res.copy = None
+        del self._loading[adapter_id]
+        if copy.finite():
+            self.tables.set_slot(res.slot, self.copier.table_rank(copy.host.rank),
+                                 copy.host.scale, copy.pointers)
+            return True
+        self.copier.scrub(res.pages)
+        self._drop(adapter_id, count=False)
+        err = refuse(adapter_id, f"tensor '{copy.culprit()}' has non-finite values (NaN/Inf) "
+                                 f"in {copy.host.buffer.dtype}")
+        self.host.reject(adapter_id, err, copy.host.fingerprint)
+        raise err
 
     def _take(self, adapter_id: str, res: _Resident) -> int:
         res.refcount += 1
@@ -154,11 +183,9 @@ class AdapterManager:
         key = (tuple(modules), int(rank))
         if key not in self._plans:
             try:
-                self._plans[key] = self.writer.plan(modules, rank)
+                self._plans[key] = self.copier.plan(modules, rank)
             except ValueError as err:  # a row longer than a pool page
-                raise EngineError(ErrorCode.INVALID_ARG,
-                                  f"adapter {adapter_id!r} does not fit the model: {err}"
-                                  ) from err
+                raise refuse(adapter_id, f"does not fit the model: {err}") from err
         return self._plans[key]
 
     def release(self, adapter_id: str) -> None:
@@ -173,38 +200,43 @@ class AdapterManager:
             self.evict_idle(pages - self.pool.num_free, keep=keep)
         return pages <= self.pool.num_free
 
+    def _idle(self) -> Iterator[str]:
+        """Evictable adapters, least recently used first: ready and unreferenced."""
+        return (a for a, r in self._resident.items() if r.refcount == 0 and r.copy is None)
+
     def evict_idle(self, pages_needed: int, keep: str | None = None) -> int:
         """Evict idle adapters, least recently used first, until `pages_needed` pages were
         freed or none is left; returns the number of pages freed."""
         freed = 0
-        for adapter_id in [a for a, r in self._resident.items() if r.refcount == 0]:
+        for adapter_id in list(self._idle()):
             if freed >= pages_needed:
                 break
             if adapter_id != keep:
-                freed += self._evict(adapter_id)
+                freed += self._drop(adapter_id)
         return freed
 
     def _evict_lru_idle(self) -> bool:
-        for adapter_id, res in self._resident.items():
-            if res.refcount == 0:
-                self._evict(adapter_id)
-                return True
-        return False
+        victim = next(self._idle(), None)
+        if victim is not None:
+            self._drop(victim)
+        return victim is not None
 
-    def _evict(self, adapter_id: str) -> int:
+    def _drop(self, adapter_id: str, count: bool = True) -> int:
+        """Free an adapter's pages and slot (an eviction when `count`)."""
         res = self._resident.pop(adapter_id)
         self.pool.free(res.pages)
         self.tables.clear_slot(res.slot)
         self._free_slots.append(res.slot)
-        self.num_evictions += 1
+        self.num_evictions += count
         return len(res.pages)
 
     # ---- introspection -----------------------------------------------------------------------
     def resident(self) -> list[str]:
-        """Resident adapter ids, least recently used first."""
+        """Adapters holding pool pages (ready or loading), least recently used first."""
         return list(self._resident)
 
     def stats(self) -> dict[str, Any]:
         """Host cache counters plus the pool's (prefixed 'pool_')."""
         return {**self.host.stats(), "pool_resident": len(self._resident),
-                "pool_loads": self.num_loads, "pool_evictions": self.num_evictions}
+                "pool_loading": len(self._loading), "pool_loads": self.num_loads,
+                "pool_evictions": self.num_evictions}

@@ -6,6 +6,9 @@ other loads to finish), then reads it, so the bound holds even while loads run i
 The bytes themselves are ranges of one HostArena of that capacity (allocated once, reused): a
 range returns to the arena when its HostAdapter is evicted and no longer referenced.
 
+Values are not checked here: the pool tier checks them after its copy (on the GPU) and
+`reject`s an adapter with a NaN/Inf, whose error is then kept like a failed load's.
+
 Prefetch (S-LoRA's): `prefetch` is called for every queued request, in arrival order. Loads
 run in that order, and the adapters prefetched but not yet claimed by a `get` (the admission of
 their request), plus the prefetches loading, are kept within the capacity: further prefetches
@@ -77,6 +80,10 @@ class HostCache:
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
+        # they share a large file's read with a loader: an adapter loaded alone (a cold
+        # request while nothing else loads) is read by all of them
+        self._readers = ThreadPoolExecutor(max_workers=workers,
+                                           thread_name_prefix="slora-host-read")
         self._closed = False
         self._window = PrefetchWindow(capacity_bytes)  # S-LoRA's lookahead (prefetch.py)
 
@@ -112,6 +119,12 @@ class HostCache:
                 self._drain()
         return adapter
 
+    def loading(self, adapter_id: str) -> bool:
+        """A load of the adapter is running or queued. No disk access: admission asks this of
+        every waiting request at every step."""
+        with self._cond:
+            return adapter_id in self._inflight
+
     def error(self, adapter_id: str) -> EngineError | None:
         """Why the last load of this adapter failed (None if it did not)."""
         with self._cond:
@@ -141,10 +154,14 @@ class HostCache:
                     self._cond.wait(remaining)
 
     def is_current(self, adapter: HostAdapter) -> bool:
-        """True while the adapter's files are unchanged on disk since it was loaded. A stat
-        only: starts no load, so the pool tier can check a resident copy cheaply."""
-        fingerprint, problem = self._current(adapter.adapter_id)
-        return problem is None and fingerprint == adapter.fingerprint
+        """True while the adapter's files are unchanged on disk since it was loaded."""
+        return self.disk_fingerprint(adapter.adapter_id) == adapter.fingerprint
+
+    def disk_fingerprint(self, adapter_id: str) -> Fingerprint | None:
+        """The adapter's files' fingerprint now (None when they cannot be read). A stat only:
+        starts no load, so the pool tier can check a resident copy cheaply."""
+        fingerprint, problem = self._current(adapter_id)
+        return None if problem is not None else fingerprint
 
     def resident(self) -> list[str]:
         """Resident adapter ids, least recently used first."""
@@ -155,6 +172,17 @@ class HostCache:
         """Drop an adapter from host memory; True if it was resident."""
         with self._cond:
             return self._drop(adapter_id, count=True)
+
+    def reject(self, adapter_id: str, error: EngineError,
+               fingerprint: Fingerprint | None) -> None:
+        """The pool tier refused the adapter's values (its finite check runs on the device):
+        drop the host copy and answer `error` for the adapter until its files change (or a
+        prefetch retries it)."""
+        with self._cond:
+            self._drop(adapter_id, count=False)
+            self._failures[adapter_id] = _Failure(error, fingerprint)
+            self._counters["load_errors"] += 1
+            self._cond.notify_all()
 
     def stats(self) -> dict[str, float]:
         """Counters for metrics: hits (get found it resident), misses (a load was started),
@@ -187,6 +215,7 @@ class HostCache:
             self._arena.stop()
             self._cond.notify_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._readers.shutdown(wait=True)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -283,18 +312,20 @@ class HostCache:
 
     def _load(self, adapter_id: str) -> None:
         start = time.perf_counter()
-        # a failure is remembered with the files' state before the attempt: only a rewrite
-        # of the files makes get() try again
-        fingerprint, _ = self._current(adapter_id)
+        # a failure is remembered with the files' state (what inspect saw, or a stat if inspect
+        # itself failed): only a rewrite of the files makes get() try again
+        fingerprint = None
         try:
             info = self.source.inspect(adapter_id)  # validates before anything is allocated
+            fingerprint = info.fingerprint
             if footprint(info.nbytes) > self.capacity_bytes:
                 raise refuse(adapter_id, f"needs {info.nbytes} bytes of host memory, more than "
                                          f"the whole host cache ({self.capacity_bytes} bytes, "
                                          "host_cache_bytes)")
             where = self._reserve(info.nbytes)
             try:
-                adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes))
+                adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes),
+                                           info, self._readers)
             except BaseException:
                 with self._cond:
                     self._reserved -= footprint(info.nbytes)
@@ -305,11 +336,11 @@ class HostCache:
                              adapter.fences).atexit = False
             self._commit(adapter, info.nbytes, time.perf_counter() - start)
         except EngineError as exc:
-            self._fail(adapter_id, exc, fingerprint)
+            self._fail(adapter_id, exc, fingerprint or self._current(adapter_id)[0])
         except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
             self._fail(adapter_id, EngineError(ErrorCode.INTERNAL,
                                                f"adapter '{adapter_id}': load failed: {exc!r}"),
-                       fingerprint)
+                       fingerprint or self._current(adapter_id)[0])
 
     def _commit(self, adapter: HostAdapter, reserved: int, seconds: float) -> None:
         """Turn the reservation into a resident entry, atomically (the bound never breaks).

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from slora_backend.adapters.validation import (
     MAX_CONFIG_BYTES,
@@ -27,8 +28,10 @@ from slora_backend.adapters.validation import (
 from slora_backend.adapters.weights_file import (
     NotRegularFile,
     StagingBuffers,
+    WeightsFile,
     open_regular,
-    parse_header,
+    parse_header_bytes,
+    read_header,
     read_into,
 )
 from slora_backend.bounded_json import JsonProblem, load_json
@@ -38,48 +41,39 @@ from slora_backend.model.spec import ModelSpec
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-PROC_FD_DIR = "/proc/self/fd"  # Linux: a path that opens an already open descriptor's file
 INFO_MEMO_SIZE = 8192  # validated adapter infos kept (a few hundred bytes each)
+HEADER_MEMO_SIZE = 64  # distinct validated headers kept (tens of KB each)
 
 Fingerprint = tuple[int, int, int, int]  # (config mtime_ns, config size, weights mtime_ns, size)
 
 
 @dataclass
 class HostAdapter:
-    """An adapter in host memory: validated, in the model dtype, ready to copy into the pool.
+    """An adapter in host memory: validated (all but the finite check, which the pool tier
+    does after its copy), in the model dtype, ready to copy into the pool.
 
-    All factors are views of one flat buffer (in the host cache: a range of its pinned arena).
+    `factors[module]` = (A [L, r, in], B [L, out, r]): every layer's factor of one module
+    stacked, so the pool tier writes a module's rows of all layers with one op per run of
+    rows. All are views of one flat buffer (in the host cache: a range of its pinned arena),
+    laid out module by module (MODULE_ORDER), A of all layers then B of all layers.
     """
 
     adapter_id: str
     rank: int
     scale: float  # alpha/r, or alpha/sqrt(r) for rsLoRA
     modules: tuple[str, ...]  # subset of MODULE_ORDER, in that order
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (A [r, in], B [out, r])
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     nbytes: int
     fingerprint: Fingerprint | None = None  # files' (mtime, size) when loaded; see AdapterSource
     buffer: torch.Tensor | None = field(default=None, repr=False)  # the flat storage
     # CUDA events recorded after copies from `buffer`: its memory is reused only after the last
     fences: list = field(default_factory=list, repr=False)
 
-    def weights_on(self, device: torch.device) -> dict[tuple[int, str],
-                                                       tuple[torch.Tensor, torch.Tensor]]:
-        """`weights` on `device`: one copy of the flat buffer (asynchronous from pinned memory),
-        the factors as views of it at the same offsets. Per-factor copies would cost a host
-        round trip each: 256 of them for a 32-layer q,k,v,o adapter."""
-        if self.buffer is None or device.type == "cpu":
-            return self.weights
-        flat = self.buffer.to(device, non_blocking=True)
-        fence = torch.cuda.Event()
-        fence.record()
-        self.fences[:] = [fence]
-        base = self.buffer.data_ptr()
-        size = self.buffer.element_size()
-
-        def on_device(t: torch.Tensor) -> torch.Tensor:
-            return flat.as_strided(t.shape, t.stride(), (t.data_ptr() - base) // size)
-
-        return {key: (on_device(a), on_device(b)) for key, (a, b) in self.weights.items()}
+    @property
+    def weights(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """(layer, module) -> (A [r, in], B [out, r]): per-layer views (tests, tools)."""
+        return {(layer, m): (a[layer], b[layer]) for m, (a, b) in self.factors.items()
+                for layer in range(a.shape[0])}
 
 
 @dataclass(frozen=True)
@@ -90,6 +84,21 @@ class AdapterInfo:
     settings: LoraSettings
     nbytes: int  # host bytes in the model dtype
     fingerprint: Fingerprint
+
+
+@functools.lru_cache(maxsize=256)
+def host_layout(settings: LoraSettings, num_layers: int) -> list[str]:
+    """Tensor keys in HostAdapter's buffer order: per module, A of every layer, then B.
+    Memoized: thousands of adapters share a few settings (the list is never modified)."""
+    return [tensor_key(layer, module, which) for module in settings.modules
+            for which in ("A", "B") for layer in range(num_layers)]
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _vanished(adapter_id: str) -> EngineError:
@@ -130,8 +139,11 @@ class AdapterSource:
         self.max_rank = max_rank
         self.dtype = dtype
         self._infos: OrderedDict[str, AdapterInfo] = OrderedDict()  # validated, LRU first
+        self._root: tuple[object, str] | None = None  # (the dir's lstat identity, realpath)
         self._lock = threading.Lock()  # inspect() runs on request threads and loader threads
         self._staging = StagingBuffers()  # per loader thread, for files needing a conversion
+        # (raw header, file size, settings) -> the parsed header, checked; LRU first
+        self._headers: OrderedDict[tuple[bytes, int, LoraSettings], WeightsFile] = OrderedDict()
 
     def list_adapters(self) -> list[str]:
         """Ids of the folders that look like adapters (have a config), rescanned on each call."""
@@ -149,31 +161,62 @@ class AdapterSource:
     def resolve(self, adapter_id: str) -> Path:
         """The adapter's folder. INVALID_ARG for a bad id or a path escaping the adapter dir,
         NOT_FOUND when there is no such adapter."""
-        check_adapter_id(adapter_id)
-        path = self.root / adapter_id
-        if not os.path.lexists(path):
-            raise EngineError(ErrorCode.NOT_FOUND, f"adapter '{adapter_id}' not found")
-        root_real = os.path.realpath(self.root)
-        for target in (path, path / CONFIG_FILE, path / WEIGHTS_FILE):
-            real = os.path.realpath(target)
-            if os.path.commonpath([root_real, real]) != root_real:
-                raise refuse(adapter_id, f"'{target.name}' resolves outside the adapter "
-                                         "directory (symlink escape)")
-        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
-            raise EngineError(ErrorCode.NOT_FOUND,
-                              f"adapter '{adapter_id}' not found (no {CONFIG_FILE})")
-        return path
+        return self._locate(adapter_id)[0]
 
     def fingerprint(self, adapter_id: str) -> Fingerprint:
         """(mtime, size) of both files: changes when the adapter is rewritten on disk."""
-        path = self.resolve(adapter_id)
-        if not (path / WEIGHTS_FILE).exists():
+        path, fingerprint = self._locate(adapter_id, need_weights=True)
+        assert fingerprint is not None
+        return fingerprint
+
+    def _locate(self, adapter_id: str,
+                need_weights: bool = False) -> tuple[Path, Fingerprint | None]:
+        """The adapter's folder, checked (resolve), and with `need_weights` its fingerprint,
+        in about eight syscalls: an lstat per entry, a realpath only of a symlink (and of the
+        root). Loader threads call this for every load and each syscall lets the GIL go: the
+        hundreds that realpath of every file took made a load wait for the engine thread
+        hundreds of times."""
+        check_adapter_id(adapter_id)
+        path = self.root / adapter_id
+        root_real = self._root_real()
+        stats = []
+        for target in (path, path / CONFIG_FILE, path / WEIGHTS_FILE):
+            try:
+                st = os.lstat(target)
+            except (FileNotFoundError, NotADirectoryError):  # (a file in place of the folder)
+                stats.append(None)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                real = os.path.realpath(target)
+                if os.path.commonpath([root_real, real]) != root_real:
+                    raise refuse(adapter_id, f"'{target.name}' resolves outside the adapter "
+                                             "directory (symlink escape)")
+                st = _stat_or_none(target)
+            stats.append(st)
+        folder, cfg, weights = stats
+        if folder is None:
+            raise EngineError(ErrorCode.NOT_FOUND, f"adapter '{adapter_id}' not found")
+        if not stat.S_ISDIR(folder.st_mode) or cfg is None or not stat.S_ISREG(cfg.st_mode):
+            raise EngineError(ErrorCode.NOT_FOUND,
+                              f"adapter '{adapter_id}' not found (no {CONFIG_FILE})")
+        if not need_weights:
+            return path, None
+        if weights is None:
             self._weights_problem(adapter_id, path)
+        return path, (cfg.st_mtime_ns, cfg.st_size, weights.st_mtime_ns, weights.st_size)
+
+    def _root_real(self) -> str:
+        """realpath of the adapter dir, recomputed only when the dir's own entry changes (one
+        lstat instead of one per path component)."""
         try:
-            cfg, weights = (path / CONFIG_FILE).stat(), (path / WEIGHTS_FILE).stat()
+            st = os.lstat(self.root)
+            key = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns)
         except FileNotFoundError:
-            raise _vanished(adapter_id) from None
-        return (cfg.st_mtime_ns, cfg.st_size, weights.st_mtime_ns, weights.st_size)
+            key = None
+        with self._lock:
+            if self._root is None or self._root[0] != key:
+                self._root = (key, os.path.realpath(self.root))
+            return self._root[1]
 
     def _weights_problem(self, adapter_id: str, path: Path) -> None:
         if (path / PICKLE_WEIGHTS_FILE).exists():
@@ -200,8 +243,8 @@ class AdapterSource:
 
         Runs on the request path (add_request), so a result is memoized until the files
         change (fingerprint); refusals are not memoized."""
-        path = self.resolve(adapter_id)
-        fingerprint = self.fingerprint(adapter_id)
+        path, fingerprint = self._locate(adapter_id, need_weights=True)
+        assert fingerprint is not None
         with self._lock:
             known = self._infos.get(adapter_id)
             if known is not None and known.fingerprint == fingerprint:
@@ -218,33 +261,44 @@ class AdapterSource:
     def _inspect(self, adapter_id: str, path: Path, fingerprint: Fingerprint) -> AdapterInfo:
         settings = check_config(adapter_id, self._read_config(adapter_id, path), self.spec,
                                 self.max_rank)
-        with self._open(adapter_id, path) as handle:
-            self._check_header(adapter_id, settings, handle)
+        with _regular_file(adapter_id, path / WEIGHTS_FILE) as fd:
+            self._header(adapter_id, fd, settings)
         numel = sum(a * b for a, b in expected_shapes(settings, self.spec).values())
         nbytes = numel * torch.empty((), dtype=self.dtype).element_size()
         return AdapterInfo(adapter_id, settings, nbytes, fingerprint)
 
-    def _open(self, adapter_id: str, path: Path) -> Any:
-        # safetensors opens the very file checked (/proc/self/fd): no swap after the check
-        with _regular_file(adapter_id, path / WEIGHTS_FILE) as fd:
-            try:
-                return safe_open(f"{PROC_FD_DIR}/{fd}", framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise refuse(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: "
-                                         f"{exc}") from None
+    def _header(self, adapter_id: str, fd: int, settings: LoraSettings) -> WeightsFile:
+        """The parsed header of the open weights file, checked against the config. Memoized
+        by the header's bytes: adapters of one shape share a header (one parse and check for
+        thousands of them; the load path reads 8 bytes and the header, no JSON)."""
+        try:
+            raw, size = read_header(adapter_id, fd)
+        except OSError as exc:
+            raise refuse(adapter_id, f"{WEIGHTS_FILE} cannot be read: {exc}") from None
+        key = (raw, size, settings)
+        with self._lock:
+            known = self._headers.get(key)
+            if known is not None:
+                self._headers.move_to_end(key)
+                return known
+        parsed = parse_header_bytes(adapter_id, raw, size)
+        check_header(adapter_id, settings, self.spec, parsed.header())
+        with self._lock:
+            self._headers[key] = parsed
+            while len(self._headers) > HEADER_MEMO_SIZE:
+                self._headers.popitem(last=False)
+        return parsed
 
-    def _check_header(self, adapter_id: str, settings: LoraSettings, handle: Any) -> None:
-        header = []
-        for key in handle.keys():
-            tensor_slice = handle.get_slice(key)
-            header.append((key, tensor_slice.get_dtype(), tensor_slice.get_shape()))
-        check_header(adapter_id, settings, self.spec, header)
-
-    def load(self, adapter_id: str, out: torch.Tensor | None = None) -> HostAdapter:
-        """Validate fully (config, header, finite values) and read the weights into `out`
-        (uint8, `inspect(adapter_id).nbytes` long, e.g. a region of the host cache's arena;
-        allocated when None). One header parse and one read of the data region (weights_file)."""
-        info = self.inspect(adapter_id)
+    def load(self, adapter_id: str, out: torch.Tensor | None = None,
+             info: AdapterInfo | None = None, helpers: Executor | None = None) -> HostAdapter:
+        """Validate config and header and read the weights into `out` (uint8,
+        `inspect(adapter_id).nbytes` long, e.g. a region of the host cache's arena; allocated
+        when None) in HostAdapter's layout: one scatter read of the data region
+        (weights_file). The header is parsed only if unlike every header seen lately.
+        Values are not checked here: the pool tier checks them after its copy (on the GPU).
+        `info`: this adapter's inspect() result, when the caller has it already; `helpers`:
+        threads that share the read of a large file."""
+        info = info if info is not None else self.inspect(adapter_id)
         settings = info.settings
         path = self.resolve(adapter_id)
         if out is None:
@@ -252,41 +306,37 @@ class AdapterSource:
         elif out.dtype != torch.uint8 or out.numel() != info.nbytes:  # rewritten meanwhile
             raise EngineError(ErrorCode.UNAVAILABLE,
                               f"adapter '{adapter_id}' changed on disk while loading; retry")
+        layout = host_layout(settings, self.spec.num_layers)
         with _regular_file(adapter_id, path / WEIGHTS_FILE) as fd:
+            # the file may have been rewritten since inspect(): this handle's header decides
+            parsed = self._header(adapter_id, fd, settings)
             try:
-                # the file may have been rewritten since inspect(): this handle's header decides
-                parsed = parse_header(adapter_id, fd)
-                check_header(adapter_id, settings, self.spec, parsed.header())
-                views = read_into(fd, parsed, out, self.dtype, self._staging)
+                starts = read_into(fd, parsed, out, self.dtype, self._staging, layout,
+                                   helpers)
             except OSError as exc:
                 raise refuse(adapter_id, f"{WEIGHTS_FILE} cannot be read: {exc}") from None
-        weights = {(layer, module): (views[tensor_key(layer, module, "A")],
-                                     views[tensor_key(layer, module, "B")])
-                   for layer in range(self.spec.num_layers) for module in settings.modules}
         buffer = out.view(self.dtype)
-        self._check_finite(adapter_id, buffer, weights)
+        factors = {m: tuple(_stacked(buffer, starts[tensor_key(0, m, which)],
+                                     (self.spec.num_layers, *shape))
+                            for which, shape in zip("AB", _factor_shapes(self.spec, m,
+                                                                         settings.rank)))
+                   for m in settings.modules}
         return HostAdapter(adapter_id=adapter_id, rank=settings.rank, scale=settings.scale,
-                           modules=settings.modules, weights=weights, nbytes=info.nbytes,
+                           modules=settings.modules, factors=factors, nbytes=info.nbytes,
                            fingerprint=info.fingerprint, buffer=buffer)
 
-    def _check_finite(self, adapter_id: str, buffer: torch.Tensor,
-                      weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """All values finite in the model dtype (after conversion: fp32 -> fp16 can overflow).
 
-        A finite sum proves every element finite (NaN or Inf would propagate). A sum in the
-        buffer's own dtype is the fastest reduction torch has on CPU (64 MB of fp16: 8 GB/s,
-        fp32: 18 GB/s, above a 6 GB/s copy; an fp32 sum of fp16 runs at 1 GB/s, isfinite at
-        0.7). It may overflow for large finite values (fp16 tops out at 65504): then min and max
-        (one pass, ~5 GB/s) decide, and only a real NaN/Inf is looked for tensor by tensor, to
-        name the culprit."""
-        if bool(torch.isfinite(buffer.sum())):
-            return
-        low, high = torch.aminmax(buffer)
-        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
-            return
-        for (layer, module), pair in weights.items():
-            for which, tensor in zip("AB", pair):
-                if not bool(torch.isfinite(tensor).all()):
-                    key = tensor_key(layer, module, which)
-                    raise refuse(adapter_id, f"tensor '{key}' has non-finite values (NaN/Inf) "
-                                             f"in {self.dtype}")
+def _factor_shapes(spec: ModelSpec, module: str, rank: int) -> tuple[tuple[int, int],
+                                                                     tuple[int, int]]:
+    """(A, B) shapes of one layer's factors: [r, in], [out, r]."""
+    d_in, d_out = spec.module_dims(module)
+    return (rank, d_in), (d_out, rank)
+
+
+def _stacked(buffer: torch.Tensor, start: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous [L, ...] view of `buffer` from element `start` (host_layout put every
+    layer's factor of a module back to back)."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return buffer[start:start + numel].view(shape)

@@ -121,10 +121,10 @@ class LLMEngine:
         self.pool = PagePool(num_pages)
         self.source = AdapterSource(config.adapter_dir, self.spec, config.max_rank, self.dtype)
         self.host_cache = HostCache(self.source, config.host_cache_bytes,
-                                    config.host_cache_workers, device=self.device)
-        writer = None if self.tp is None else self.tp.writer(self.spec, self.storage)
+                                    config.resolved_host_cache_workers, device=self.device)
+        copier = None if self.tp is None else self.tp.copier(self.spec, self.storage)
         self.adapters = AdapterManager(self.spec, self.storage, self.pool, self.host_cache,
-                                       config.max_loaded_adapters, config.max_rank, writer)
+                                       config.max_loaded_adapters, config.max_rank, copier)
         if self.tp is not None:
             self.tp.attach(self.spec, self.model, self.storage, self.adapters.tables)
         self.kv = KVManager(self.pool, config.block_size)

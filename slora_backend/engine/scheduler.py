@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from slora_backend.adapters.adapter_manager import Wait
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.sequence import SeqStatus, Sequence
 from slora_backend.errors import EngineError, ErrorCode
@@ -126,6 +127,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         with self._lock:
+            if self.adapters is not None:
+                self.adapters.poll()  # adapters whose pool copy completed turn ready
             budget = self._schedule_running(out, self.max_num_batched_tokens)
             self._admit_waiting(out, budget)
         return out
@@ -170,7 +173,7 @@ class Scheduler:
         out.preempted.append(seq.request_id)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        not_ready: list[Sequence] = []  # adapter host copy still loading: only these wait
+        not_ready: list[Sequence] = []  # adapter still loading (host or pool): only these wait
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             status = self._try_admit(seq, out)
@@ -196,15 +199,13 @@ class Scheduler:
         if seq.adapter_id is not None:
             assert self.adapters is not None, "adapter request without an adapter manager"
             try:
-                if not self.adapters.ready(seq.adapter_id):
-                    return "not_ready"
                 slot = self.adapters.acquire(seq.adapter_id, reserve_pages=kv_pages)
             except EngineError as err:  # the adapter failed to load / validate
                 self.finish(seq, None, err)
                 out.failed.append(seq)
                 return "failed"
-            if slot is None:
-                return "no_room"
+            if isinstance(slot, Wait):  # loading: the others go first; no room: all wait
+                return "not_ready" if slot is Wait.LOADING else "no_room"
             seq.lora_slot = slot
             seq.holds_adapter = True
         elif not self._make_room(kv_pages):

@@ -83,24 +83,26 @@ class LoraTables:
         pointers[module] = (absolute A row offsets, absolute B^T row offsets): `rank` B^T rows
         and as many A rows as the pool's LoraGeometry gives (fewer than `rank` on a
         tensor-parallel rank's column-parallel modules).
+        The rows are built on the host and copied without waiting: a synchronous host -> GPU
+        copy would wait for the step in flight (the loop would lose its overlap with the GPU).
+        On a GPU the copies run on the current stream, after every step launched before.
         """
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the slot tables' max_rank {self.max_rank}")
-        dev = self.a_ptr.device
-        self.clear_slot(slot)
+        ptrs = torch.zeros(2, NUM_MODULES, self.max_rank, dtype=torch.int64)
+        ranks = torch.zeros(NUM_MODULES, dtype=torch.int32)
         for m, (a_rows, b_rows) in pointers.items():
             mi = MODULE_INDEX[m]
             if not 0 < len(a_rows) <= rank or len(b_rows) != rank:
                 raise ValueError(f"module {m}: expected {rank} B rows and 1 to {rank} A rows, "
                                  f"got {len(b_rows)}, {len(a_rows)}")
-            self.a_ptr[slot, mi, : len(a_rows)] = torch.as_tensor(
-                list(a_rows), dtype=torch.int64, device=dev
-            )
-            self.b_ptr[slot, mi, :rank] = torch.as_tensor(
-                list(b_rows), dtype=torch.int64, device=dev
-            )
-            self.ranks[slot, mi] = rank
-        self.scales[slot] = float(scale)
+            ptrs[0, mi, :len(a_rows)] = torch.tensor(a_rows, dtype=torch.int64)
+            ptrs[1, mi, :rank] = torch.tensor(b_rows, dtype=torch.int64)
+            ranks[mi] = rank
+        for dst, src in ((self.a_ptr[slot], ptrs[0]), (self.b_ptr[slot], ptrs[1]),
+                         (self.ranks[slot], ranks),
+                         (self.scales[slot:slot + 1], torch.tensor([scale], dtype=torch.float32))):
+            _put(dst, src)
         self.targets[slot] = frozenset(MODULE_INDEX[m] for m in pointers)
         self.host_ranks[slot] = rank
 
@@ -202,6 +204,14 @@ def plan_adapter_rows(
                    lengths=lengths)
 
 
+def _put(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src (host), without waiting: through pinned memory when dst is on a GPU."""
+    if dst.device.type == "cpu":
+        dst.copy_(src)
+    else:
+        dst.copy_(src.pin_memory(), non_blocking=True)
+
+
 def write_adapter_rows(
     storage: torch.Tensor,
     pages: Sequence[int],
@@ -211,48 +221,57 @@ def write_adapter_rows(
     rank: int,
     plan: RowPlan | None = None,
 ) -> dict[str, tuple[list[int], list[int]]]:
+    """write_adapter_factors for per-layer weights[(layer, module)] = (A [r, in], B [out, r])."""
+    layers = storage.shape[0]
+    try:
+        factors = {m: (torch.stack([weights[(li, m)][0] for li in range(layers)]),
+                       torch.stack([weights[(li, m)][1] for li in range(layers)]))
+                   for m in modules}
+    except RuntimeError as err:  # factors of different shapes across layers
+        raise ValueError(f"adapter factors do not stack across layers: {err}") from None
+    return write_adapter_factors(storage, pages, factors, spec, modules, rank, plan)
+
+
+def write_adapter_factors(
+    storage: torch.Tensor,
+    pages: Sequence[int],
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    spec: ModelSpec,
+    modules: Sequence[str],
+    rank: int,
+    plan: RowPlan | None = None,
+) -> dict[str, tuple[list[int], list[int]]]:
     """Write an adapter's A rows and B^T rows (all layers) into its pool pages.
 
-    storage: [L, P, page_elems]; weights[(layer, module)] = (A [r, in], B [out, r]), or the
-    shapes of `plan`'s geometry (a tensor-parallel rank's shards).
-    Returns the absolute row pointers per module (for `LoraTables.set_slot`).
-    Rows that follow each other in one page are contiguous, so each (module, page) run is one
-    copy covering all layers.
+    storage: [L, P, page_elems]; factors[module] = (A [L, r, in], B [L, out, r]) (every
+    layer's factor stacked, as HostAdapter holds them), or the shapes of `plan`'s geometry (a
+    tensor-parallel rank's shares: fewer A rows, shorter rows). Returns the absolute row
+    pointers per module (for `LoraTables.set_slot`). Rows that follow each other in one page
+    are contiguous, so each (module, factor, page) run of rows is one copy covering all layers
+    (B transposed on the way): a few ops per module whatever the number of layers, on CPU and
+    GPU alike.
     """
     L, _, pe = storage.shape
     if plan is None:
         plan = plan_adapter_rows(spec, modules, rank, pe)
     flat = storage.view(L, -1)
     pointers = plan.absolute(pages)
+    for m, (a_rows, b_rows) in pointers.items():  # all checked first: nothing half written
+        a_len, b_len = plan.lengths[m]
+        a, b = factors[m]
+        if (tuple(a.shape) != (L, len(a_rows), a_len)
+                or tuple(b.shape) != (L, b_len, len(b_rows))):
+            raise ValueError(f"module {m}: A {tuple(a.shape)} / B {tuple(b.shape)} do not match "
+                             f"{L} layers, {len(a_rows)} A rows of {a_len} and {len(b_rows)} "
+                             f"B^T rows of {b_len}")
     for m, (a_rows, b_rows) in pointers.items():
-        d_in, d_out = plan.lengths[m]
-        a_parts = [weights[(li, m)][0] for li in range(L)]
-        bt_parts = [weights[(li, m)][1].t() for li in range(L)]
-        for rows, parts, length in ((a_rows, a_parts, d_in), (b_rows, bt_parts, d_out)):
-            bad = next((p for p in parts if tuple(p.shape) != (len(rows), length)), None)
-            if bad is not None:
-                raise ValueError(f"module {m}: A / B^T {tuple(bad.shape)} does not match rank "
-                                 f"{rank} and dims ({d_in}, {d_out})")
-            _write_rows(flat, parts, contiguous_runs(rows, length), length)
+        a_len, b_len = plan.lengths[m]
+        a, b = factors[m]
+        for rows, src, length in ((a_rows, a, a_len), (b_rows, b.transpose(1, 2), b_len)):
+            for j0, j1, start in contiguous_runs(rows, length):
+                n = j1 - j0
+                flat[:, start:start + n * length].view(L, n, length).copy_(src[:, j0:j1])
     return pointers
-
-
-def _write_rows(flat: torch.Tensor, parts: list[torch.Tensor],
-                runs: list[tuple[int, int, int]], length: int) -> None:
-    """Copy rows j0:j1 of every layer's factor (parts[layer], [rank, length]) to `start`.
-
-    On the CPU each layer's factor goes straight to its pages (B^T transposed on the way): a
-    stack of all layers first would copy every byte twice. On a GPU one stack per module and
-    one copy per run across all layers: there launches cost more than bytes."""
-    if flat.device.type == "cpu":
-        for layer, part in enumerate(parts):
-            for j0, j1, start in runs:
-                flat[layer, start:start + (j1 - j0) * length].view(j1 - j0, length).copy_(
-                    part[j0:j1])
-        return
-    src = torch.stack(parts).to(device=flat.device, dtype=flat.dtype)
-    for j0, j1, start in runs:
-        flat[:, start:start + (j1 - j0) * length] = src[:, j0:j1].reshape(len(parts), -1)
 
 
 def contiguous_runs(rows: Sequence[int], length: int) -> list[tuple[int, int, int]]:

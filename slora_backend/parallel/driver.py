@@ -31,7 +31,7 @@ from slora_backend.model import LlamaModel, ModelSpec, load_spec
 from slora_backend.model.batch import BatchInput, TokenFeed
 from slora_backend.model.lora import LoraTables
 
-from .adapters import ShardedWriter
+from .adapters import ShardedCopier
 from .comm import Comm
 from .executor import ShardExecutor, StepPlan, load_rank_model
 from .shard import FIELD, ShardGeometry, check_divides
@@ -60,7 +60,7 @@ def rank_devices(device: torch.device, size: int) -> list[torch.device]:
 
 
 class TensorParallelDriver:
-    """Built by `start`; the engine then calls agree_pages, writer, attach, and per step
+    """Built by `start`; the engine then calls agree_pages, copier, attach, and per step
     forward; `failure` says whether the group is still whole; `shutdown` at the end."""
 
     def __init__(self, size: int) -> None:
@@ -70,7 +70,7 @@ class TensorParallelDriver:
         self._procs: list[subprocess.Popen] = []
         self._closing = False
         self._dir = Path(tempfile.mkdtemp(prefix="slora-tp-"))
-        self._writer: ShardedWriter | None = None
+        self._copier: ShardedCopier | None = None
         self._executor: ShardExecutor | None = None
 
     @classmethod
@@ -138,10 +138,10 @@ class TensorParallelDriver:
         """The pool size every rank can hold (each computed its own from its free memory)."""
         return self.comm.min_over_ranks(num_pages)
 
-    def writer(self, spec: ModelSpec, storage: PoolStorage) -> ShardedWriter:
-        """The AdapterManager's writer: queues adapter loads for the step plan."""
-        self._writer = ShardedWriter(spec, storage, ShardGeometry(spec, self.size))
-        return self._writer
+    def copier(self, spec: ModelSpec, storage: PoolStorage) -> ShardedCopier:
+        """The AdapterManager's copier: checks adapters, queues their loads for the step plan."""
+        self._copier = ShardedCopier(storage.tensor, spec, ShardGeometry(spec, self.size))
+        return self._copier
 
     def attach(self, spec: ModelSpec, model: LlamaModel, storage: PoolStorage,
                tables: LoraTables) -> None:
@@ -153,7 +153,7 @@ class TensorParallelDriver:
         the logits. Raises the group's failure (EngineError INTERNAL)."""
         if self.failure is not None:
             raise self.failure
-        pending = self._writer.take()
+        pending = self._copier.take()
         plan = StepPlan.for_workers(batch, [load for load, _ in pending], feed)
         try:
             self.comm.share_plan(plan)

@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from slora_backend.adapters.pool_copy import on_device
 from slora_backend.config import EngineConfig
 from slora_backend.engine.weights import load_weights
 from slora_backend.memory_pool import PoolStorage
 from slora_backend.model.batch import BatchInput, TokenFeed
 from slora_backend.model.llama import LlamaModel
-from slora_backend.model.lora import LoraTables, RowPlan, write_adapter_rows
+from slora_backend.model.lora import LoraTables, RowPlan, write_adapter_factors
 from slora_backend.model.spec import ModelSpec
 
 from .adapters import AdapterLoad, pack_shares, row_plan, share_factors, share_size
@@ -95,8 +96,9 @@ class ShardExecutor:
 
     def load(self, load: AdapterLoad, host: HostAdapter | None) -> None:
         """This rank's share of an adapter into `load.pages` of its pool (rank 0 cuts every
-        rank's share from `host` and scatters them); the workers also fill the slot, which
-        rank 0's AdapterManager filled when it picked the pages."""
+        rank's share from `host`, whose values its ShardedCopier checked, and scatters them);
+        the workers also fill the slot, which rank 0's AdapterManager filled when it picked
+        the pages. On the model's stream, before the step's forward."""
         key = (load.modules, load.rank)
         if key not in self._plans:
             self._plans[key] = row_plan(self.spec, self.geometry, self.storage.page_elems,
@@ -107,9 +109,11 @@ class ShardExecutor:
         share = pool.new_empty(share_size(plan, layers))
         parts = None
         if host is not None:
-            parts = pack_shares(host.weights_on(pool.device), plan, self.geometry, layers, pool)
+            parts = pack_shares(on_device(host, pool.device)[1], plan, self.geometry, layers,
+                                pool)
         self.comm.scatter(share, parts, "adapter")
-        pointers = write_adapter_rows(pool, list(load.pages), share_factors(share, plan, layers),
-                                      self.spec, load.modules, load.rank, plan)
+        pointers = write_adapter_factors(pool, list(load.pages),
+                                         share_factors(share, plan, layers), self.spec,
+                                         load.modules, load.rank, plan)
         if self.comm.rank != 0:
             self.tables.set_slot(load.slot, load.rank, load.scale, pointers)

@@ -101,16 +101,16 @@ class ShardGeometry(LoraGeometry):
 
     def split(self, module: str, a: torch.Tensor,
               b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank's share of A [r, in] and B [out, r]: [size, a_rows, a_len] and the B^T
-        shares [size, padded r, b_len] (views where no copy is needed)."""
-        pad = self.padded_rank(a.shape[0]) - a.shape[0]
-        bt = b.t()
+        """Every rank's share of A [..., r, in] and B [..., out, r] (leading dims such as the
+        layers kept): [size, ..., a_rows, a_len] and the B^T shares [size, ..., padded r,
+        b_len] (views where no copy is needed)."""
+        pad = self.padded_rank(a.shape[-2]) - a.shape[-2]
+        bt = b.transpose(-1, -2)
         if pad:
             a = F.pad(a, (0, 0, 0, pad))
             bt = F.pad(bt, (0, 0, 0, pad))
-        rp = a.shape[0]
         if module in COLUMN_PARALLEL:  # rank i: rows i, i + size, ...
-            a_parts = a.reshape(rp // self.size, self.size, -1).transpose(0, 1)
+            a_parts = a.unflatten(-2, (-1, self.size)).movedim(-2, 0)
         else:  # rank i: its input columns
-            a_parts = a.reshape(rp, self.size, -1).transpose(0, 1)
-        return a_parts, bt.reshape(rp, self.size, -1).transpose(0, 1)
+            a_parts = a.unflatten(-1, (self.size, -1)).movedim(-2, 0)
+        return a_parts, bt.unflatten(-1, (self.size, -1)).movedim(-2, 0)

@@ -31,13 +31,6 @@ def _set(key: str, value: torch.Tensor) -> Edit:
     return edit
 
 
-def _poison(key: str, value: float) -> Edit:
-    def edit(tensors: dict[str, torch.Tensor]) -> None:
-        tensors[key] = tensors[key].clone()
-        tensors[key][0, 0] = value
-    return edit
-
-
 def _drop(key: str) -> Edit:
     def edit(tensors: dict[str, torch.Tensor]) -> None:
         del tensors[key]
@@ -109,10 +102,8 @@ def test_config_refusals(make_adapter: MakeAdapter, source: AdapterSource, updat
     assert_refused(source, "bad", needle)
 
 
+# values (NaN / Inf) are checked by the pool tier after its copy: tests/adapters/test_pool_copy.py
 TENSOR_REFUSALS = [
-    (_poison(Q_A, math.nan), "non-finite"),
-    (_poison(Q_B, math.inf), "non-finite"),
-    (_poison(tensor_key(1, "v_proj", "B"), -math.inf), "non-finite"),
     (_set(Q_A, torch.zeros(8, 63)), "has shape [8, 63], expected [8, 64]"),
     (_set(Q_B, torch.zeros(64, 4)), "has shape [64, 4], expected [64, 8]"),
     (_set(Q_A, torch.zeros(8, 64, 1)), "has shape [8, 64, 1]"),
@@ -184,15 +175,6 @@ def test_huge_config_refused(make_adapter: MakeAdapter, source: AdapterSource) -
         source.load("huge")
 
 
-def test_fp16_overflow_is_non_finite(make_adapter: MakeAdapter, adapter_dir: Path,
-                                     spec: ModelSpec) -> None:
-    # finite in fp32 but +inf once converted to the fp16 model dtype
-    make_adapter("overflow", tensor_edit=_poison(Q_A, 1e6))
-    fp16_source = AdapterSource(adapter_dir, spec, MAX_RANK, torch.float16)
-    with pytest.raises(EngineError, match="non-finite values .* in torch.float16"):
-        fp16_source.load("overflow")
-
-
 def test_missing_adapter_is_not_found(source: AdapterSource, adapter_dir: Path) -> None:
     with pytest.raises(EngineError) as info:
         source.load("nope")
@@ -249,17 +231,6 @@ def test_inspect_reads_no_weights_but_validates(make_adapter: MakeAdapter,
     make_adapter("bad", config_updates={"use_dora": True})
     with pytest.raises(EngineError, match="use_dora"):
         source.inspect("bad")
-
-
-def test_huge_finite_values_are_accepted(make_adapter: MakeAdapter, source: AdapterSource) -> None:
-    # the fp32 sum of these overflows (the fast finite check fails), every value is finite
-    def edit(tensors: dict[str, torch.Tensor]) -> None:
-        tensors[Q_A] = tensors[Q_A].clone()
-        tensors[Q_A][0, :4] = 3e38
-
-    make_adapter("huge-values", tensor_edit=edit)
-    adapter = source.load("huge-values")
-    assert float(adapter.weights[(0, "q_proj")][0][0, 3]) == pytest.approx(3e38)
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"peft_type": "LORA", "r": ' + "9" * 5000 + "}"],

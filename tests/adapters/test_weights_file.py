@@ -4,13 +4,16 @@ header checks that refuse a file rewritten or damaged between validation and loa
 from __future__ import annotations
 
 import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slora_backend.adapters import weights_file
 from slora_backend.adapters.weights_file import (
     StagingBuffers,
     open_regular,
@@ -29,13 +32,18 @@ def _write(path: Path, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor
     return tensors
 
 
-def _read(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read(path: Path, dtype: torch.dtype, order: list[str] | None = None,
+          out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     fd = open_regular(str(path))
     try:
         wf = parse_header("x", fd)
         numel = sum(t.numel() for t in load_file(str(path)).values())
-        out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
-        return read_into(fd, wf, out, dtype, StagingBuffers())
+        if out is None:
+            out = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        starts = read_into(fd, wf, out, dtype, StagingBuffers(), order)
+        flat = out.view(dtype)
+        return {e.key: flat[starts[e.key]:starts[e.key] + math.prod(e.shape)].view(e.shape)
+                for e in wf.entries}
     finally:
         os.close(fd)
 
@@ -53,6 +61,30 @@ def test_read_equals_safetensors(tmp_path: Path, file_dtypes: dict, dtype: torch
     assert set(views) == set(reference)
     for key, tensor in reference.items():
         assert views[key].dtype == dtype and torch.equal(views[key], tensor.to(dtype))
+
+
+@pytest.mark.parametrize("file_dtypes, dtype", [
+    (dict.fromkeys(TENSORS, torch.float16), torch.float16),  # scattered straight in
+    (dict.fromkeys(TENSORS, torch.float16), torch.float32),  # scattered into staging, one cast
+    ({"a": torch.float32, "b": torch.bfloat16, "c": torch.float16}, torch.float32),  # mixed
+])
+def test_read_places_tensors_in_the_given_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                file_dtypes: dict, dtype: torch.dtype) -> None:
+    # the file holds a, b, c (safetensors sorts); the destination wants c, a, b back to back
+    monkeypatch.setattr(weights_file, "IOV_MAX", 2)  # more tensors than one preadv may take
+    path = tmp_path / "w.safetensors"
+    _write(path, file_dtypes)
+    out = torch.empty(sum(math.prod(s) for s in TENSORS.values()) * dtype.itemsize,
+                      dtype=torch.uint8)
+    views = _read(path, dtype, ["c", "a", "b"], out)
+    reference = load_file(str(path))
+    flat = out.view(dtype)
+    expected = torch.cat([reference[k].to(dtype).flatten() for k in ("c", "a", "b")])
+    assert torch.equal(flat, expected)
+    for key, tensor in reference.items():
+        assert torch.equal(views[key], tensor.to(dtype))
+    with pytest.raises(ValueError, match="every tensor"):
+        _read(path, dtype, ["c", "a"])
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -101,3 +133,34 @@ def test_a_fifo_is_not_opened(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(OSError, match="not a regular file"):
         os.close(open_regular(str(fifo)))
+
+
+def test_header_longer_than_one_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights_file, "HEADER_PROBE", 16)  # the header takes several reads
+    path = tmp_path / "w.safetensors"
+    _write(path, dict.fromkeys(TENSORS, torch.float32))
+    views = _read(path, torch.float32)
+    assert all(torch.equal(views[k], t) for k, t in load_file(str(path)).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_large_read_is_shared_by_helper_threads(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 dtype: torch.dtype) -> None:
+    # pieces of 8 bytes: tensors are cut across pieces, pieces across tensors
+    monkeypatch.setattr(weights_file, "SPLIT_BYTES", 8)
+    path = tmp_path / "w.safetensors"
+    _write(path, dict.fromkeys(TENSORS, torch.float16))
+    fd = open_regular(str(path))
+    try:
+        wf = parse_header("x", fd)
+        out = torch.empty(wf.data_len // 2 * dtype.itemsize, dtype=torch.uint8)
+        with ThreadPoolExecutor(2) as helpers:
+            starts = read_into(fd, wf, out, dtype, StagingBuffers(), ["c", "a", "b"], helpers)
+    finally:
+        os.close(fd)
+    reference = load_file(str(path))
+    flat = out.view(dtype)
+    for key, tensor in reference.items():
+        got = flat[starts[key]:starts[key] + tensor.numel()].view(tensor.shape)
+        assert torch.equal(got, tensor.to(dtype))

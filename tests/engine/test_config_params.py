@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from slora_backend.config import REPO_ROOT, EngineConfig
@@ -20,6 +22,7 @@ def refused_field(exc: pytest.ExceptionInfo[EngineError]) -> str:
     ("device", "tpu"), ("model", ""), ("seed", -1), ("max_num_batched_tokens", "12"),
     ("kernel_backend", "cuda"), ("cuda_graph_max_batch", -1),
     ("async_scheduling", "yes"), ("load_format", "npz"), ("cuda_graph_mixed", "yes"),
+    ("host_cache_workers", -1),
 ])
 def test_engine_config_refuses_bad_fields(field: str, value: object) -> None:
     with pytest.raises(EngineError) as exc:
@@ -32,6 +35,9 @@ def test_engine_config_defaults_and_aliases() -> None:
     assert cfg.dtype == "float16" and cfg.device == "cuda:1"
     cpu = EngineConfig(device="cpu")
     assert str(cpu.torch_dtype) == "torch.float32"  # auto dtype on CPU
+    cpus = len(os.sched_getaffinity(0))
+    assert cpu.resolved_host_cache_workers == max(1, min(8, cpus // 2))  # auto: half the CPUs
+    assert EngineConfig(host_cache_workers=3).resolved_host_cache_workers == 3
 
 
 def test_from_parameters_with_env_overrides() -> None:

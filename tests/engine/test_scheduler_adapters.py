@@ -5,10 +5,8 @@ fill the batch; once loaded, the waiting request is admitted first (it never sta
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import pytest
 import torch
 from test_scheduler import BLOCK, make_seq, run_all, step
 
@@ -44,8 +42,6 @@ def _seq(rid: str, adapter: str | None):
     return seq
 
 
-@pytest.mark.xfail(strict=False, reason="racy in a fresh-clone CI run (1 of 3 runs admitted the "
-                   "later b4 before c0 once 'cold' was ready): under investigation, issue 18")
 def test_ready_requests_fill_the_batch_while_an_adapter_loads(tmp_path: Path) -> None:
     for name, rank in (("warm", 4), ("cold", MAX_RANK), ("holder", MAX_RANK)):
         _write(tmp_path, name, rank)
@@ -62,7 +58,7 @@ def test_ready_requests_fill_the_batch_while_an_adapter_loads(tmp_path: Path) ->
                       max_num_batched_tokens=64, max_waiting=100)
     try:
         cache.wait("warm", timeout=WAIT_S)
-        manager.acquire("warm")  # in the pool (its host copy may go)
+        assert isinstance(manager.acquire("warm"), int)  # in the pool (its host copy may go)
         manager.release("warm")
         held = cache.wait("holder", timeout=WAIT_S)
         cache.evict("holder")
@@ -75,10 +71,7 @@ def test_ready_requests_fill_the_batch_while_an_adapter_loads(tmp_path: Path) ->
         sched.add(_seq("b4", None))  # arrives after c0
         del held  # the range comes back: "cold" loads
         assert cache.wait("cold", timeout=WAIT_S).adapter_id == "cold"
-        deadline = time.monotonic() + WAIT_S
-        while not manager.ready("cold") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        out, _ = step(sched)
+        out, _ = step(sched)  # its pool copy starts and (on the CPU) completes at once
         admitted = [s.request_id for s in out.scheduled if s.start == 0]
         assert admitted[0] == "c0"  # admitted before the later arrival
         finished = run_all(sched)

@@ -57,16 +57,19 @@ def test_packed_shares_are_each_ranks_factors() -> None:
     rp = geometry.padded_rank(6)
     plan = plan_adapter_rows(TINY, modules, rp, TINY.page_elems(16), geometry)
     gen = torch.Generator().manual_seed(1)
-    weights = {(layer, m): (torch.randn(6, TINY.module_dims(m)[0], generator=gen),
-                            torch.randn(TINY.module_dims(m)[1], 6, generator=gen))
-               for layer in range(TINY.num_layers) for m in modules}
-    packed = pack_shares(weights, plan, geometry, TINY.num_layers, torch.empty(0))
+    layers = TINY.num_layers
+    # stacked as HostAdapter holds them: A [L, r, in], B [L, out, r]
+    factors = {m: (torch.randn(layers, 6, TINY.module_dims(m)[0], generator=gen),
+                   torch.randn(layers, TINY.module_dims(m)[1], 6, generator=gen))
+               for m in modules}
+    packed = pack_shares(factors, plan, geometry, layers, torch.empty(0))
     for i in range(4):
-        shares = share_factors(packed[i], plan, TINY.num_layers)
-        for key, (a, b) in weights.items():
-            a_parts, bt_parts = geometry.split(key[1], a, b)
-            assert torch.equal(shares[key][0], a_parts[i])
-            assert torch.equal(shares[key][1], bt_parts[i].t())
+        shares = share_factors(packed[i], plan, layers)
+        for m, (a, b) in factors.items():
+            for layer in range(layers):  # each layer's share is that layer's own split
+                a_parts, bt_parts = geometry.split(m, a[layer], b[layer])
+                assert torch.equal(shares[m][0][layer], a_parts[i])
+                assert torch.equal(shares[m][1][layer], bt_parts[i].t())
 
 
 def test_base_weight_slices() -> None:

@@ -1,0 +1,126 @@
+"""The pool tier's side-stream copy on a real GPU (the GPU machine; skipped elsewhere).
+
+The copy of an adapter into pool pages runs on its own CUDA stream, after everything launched
+on the model's stream so far (a step in flight may still read pages freed since its launch);
+the adapter turns ready only once the copy's event has completed; its values are checked on
+the device, and a NaN refuses it with its pages zeroed. Through the engine: a request whose
+adapter is cold gets exactly the tokens it gets with the adapter resident."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pool_helpers import assert_rows_equal, poisoned_copy
+from test_engine import GREEDY, make_engine, tokens_of
+
+from slora_backend import SamplingParams
+from slora_backend.adapters import AdapterSource, HostCache
+from slora_backend.adapters.adapter_manager import AdapterManager, Wait
+from slora_backend.adapters.validation import tensor_key
+from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.memory_pool import PagePool, PoolStorage
+from slora_backend.model.spec import ModelSpec
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+BLOCK = 16
+NUM_PAGES = 256
+HOST_BYTES = 64 << 20
+WAIT_S = 60.0
+SLEEP_CYCLES = 200_000_000  # ~0.1 s of one SM spinning: the model stream is busy meanwhile
+
+
+def build(model_dir: Path, adapter_dir: Path) -> AdapterManager:
+    spec = ModelSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    storage = PoolStorage(spec.num_layers, NUM_PAGES, BLOCK, spec.num_kv_heads, spec.head_dim,
+                          torch.float16, "cuda")
+    cache = HostCache(AdapterSource(adapter_dir, spec, 64, torch.float16), HOST_BYTES,
+                      device="cuda")
+    return AdapterManager(spec, storage, PagePool(NUM_PAGES), cache, 4, 64)
+
+
+def until_ready(mgr: AdapterManager, name: str) -> int:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        got = mgr.acquire(name)
+        if not isinstance(got, Wait):
+            return got
+        time.sleep(0.001)
+    raise AssertionError(f"{name} never turned ready")
+
+
+def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
+                                                   tiny_adapter_dir: Path) -> None:
+    mgr = build(tiny_model_dir, tiny_adapter_dir)
+    name = "a_r32_attn"
+    try:
+        mgr.host.wait(name, timeout=WAIT_S)
+        pages = mgr.pages_for(name)
+        # "the step in flight": busy, then it writes the pages the adapter will get (a fresh
+        # pool hands out pages 0, 1, ... first); the copy must land after it, not under it
+        torch.cuda._sleep(SLEEP_CYCLES)
+        mgr.storage.tensor[:, :pages] = 7.0
+        assert mgr.acquire(name) is Wait.LOADING  # the copy waits behind the busy stream
+        slot = until_ready(mgr, name)
+        torch.cuda.synchronize()
+        assert_rows_equal(mgr, slot, tiny_adapter_dir, name,
+                          ("q_proj", "k_proj", "v_proj", "o_proj"), 32)
+    finally:
+        mgr.host.close()
+
+
+def test_non_finite_adapter_refused_on_the_gpu(tiny_model_dir: Path, tiny_adapter_dir: Path,
+                                               tmp_path: Path) -> None:
+    key = tensor_key(1, "v_proj", "B")
+    adapters = poisoned_copy(tiny_adapter_dir, tmp_path, "a_r4_qv", key, math.nan)
+    mgr = build(tiny_model_dir, adapters)
+    try:
+        mgr.host.wait("bad", timeout=WAIT_S)
+        with pytest.raises(EngineError) as info:
+            until_ready(mgr, "bad")
+        assert info.value.code is ErrorCode.INVALID_ARG and f"'{key}'" in info.value.message
+        torch.cuda.synchronize()
+        assert torch.isfinite(mgr.storage.tensor).all()  # its pages were zeroed
+        assert mgr.pool.used_by("lora") == 0 and mgr.stats()["pool_loading"] == 0
+    finally:
+        mgr.host.close()
+
+
+def one_by_one(engine, requests: list[tuple]) -> dict[str, list[int]]:  # noqa: ANN001
+    """Each request alone (a batch of one: the same kernels whatever the adapter's tier)."""
+    tokens = {}
+    for rid, prompt, adapter in requests:
+        engine.add_request(rid, prompt_token_ids=prompt, adapter_id=adapter,
+                           params=SamplingParams(max_tokens=12, **GREEDY))
+        outs = []
+        deadline = time.monotonic() + WAIT_S
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            outs += [o for o in engine.step() if o.request_id == rid]
+        assert outs and outs[-1].finished and outs[-1].error is None
+        tokens[rid] = tokens_of(outs)
+    return tokens
+
+
+def test_cold_adapter_gives_the_resident_tokens(tiny_model_dir: Path,
+                                                tiny_adapter_dir: Path) -> None:
+    engine = make_engine(tiny_model_dir, tiny_adapter_dir, device="cuda", dtype="float16",
+                         pool_bytes=None, pool_fraction=0.05, cuda_graph_max_batch=16)
+    names = ["a_r4_qv", "a_r8_all", "a_r16_mlp", "a_r32_attn", "a_r64_ko_down"]
+    try:
+        cold = one_by_one(engine, [(f"c{i}", [100 + 7 * i + j for j in range(9)], name)
+                                   for i, name in enumerate(names)])
+        assert engine.stats().adapter_cache["pool_loads"] == len(names)
+        warm = one_by_one(engine, [(f"w{i}", [100 + 7 * i + j for j in range(9)], name)
+                                   for i, name in enumerate(names)])
+        assert engine.stats().adapter_cache["pool_loads"] == len(names)  # all resident now
+        assert [cold[f"c{i}"] for i in range(len(names))] == \
+            [warm[f"w{i}"] for i in range(len(names))]
+        assert engine.stats().pool_pages_kv == 0
+    finally:
+        engine.close()
