@@ -5,7 +5,8 @@
 # engine and bench, one folder per commit, made beforehand from a git checkout (the device
 # machine gets the working tree without .git) and carried along:
 #   bash bench/run_issue19_gpu.sh --prepare .device/issue19_old      # ~0.8 MB
-# 1. CUDA tests: the new kernels (fused norm, RoPE + KV write, silu*up, varlen attention), the
+# 1. CUDA tests: issue 18's side-stream pool copy, the new kernels (fused norm, RoPE + KV
+#    write, silu*up, varlen attention), the
 #    refactored prefill attention, mixed-step graphs against HF + PEFT and against the eager
 #    path, the model on CUDA, async scheduling on CUDA;
 # 2. the prefill LoRA kernels (8 x 256 tokens, 8 adapters): MBGMM (eager path; its expand's
@@ -65,8 +66,8 @@ step() {  # step LIMIT LOG NAME CMD... : at most LIMIT seconds and never past th
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/bench.log"
 new_env=(env "PYTHONPATH=$repo:$repo/kernels")
 
-step 100 "$out/tests.log" tests_new "${new_env[@]}" "$PY" -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_kernel_layer_ops.py tests/kernels/test_kernel_varlen_attention.py \
+step 130 "$out/tests.log" tests_new "${new_env[@]}" "$PY" -m pytest -q -p no:cacheprovider \
+    tests/engine/test_pool_copy_cuda.py tests/kernels/test_kernel_layer_ops.py tests/kernels/test_kernel_varlen_attention.py \
     tests/kernels/test_mixed_graphs.py tests/engine/test_cuda_graph_mixed.py \
     tests/kernels/test_kernel_forward.py tests/model/test_model_cuda.py \
     "tests/engine/test_async_scheduling.py::test_async_equals_sync_on_cuda"
