@@ -125,6 +125,14 @@ class HostCache:
         with self._cond:
             return adapter_id in self._inflight
 
+    def wait_for_loads(self, timeout: float) -> None:
+        """Sleep, the GIL released, until a load ends (or the cache changes otherwise), at most
+        `timeout` seconds; at once if none is running. For an engine whose waiting requests
+        need adapters still loading, and nothing else to run."""
+        with self._cond:
+            if self._inflight:
+                self._cond.wait(timeout)
+
     def error(self, adapter_id: str) -> EngineError | None:
         """Why the last load of this adapter failed (None if it did not)."""
         with self._cond:

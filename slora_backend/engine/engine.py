@@ -37,6 +37,11 @@ if TYPE_CHECKING:  # the graphs import the Triton kernels: only loaded when grap
     from slora_backend.model.mixed_graphs import MixedGraphs
     from slora_backend.parallel.driver import TensorParallelDriver
 
+# A step with nothing to run while requests wait for adapters being read from disk sleeps
+# until a load ends, at most this long: a loop spinning on empty steps holds the GIL, which
+# each of a loader thread's syscalls must take back (up to the 5-ms switch interval apiece)
+LOAD_WAIT_S = 0.005
+
 
 @dataclass
 class EngineStats:
@@ -215,6 +220,8 @@ class LLMEngine:
         if not self.async_scheduling and launched is not None:
             self._in_flight = None
             outputs += self._read_back(launched)
+        if launched is None and previous is None and self.scheduler.waiting:
+            self.host_cache.wait_for_loads(LOAD_WAIT_S)
         self._num_steps += 1
         return outputs
 

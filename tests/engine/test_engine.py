@@ -25,6 +25,7 @@ from slora_backend import (
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 ADAPTER_WAIT_STEPS = 40  # max_tokens=50: both requests are still running by then
 MIB = 1 << 20
+COLD_LOAD_MAX_STEPS = 200  # 1 s of the engine's 5-ms waits; the load itself takes milliseconds
 
 
 def make_engine(model_dir: Path, adapter_dir: Path, **kw: object) -> LLMEngine:
@@ -256,6 +257,21 @@ def test_adapter_failing_to_load_fails_only_its_request(tiny_model_dir: Path,
     assert eng.stats().pool_pages_kv == 0
     assert torch.isfinite(eng.storage.tensor).all()  # nothing of the bad adapter was written
     eng.close()
+
+
+def test_a_cold_adapter_loads_in_few_steps(tiny_model_dir: Path,
+                                           tiny_adapter_dir: Path) -> None:
+    """With nothing to run while its only request waits for a cold adapter, a step sleeps until
+    the load ends: a loop spinning on empty steps held the GIL the loader thread needed back
+    after each syscall (hundreds to thousands of empty steps per load here before)."""
+    eng = make_engine(tiny_model_dir, tiny_adapter_dir, host_cache_workers=1)
+    try:
+        eng.add_request("cold", prompt_token_ids=[5, 6, 7], adapter_id="a_r16_mlp",
+                        params=SamplingParams(max_tokens=1, **GREEDY))
+        outs = drain(eng, max_steps=COLD_LOAD_MAX_STEPS)
+        assert outs["cold"][-1].finish_reason == "length"
+    finally:
+        eng.close()
 
 
 def test_dummy_load_format_needs_no_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
