@@ -572,15 +572,7 @@ def sweep_mbgmm_expand(pool, hidden, device, dtype, gen, timer):
     return coordinate_sweep(EXPAND_MOD, "GEMM_CONFIG", MBGMM_EXPAND_AXES, cases, timer)
 
 
-def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dec = [r for r in results if r["case"].startswith("decode")]
-    pre = [r for r in results if not r["case"].startswith("decode")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+def plot_decode(ax1, dec):
     Ms = [r["M"] for r in dec]
     for key, label, style in (
         ("ours_per_token_us", "ours, per-token MBGMV (shrink + expand)", "o-"),
@@ -598,6 +590,21 @@ def plot(results, path):
     ax1.set_title("LoRA 4096->4096 fp16, ranks {8,16,32,64}: decode")
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dec = [r for r in results if r["case"].startswith("decode")]
+    pre = [r for r in results if not r["case"].startswith("decode")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    if dec:  # --cases prefill times no decode case: nothing to put on the log axes
+        plot_decode(ax1, dec)
+    else:
+        ax1.set_axis_off()
     if pre:
         r = pre[0]
         keys = ["ours_us", "torch_padded_us", "torch_loop_us", "floor_us"]

@@ -71,6 +71,22 @@ def test_rms_norm_strided_input_and_bad_shapes():
         rms_norm(x, w.double(), 1e-6)
 
 
+def assert_rope_close(out: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> None:
+    """Under the interpreter: equal to the torch ops up to a rounding step. On a GPU in
+    fp16/bf16 the hardware may round the products and sums differently from torch's op-by-op
+    kernels (measured on an H100, 2026-12-07: these cases failed the rounding check while the
+    model on CUDA matched HF + PEFT), so there the kernel must be as close to the exact
+    rotation (float64 from the same inputs) as torch's ops are, plus one rounding step."""
+    if not (ON_CUDA and out.dtype in (torch.float16, torch.bfloat16)):
+        assert_rounding_close(out, ref)
+        return
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err_kernel = (out.double() - exact).abs()
+    err_torch = (ref.double() - exact).abs()
+    step = ULP[out.dtype] * exact.abs().clamp_min(1e-3)
+    assert (err_kernel <= err_torch + step).all(), float(((err_kernel - err_torch) / step).max())
+
+
 def make_rope_case(T, heads, kv_heads, d, dtype, gen, num_pages=40):
     qkv = torch.randn(T, (heads + 2 * kv_heads) * d, generator=gen).to(DEVICE, dtype)
     pos = torch.randint(0, 5000, (T,), generator=gen).double()
@@ -89,13 +105,15 @@ def test_rope_kv_write(dtype, heads, kv_heads, d):
     gen = torch.Generator().manual_seed(heads * d)
     T = 23
     qkv, cos, sin, kv, slots = make_rope_case(T, heads, kv_heads, d, dtype, gen)
-    qkv_ref, kv_ref = qkv.clone(), kv.clone()
+    qkv_ref, kv_ref, kv_exact = qkv.clone(), kv.clone(), kv.double()
     q_ref = rope_kv_write_ref(qkv_ref, cos, sin, kv_ref, slots, heads)
+    q_exact = rope_kv_write_ref(qkv.double(), cos.double(), sin.double(), kv_exact, slots,
+                                heads)
     kv_before = kv.clone()
     rope_kv_write(qkv, cos, sin, kv, slots, heads)
-    assert_rounding_close(qkv[:, :heads * d].view(T, heads, d), q_ref)
+    assert_rope_close(qkv[:, :heads * d].view(T, heads, d), q_ref, q_exact)
     assert torch.equal(qkv[:, heads * d:], qkv_ref[:, heads * d:])  # k and v columns untouched
-    assert_rounding_close(kv, kv_ref)
+    assert_rope_close(kv, kv_ref, kv_exact)
     written = torch.zeros(kv.shape[0] * BLOCK, dtype=torch.bool)
     written[slots[slots >= 0].cpu()] = True
     untouched = ~written.view(kv.shape[0], BLOCK)
