@@ -28,8 +28,8 @@ SMOL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 HEADS = {
     # 8 query heads, 4 KV heads (GQA 2), hidden 64, MLP 128: every size splits 1, 2 or 4 ways
     "even": dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8),
-    # 9 query heads, 3 KV heads (GQA 3, as SmolLM2-135M), hidden 72 (transformers wants a
-    # multiple of the heads): padded to 12 / 4 heads at 2 or 4 ranks
+    # 9 query heads, 3 KV heads (GQA 3, as SmolLM2-135M): padded to 12 / 4 heads at 2 or 4
+    # ranks; hidden 72 (transformers wants a multiple of the heads)
     "padded": dict(num_attention_heads=9, num_key_value_heads=3, head_dim=8, hidden_size=72),
 }
 # name -> (rank, modules): ranks 4-64 (6 and 12 not multiples of 4: padded shares), all seven
@@ -45,9 +45,10 @@ ADAPTERS = {
 POOL_BYTES = 32 << 20
 
 
-def make_tp_model(root: Path, heads: str = "even") -> tuple[Path, Path]:
-    """(model dir, adapter dir) under root; `heads`: which head counts (HEADS)."""
-    model = make_tiny_model(root / "tiny", SMOL_DIR, **HEADS[heads])
+def make_tp_model(root: Path, heads: str = "even", **config: object) -> tuple[Path, Path]:
+    """(model dir, adapter dir) under root; `heads`: which head counts (HEADS); `config`: more
+    LlamaConfig fields."""
+    model = make_tiny_model(root / "tiny", SMOL_DIR, **{**HEADS[heads], **config})
     spec = load_spec(model)
     for seed, (name, (rank, modules)) in enumerate(ADAPTERS.items()):
         recipe = AdapterRecipe(rank, tuple(modules), float(rank), seed == 1, "list", seed)
