@@ -147,8 +147,8 @@ def _build(spec: ModelSpec, get: Callable[[str], torch.Tensor], dtype: torch.dty
            device: torch.device, shard: Shard | None) -> LlamaModel:
     if shard is None:
         return LlamaModel.from_state_dict(spec, get, dtype, device)
-    return LlamaModel.from_state_dict(shard.local_spec(spec), lambda name: shard.take(name, get),
-                                      dtype, device)
+    return LlamaModel.from_state_dict(shard.local_spec(spec),
+                                      lambda name: shard.take(spec, name, get), dtype, device)
 
 
 # ---- GGUF ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from slora_backend.model.lora import LoraTables
 from .adapters import ShardedCopier
 from .comm import Comm
 from .executor import ShardExecutor, StepPlan, load_rank_model
-from .shard import FIELD, ShardGeometry, check_divides
+from .shard import FIELD, ShardGeometry, check_divides, padding_note
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,12 @@ class TensorParallelDriver:
         """Check the model splits, start the workers, join the group, load rank 0's share."""
         size = config.tensor_parallel_size
         try:
-            check_divides(load_spec(config.model), size)
+            spec = load_spec(config.model)
         except FileNotFoundError as err:
             raise EngineError.invalid("model", str(err)) from err
+        check_divides(spec, size)
+        if (note := padding_note(spec, size)) is not None:
+            log.warning("%s", note)
         devices = rank_devices(device, size)
         driver = cls(size)
         try:

@@ -15,6 +15,14 @@ zero columns of B (no effect on the result) so that every rank's share has one s
 - row-parallel module: A is cut along the input like the base weight (the [T, r] partial shrink
   is all-reduced); B is cut along the output: rank i adds its slice of the LoRA output into its
   partial sum, whose all-reduce carries it.
+
+Heads that tp does not divide (SmolLM2-135M's 9 query / 3 KV heads at tp = 2) are padded with
+zero heads at the end, GQA groups intact (`pad_heads`): KV heads up to a multiple of tp, query
+heads to (padded KV heads) x (query heads per KV group), so every rank holds whole groups. A
+zero head's q, k and v weights are zero (its keys and values are 0, its attention output a
+finite average of zero values) and o's input columns for it are zero, so it adds exactly 0;
+for LoRA, q,k,v's B rows and o's A columns of a padded head are zero. Everything past the
+padding (slices, shares, a rank's spec, its pool page) is computed on the padded model.
 """
 
 from __future__ import annotations
@@ -38,14 +46,46 @@ FIELD = "tensor_parallel_size"
 
 
 def check_divides(spec: ModelSpec, size: int) -> None:
-    """Every rank takes an equal share of heads, KV heads, MLP columns and hidden columns (the
-    row-parallel LoRA B); INVALID_ARG naming tensor_parallel_size otherwise."""
-    for what, n in (("attention heads", spec.num_heads), ("KV heads", spec.num_kv_heads),
-                    ("MLP columns (intermediate_size)", spec.intermediate_size),
+    """Every rank takes an equal share of the MLP columns and of the hidden columns (the
+    row-parallel LoRA B); INVALID_ARG naming tensor_parallel_size otherwise (heads are padded
+    instead, `pad_heads`)."""
+    for what, n in (("MLP columns (intermediate_size)", spec.intermediate_size),
                     ("hidden columns (hidden_size)", spec.hidden_size)):
         if n % size:
             raise EngineError.invalid(FIELD, f"{size} does not divide the model's {n} {what}: "
                                              "each rank takes an equal share")
+
+
+def pad_heads(spec: ModelSpec, size: int) -> ModelSpec:
+    """The model whose heads `size` ranks share equally: KV heads padded with zero heads to a
+    multiple of `size`, query heads to (padded KV heads) x (query heads per group); `spec`
+    itself where `size` divides the KV heads (and so the query heads)."""
+    kv_heads = ceil_div(spec.num_kv_heads, size) * size
+    if kv_heads == spec.num_kv_heads:
+        return spec
+    return dataclasses.replace(spec, num_heads=kv_heads * spec.gqa_ratio, num_kv_heads=kv_heads)
+
+
+def padding_note(spec: ModelSpec, size: int) -> str | None:
+    """What padding the heads costs at `size` ranks (None where there is none), for the log."""
+    padded = pad_heads(spec, size)
+    if padded is spec:
+        return None
+    extra = round(100 * (padded.num_kv_heads / spec.num_kv_heads - 1))
+    return (f"{spec.num_heads} query / {spec.num_kv_heads} KV heads padded to "
+            f"{padded.num_heads} / {padded.num_kv_heads} for {FIELD} {size} (zero heads, exact): "
+            f"attention does {extra}% more work, and the KV cache and the q,k,v,o weights take "
+            f"{extra}% more memory")
+
+
+def pad_dim(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to `length` (`t` itself, no copy, if it is)."""
+    missing = length - t.shape[dim]
+    if not missing:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim)
 
 
 @dataclass(frozen=True)
@@ -57,34 +97,40 @@ class Shard:
 
     def local_spec(self, spec: ModelSpec) -> ModelSpec:
         """The shapes this rank's model computes with (hidden size and vocabulary stay)."""
-        return dataclasses.replace(spec, num_heads=spec.num_heads // self.size,
-                                   num_kv_heads=spec.num_kv_heads // self.size,
+        padded = pad_heads(spec, self.size)
+        return dataclasses.replace(padded, num_heads=padded.num_heads // self.size,
+                                   num_kv_heads=padded.num_kv_heads // self.size,
                                    intermediate_size=spec.intermediate_size // self.size)
 
-    def take(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        """This rank's slice of the checkpoint tensor `name` (`get` reads a whole one)."""
+    def take(self, spec: ModelSpec, name: str, get: Callable[[str], torch.Tensor]
+             ) -> torch.Tensor:
+        """This rank's slice of the checkpoint tensor `name` of the model `spec` (`get` reads a
+        whole one), zero heads included where the heads are padded."""
         if name == LM_HEAD and self.rank != 0:
             # LlamaModel.from_state_dict then aliases the embedding: no memory, never read
             # (only rank 0 computes logits)
             raise KeyError(name)
         module = name.split(".")[-2]
         if module in COLUMN_PARALLEL:
-            return self._slice(get(name), 0)
+            return self._slice(get(name), 0, pad_heads(spec, self.size).module_dims(module)[1])
         if module in ROW_PARALLEL:
-            return self._slice(get(name), 1)
+            return self._slice(get(name), 1, pad_heads(spec, self.size).module_dims(module)[0])
         return get(name)
 
-    def _slice(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
-        n = weight.shape[dim] // self.size
-        return weight.narrow(dim, self.rank * n, n).clone()  # not a view of the whole tensor
+    def _slice(self, weight: torch.Tensor, dim: int, padded: int) -> torch.Tensor:
+        """This rank's 1/size of `weight` along `dim`, once padded with zeros to `padded`."""
+        n = padded // self.size
+        whole = pad_dim(weight, dim, padded)
+        return whole.narrow(dim, self.rank * n, n).clone()  # not a view of the whole tensor
 
 
 class ShardGeometry(LoraGeometry):
     """The rows of one rank's share of each module's factors in its pool (see the module
-    docstring); `rank` arguments are the padded ranks the slot tables hold."""
+    docstring); `rank` arguments are the padded ranks the slot tables hold; `spec` is the
+    model with its heads padded (`pad_heads`), the shapes the shares are cut from."""
 
     def __init__(self, spec: ModelSpec, size: int) -> None:
-        super().__init__(spec)
+        super().__init__(pad_heads(spec, size))
         self.size = size
 
     def padded_rank(self, rank: int) -> int:
@@ -104,6 +150,8 @@ class ShardGeometry(LoraGeometry):
         """Every rank's share of A [..., r, in] and B [..., out, r] (leading dims such as the
         layers kept): [size, ..., a_rows, a_len] and the B^T shares [size, ..., padded r,
         b_len] (views where no copy is needed)."""
+        d_in, d_out = self.spec.module_dims(module)  # a padded head's A columns / B rows: 0
+        a, b = pad_dim(a, -1, d_in), pad_dim(b, -2, d_out)
         pad = self.padded_rank(a.shape[-2]) - a.shape[-2]
         bt = b.transpose(-1, -2)
         if pad:

@@ -1,4 +1,5 @@
-"""Helpers for the tensor-parallel tests: a tiny GQA Llama whose heads split 4 ways, synthetic
+"""Helpers for the tensor-parallel tests: tiny GQA Llamas (one whose heads split 4 ways, one
+with SmolLM2's 9 query / 3 KV heads, which 2 or 4 ranks share only once padded), synthetic
 PEFT adapters of ranks 4-64 over all seven modules, and an engine run that records tokens
 and logits."""
 
@@ -24,8 +25,13 @@ from slora_testing.synthetic_adapters import (
 
 REPO = Path(__file__).resolve().parents[2]
 SMOL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
-# 8 query heads, 4 KV heads (GQA 2), hidden 64, MLP 128: every size splits 1, 2 or 4 ways
-TINY_TP = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+HEADS = {
+    # 8 query heads, 4 KV heads (GQA 2), hidden 64, MLP 128: every size splits 1, 2 or 4 ways
+    "even": dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    # 9 query heads, 3 KV heads (GQA 3, as SmolLM2-135M): padded to 12 / 4 heads at 2 or 4
+    # ranks; hidden 72 (transformers wants a multiple of the heads)
+    "padded": dict(num_attention_heads=9, num_key_value_heads=3, head_dim=8, hidden_size=72),
+}
 # name -> (rank, modules): ranks 4-64 (6 and 12 not multiples of 4: padded shares), all seven
 # modules covered, column- and row-parallel ones mixed
 ADAPTERS = {
@@ -39,9 +45,10 @@ ADAPTERS = {
 POOL_BYTES = 32 << 20
 
 
-def make_tp_model(root: Path) -> tuple[Path, Path]:
-    """(model dir, adapter dir) under root."""
-    model = make_tiny_model(root / "tiny", SMOL_DIR, **TINY_TP)
+def make_tp_model(root: Path, heads: str = "even", **config: object) -> tuple[Path, Path]:
+    """(model dir, adapter dir) under root; `heads`: which head counts (HEADS); `config`: more
+    LlamaConfig fields."""
+    model = make_tiny_model(root / "tiny", SMOL_DIR, **{**HEADS[heads], **config})
     spec = load_spec(model)
     for seed, (name, (rank, modules)) in enumerate(ADAPTERS.items()):
         recipe = AdapterRecipe(rank, tuple(modules), float(rank), seed == 1, "list", seed)
