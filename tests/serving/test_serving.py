@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from slora_backend import EngineConfig, ErrorCode, LLMEngine, RequestOutput, SamplingParams
+from slora_backend import (
+    EngineConfig,
+    EngineError,
+    ErrorCode,
+    LLMEngine,
+    RequestOutput,
+    SamplingParams,
+)
 from slora_backend.logprobs import TokenLogprobs
 from slora_backend.serving.client import EngineClient
 from slora_backend.serving.coalesce import coalesce
@@ -126,6 +133,10 @@ def test_shutdown_cancels_running_requests(config: EngineConfig) -> None:
     core.add_request("long", "Hi", None, SamplingParams(max_tokens=1500, ignore_eos=True), None)
     core.shutdown()
     assert sink.finished.get(timeout=TIMEOUT_S).finish_reason == "cancelled"
+    core.shutdown()  # again (finalize after SIGTERM): a no-op
+    with pytest.raises(EngineError, match="UNAVAILABLE: server shutting down"):
+        core.add_request("late", "Hi", None, SamplingParams(), None)
+    assert not sink.died.is_set()
 
 
 def test_killed_core_is_reported(config: EngineConfig) -> None:
