@@ -1,6 +1,6 @@
-"""Soak the real server: mixed load with cancels, errors and adapter churn; record the Python
-backend stub's RSS and the pool's pages over time (JSON + PNG). After warm-up both must stay
-flat (issue 17, item 7).
+"""Soak the real server: mixed load with cancels, errors and adapter churn; record the RSS of
+its processes (tritonserver, the Python backend stub, the engine core) and the pool's pages
+over time (JSON + PNG). After warm-up all must stay flat (issue 17, item 7).
 
     python bench/soak_server.py --duration 1800 --out docs/results/soak_cpu
 
@@ -38,6 +38,7 @@ from slora_testing.servers import free_ports, stop_server  # noqa: E402
 
 DEMO_ADAPTER = REPO / "adapters" / "pirate"
 STUB_NAME = "triton_python_backend_stub"
+PROCESSES = ("tritonserver", "stub", "engine_core")
 MIB = 1 << 20
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
@@ -97,15 +98,34 @@ def user(grpc_url: str, adapters: list[str], seed: int, stop: threading.Event,
             counts[f"{kind}:{outcome}"] = counts.get(f"{kind}:{outcome}", 0) + 1
 
 
-def stub_rss(server_pid: int) -> int | None:
-    """RSS of the server's Python backend stub (a child of tritonserver)."""
+def rss_mib(server_pid: int) -> dict[str, float]:
+    """RSS (MiB) of tritonserver, its Python backend stub and the stub's engine core process
+    (the engine runs there, slora_backend/serving); a process not found is left out."""
+    rss: dict[str, float] = {}
     try:
-        for proc in psutil.Process(server_pid).children(recursive=True):
-            if proc.name().startswith(STUB_NAME[:15]):
-                return proc.memory_info().rss
+        server = psutil.Process(server_pid)
+        rss["tritonserver"] = server.memory_info().rss / MIB
+        for stub in server.children():
+            if stub.name().startswith(STUB_NAME[:15]):
+                rss["stub"] = stub.memory_info().rss / MIB
+                for child in stub.children():  # multiprocessing's spawn: the core
+                    if any("spawn_main" in arg for arg in child.cmdline()):
+                        rss["engine_core"] = child.memory_info().rss / MIB
     except psutil.Error:
-        return None
-    return None
+        pass
+    return rss
+
+
+def growth_mib_per_min(samples: list[dict[str, Any]], name: str, warmup_s: float) -> float:
+    """Least-squares slope of a process's RSS after warm-up, MiB per minute."""
+    points = [(s["t_s"] / 60, s["rss_mib"][name]) for s in samples
+              if s["t_s"] >= warmup_s and name in s["rss_mib"]]
+    if len(points) < 2:
+        return float("nan")
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (y - mean_y) for t, y in points) / var
 
 
 def pool_pages(metrics_url: str) -> dict[str, float]:
@@ -162,9 +182,8 @@ def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
             while (elapsed := time.monotonic() - start) < args.duration:
                 with lock:
                     done = sum(counts.values())
-                samples.append({"t_s": round(elapsed, 1), "stub_rss_mib": (stub_rss(pid) or 0)
-                                / MIB, "pool_pages": pool_pages(urls["metrics"]),
-                                "requests": done})
+                samples.append({"t_s": round(elapsed, 1), "rss_mib": rss_mib(pid),
+                                "pool_pages": pool_pages(urls["metrics"]), "requests": done})
                 time.sleep(args.interval)
                 bar.n = min(int(time.monotonic() - start), int(args.duration))
                 bar.refresh()
@@ -185,12 +204,16 @@ def plot(result: dict[str, Any], png: Path) -> None:
     samples = result["samples"]
     t = [s["t_s"] / 60 for s in samples]
     fig, (ax_rss, ax_pool) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax_rss.plot(t, [s["stub_rss_mib"] for s in samples])
-    ax_rss.set_ylabel("stub RSS (MiB)")
+    for name in PROCESSES:
+        ax_rss.plot(t, [s["rss_mib"].get(name, float("nan")) for s in samples], label=name)
+    ax_rss.set_ylabel("RSS (MiB)")
+    ax_rss.legend()
     for kind in ("kv", "lora", "free"):
         ax_pool.plot(t, [s["pool_pages"].get(kind, 0) for s in samples], label=kind)
     ax_pool.set_ylabel("pool pages")
     ax_pool.set_xlabel("minutes")
+    for ax in (ax_rss, ax_pool):
+        ax.axvline(result["args"]["warmup"] / 60, color="grey", linestyle=":")
     ax_pool.legend()
     fig.suptitle(f"soak: {sum(result['counts'].values())} requests, "
                  f"{result['args']['users']} users, {result['args']['adapters']} adapters")
@@ -204,18 +227,28 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=200)
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--warmup", type=float, default=120.0,
+                        help="seconds left out of the growth figures")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "soak_cpu"),
                         help="output prefix: .json, .png, .server.log")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="soak-adapters-") as tmp:
         result = soak(args, Path(tmp))
+    result["growth_mib_per_min"] = {
+        name: round(growth_mib_per_min(result["samples"], name, args.warmup), 3)
+        for name in PROCESSES}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    rss = [s["stub_rss_mib"] for s in result["samples"]]
-    print(f"requests {result['counts']}\nstub RSS MiB: first {rss[0]:.0f}, "
-          f"max {max(rss):.0f}, last {rss[-1]:.0f}")
-
+    print(f"requests {result['counts']}")
+    for name in PROCESSES:
+        rss = [s["rss_mib"][name] for s in result["samples"] if name in s["rss_mib"]]
+        after = [s["rss_mib"][name] for s in result["samples"]
+                 if name in s["rss_mib"] and s["t_s"] >= args.warmup]
+        if rss and after:
+            print(f"{name} RSS MiB: first {rss[0]:.0f}, at warm-up end {after[0]:.0f}, "
+                  f"max {max(rss):.0f}, last {rss[-1]:.0f}; after warm-up "
+                  f"{result['growth_mib_per_min'][name]:+.2f} MiB/min")
 
 if __name__ == "__main__":
     main()
