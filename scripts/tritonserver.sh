@@ -70,7 +70,7 @@ fi
 # loaded until --exit-timeout-secs (30 s by default) runs out. 5 s bounds such a stop well
 # inside `docker stop`'s 10-s grace period; an explicit --exit-timeout-secs wins.
 DEFAULT_EXIT_TIMEOUT_S=5
-has_opt --exit-timeout-secs || ARGS+=(--exit-timeout-secs "$DEFAULT_EXIT_TIMEOUT_S")
+has_opt --exit-timeout-secs || ARGS=(--exit-timeout-secs "$DEFAULT_EXIT_TIMEOUT_S" "${ARGS[@]}")
 
 # tritonserver does not pass SIGTERM / SIGINT on to its Python backend stubs, so the model
 # would not know that the server is stopping and its running generations would hold the stop
