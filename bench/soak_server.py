@@ -34,13 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from client import ClientError, stream_grpc_values  # noqa: E402
-from slora_testing.servers import free_ports, stop_server  # noqa: E402
+from slora_testing.servers import start_tritonserver, stop_server  # noqa: E402
 
 DEMO_ADAPTER = REPO / "adapters" / "pirate"
 STUB_NAME = "triton_python_backend_stub"
 PROCESSES = ("tritonserver", "stub", "engine_core")
 MIB = 1 << 20
-READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
 RESPONSE_TIMEOUT_S = 120.0
 # (weight, kind) of the request mix
@@ -137,28 +136,6 @@ def pool_pages(metrics_url: str) -> dict[str, float]:
     return pages
 
 
-def start_server(adapter_dir: Path, log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    http, grpc, metrics = free_ports(3)
-    cmd = [str(REPO / "scripts" / "tritonserver.sh"), "--model-repository",
-           str(REPO / "model_repository"), "--http-port", str(http), "--grpc-port", str(grpc),
-           "--metrics-port", str(metrics)]
-    env = {**os.environ, **SERVER_ENV, "SLORA_ADAPTER_DIR": str(adapter_dir)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
-    urls = {"http": f"localhost:{http}", "grpc": f"localhost:{grpc}",
-            "metrics": f"http://localhost:{metrics}/metrics"}
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"http://{urls['http']}/v2/health/ready", timeout=2).ok:
-                return proc, urls
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready; see {log}")
-
-
 def server_pid(proc: subprocess.Popen) -> int:
     """tritonserver's pid (scripts/tritonserver.sh runs it as its child)."""
     children = psutil.Process(proc.pid).children()
@@ -167,7 +144,8 @@ def server_pid(proc: subprocess.Popen) -> int:
 
 def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
     adapters = make_adapter_dir(adapter_dir, args.adapters)
-    proc, urls = start_server(adapter_dir, Path(args.out).with_suffix(".server.log"))
+    proc, urls = start_tritonserver(Path(args.out).with_suffix(".server.log"),
+                                    {**SERVER_ENV, "SLORA_ADAPTER_DIR": str(adapter_dir)})
     stop, lock = threading.Event(), threading.Lock()
     counts: dict[str, int] = {}
     users = [threading.Thread(target=user, args=(urls["grpc"], adapters, i, stop, counts, lock),

@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
-
-from aiohttp import web
 
 from client.http_guard.proxy import DEFAULT_MAX_BODY_BYTES, GuardSettings, HttpGuard
+from client.web_service import serve_until_signal
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,19 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    settings = GuardSettings(args.upstream, args.max_body_bytes)
-    # handler_cancellation: a client that disconnects closes its upstream request too
-    runner = web.AppRunner(HttpGuard(settings).app(), handler_cancellation=True,
-                           access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
-    logging.info("guarding %s on http://%s:%d", args.upstream, args.host, args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    app = HttpGuard(GuardSettings(args.upstream, args.max_body_bytes)).app()
+    await serve_until_signal(app, args.host, args.port,
+                             f"guarding {args.upstream} on http://{args.host}:{args.port}")
 
 
 def main(argv: list[str] | None = None) -> None:
