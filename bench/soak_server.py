@@ -8,7 +8,8 @@ The server is scripts/tritonserver.sh on free ports with its own adapter directo
 copies of the demo `pirate` adapter (hard links: real PEFT files, distinct ids), so the host
 cache and the pool keep loading and evicting (small max_loaded_adapters / host_cache_bytes).
 Each user thread loops over a request mix: base, adapter, cancelled after the first token, and
-refusals (bad parameter, unknown adapter, bad adapter config).
+refusals (bad parameter, unknown adapter, bad adapter config, and hostile: huge prompts, deep
+JSON, 2^20 input ids).
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ STOP_TIMEOUT_S = 60.0
 RESPONSE_TIMEOUT_S = 120.0
 # (weight, kind) of the request mix
 MIX = ((3, "base"), (4, "adapter"), (2, "cancel"), (1, "bad_param"), (1, "unknown_adapter"),
-       (1, "bad_adapter"))
+       (1, "bad_adapter"), (1, "hostile"))
+# hostile requests, all refused, each moving a large input through the stub and the core: a
+# prompt over the byte bound (refused before tokenizing), one under it but too many tokens
+# (tokenized, then refused), deeply nested sampling_parameters, 2^20 input_ids (4 MiB tensor)
+HOSTILE = {"huge_prompt": {"text_input": "pirate " * (1 << 18)},
+           "long_prompt": {"text_input": "ship " * 100_000},
+           "deep_json": {"text_input": "Hi", "sampling_parameters": "[" * 50_000 + "]" * 50_000},
+           "many_ids": {"input_ids": [7] * (1 << 20)}}
 SERVER_ENV = {"SLORA_MAX_LOADED_ADAPTERS": "4", "SLORA_HOST_CACHE_BYTES": str(64 * MIB),
               "SLORA_MAX_NUM_SEQS": "8"}
 PROMPTS = ("Why is the sky blue?", "Tell me about ships.", "Write a haiku about rain.")
@@ -66,6 +74,8 @@ def make_adapter_dir(root: Path, count: int) -> list[str]:
 
 
 def request_values(kind: str, rng: random.Random, adapters: list[str]) -> dict[str, Any]:
+    if kind == "hostile":
+        return {**HOSTILE[rng.choice(sorted(HOSTILE))], "max_tokens": 4}
     values: dict[str, Any] = {"text_input": rng.choice(PROMPTS), "chat": True,
                               "max_tokens": rng.randint(4, 32), "temperature": 0.0}
     if kind in ("adapter", "cancel"):

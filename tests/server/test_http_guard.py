@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
 TIMEOUT_S = 120.0
 CRASH_TIMEOUT_S = 60.0
+RUNNING_TIMEOUT_S = 10.0  # far less than 1000 tokens take here
 VOCAB = 49152  # SmolLM2's vocabulary: ids from here on are refused by the model
 WRAPPED_MAX_TOKENS = 2 ** 32 + 2  # an INT32 input reads it as 2
 WRAPPED_ID = 2 ** 32 + 1  # read as token 1
@@ -159,12 +160,28 @@ def test_the_guard_passes_everything_else_through(guard, triton_server) -> None:
     a, b = post(direct, bad_top_p), post(guarded, bad_top_p)
     assert (b.status_code, b.json()) == (a.status_code, a.json())
     assert "invalid 'top_p'" in b.json()["error"]
-    # generate_stream: the server-sent events one by one
+    # generate_stream: the same server-sent events, each passed on as it comes
     request = GenerateRequest("Tell me a story.", max_tokens=8, temperature=0.0,
                               ignore_eos=True)
     chunks = list(stream_http(guarded, request))
     assert len(chunks) >= 2 and chunks[-1].finish_reason == "length"
     assert [c.text for c in chunks] == [c.text for c in stream_http(direct, request)]
+
+
+def test_the_guard_streams_events_before_the_request_ends(guard, srv) -> None:
+    """The first event comes while the request still runs (the guard does not buffer the
+    stream); a client that leaves makes the guard close its upstream request, which ends."""
+    long = GenerateRequest("Tell me a story.", max_tokens=1000, temperature=0.0,
+                           ignore_eos=True)
+    events = stream_http(guard, long)
+    try:
+        assert next(events).finish_reason is None
+        srv.wait_for(lambda: srv.metric("slora_requests", state="running") >= 1,
+                     RUNNING_TIMEOUT_S, "the streamed request to be running")
+    finally:
+        events.close()
+    srv.wait_for(lambda: srv.metric("slora_requests", state="running") == 0, TIMEOUT_S,
+                 "the abandoned stream to be cancelled")
 
 
 @pytest.mark.slow
