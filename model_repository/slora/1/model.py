@@ -116,8 +116,9 @@ class TritonPythonModel:
         self._watch_thread = threading.Thread(target=self._watch_loop, name="slora-watch")
         self._response_thread.start()
         self._watch_thread.start()
-        # Triton unloads the model (finalize) only once no request is in flight; on SIGTERM
-        # (passed on by scripts/tritonserver.sh) end them all at once instead of generating on
+        # on SIGTERM Triton unloads the model (finalize) only once nothing references it, and
+        # every running request's response sender does: end them all at once when the signal
+        # comes (scripts/tritonserver.sh passes it on) instead of generating on
         self._serving_lock = threading.Lock()
         self._serving = True
         self._signals = SignalWatcher(self._stop_serving)
