@@ -89,10 +89,10 @@ def request_values(kind: str, rng: random.Random, adapters: list[str]) -> dict[s
     return values
 
 
-def user(grpc_url: str, adapters: list[str], seed: int, stop: threading.Event,
-         counts: dict[str, int], lock: threading.Lock) -> None:
+def user(grpc_url: str, adapters: list[str], kinds: list[str], seed: int,
+         stop: threading.Event, counts: dict[str, int], lock: threading.Lock) -> None:
+    """Requests one after another, each of a kind drawn from `kinds` (repeats = weights)."""
     rng = random.Random(seed)
-    kinds = [k for w, k in MIX for _ in range(w)]
     while not stop.is_set():
         kind = rng.choice(kinds)
         outcome = "ok"
@@ -158,8 +158,9 @@ def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
                                     {**SERVER_ENV, "SLORA_ADAPTER_DIR": str(adapter_dir)})
     stop, lock = threading.Event(), threading.Lock()
     counts: dict[str, int] = {}
-    users = [threading.Thread(target=user, args=(urls["grpc"], adapters, i, stop, counts, lock),
-                              daemon=True) for i in range(args.users)]
+    kinds = [k for w, k in MIX for _ in range(w) if k in args.kinds]
+    users = [threading.Thread(target=user, args=(urls["grpc"], adapters, kinds, i, stop, counts,
+                                                 lock), daemon=True) for i in range(args.users)]
     samples = []
     try:
         pid = server_pid(proc)
@@ -184,6 +185,7 @@ def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
+    """One panel per process's RSS (each on its own scale) and one for the pool's pages."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,22 +193,40 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
     samples = result["samples"]
     t = [s["t_s"] / 60 for s in samples]
-    fig, (ax_rss, ax_pool) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for name in PROCESSES:
-        ax_rss.plot(t, [s["rss_mib"].get(name, float("nan")) for s in samples], label=name)
-    ax_rss.set_ylabel("RSS (MiB)")
-    ax_rss.legend()
+    fig, axes = plt.subplots(len(PROCESSES) + 1, 1, figsize=(9, 9), sharex=True)
+    for ax, name in zip(axes, PROCESSES, strict=False):
+        ax.plot(t, [s["rss_mib"].get(name, float("nan")) for s in samples])
+        ax.set_ylabel(f"{name}\nRSS (MiB)")
+        slope = result.get("growth_mib_per_min", {}).get(name)
+        if slope is not None:
+            ax.set_title(f"after warm-up {slope:+.2f} MiB/min", fontsize=9, loc="right")
+    ax_pool = axes[-1]
     for kind in ("kv", "lora", "free"):
         ax_pool.plot(t, [s["pool_pages"].get(kind, 0) for s in samples], label=kind)
     ax_pool.set_ylabel("pool pages")
     ax_pool.set_xlabel("minutes")
-    for ax in (ax_rss, ax_pool):
-        ax.axvline(result["args"]["warmup"] / 60, color="grey", linestyle=":")
     ax_pool.legend()
-    fig.suptitle(f"soak: {sum(result['counts'].values())} requests, "
-                 f"{result['args']['users']} users, {result['args']['adapters']} adapters")
+    for ax in axes:
+        ax.axvline(result["args"]["warmup"] / 60, color="grey", linestyle=":")
+    kinds = result["args"].get("kinds", [k for _, k in MIX])
+    mix = "the full mix" if set(kinds) == {k for _, k in MIX} else "only " + ", ".join(kinds)
+    fig.suptitle(f"soak: {sum(result['counts'].values())} requests, {result['args']['users']} "
+                 f"users, {result['args']['adapters']} adapters\nkinds: {mix}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png)
+
+
+def summarize(result: dict[str, Any]) -> None:
+    warmup = result["args"]["warmup"]
+    print(f"requests {result['counts']}")
+    for name in PROCESSES:
+        rss = [s["rss_mib"][name] for s in result["samples"] if name in s["rss_mib"]]
+        after = [s["rss_mib"][name] for s in result["samples"]
+                 if name in s["rss_mib"] and s["t_s"] >= warmup]
+        if rss and after:
+            print(f"{name} RSS MiB: first {rss[0]:.0f}, at warm-up end {after[0]:.0f}, "
+                  f"max {max(rss):.0f}, last {rss[-1]:.0f}; after warm-up "
+                  f"{result['growth_mib_per_min'][name]:+.2f} MiB/min")
 
 
 def main() -> None:
@@ -214,29 +234,33 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=1800.0, help="seconds (default 30 min)")
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=200)
+    parser.add_argument("--kinds", default=",".join(k for _, k in MIX),
+                        help="the request kinds of the mix to use (default: all)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=120.0,
                         help="seconds left out of the growth figures")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "soak_cpu"),
                         help="output prefix: .json, .png, .server.log")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw OUT.png from OUT.json (no run)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="soak-adapters-") as tmp:
-        result = soak(args, Path(tmp))
-    result["growth_mib_per_min"] = {
-        name: round(growth_mib_per_min(result["samples"], name, args.warmup), 3)
-        for name in PROCESSES}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    if args.plot_only:
+        result = json.loads(out.with_suffix(".json").read_text())
+    else:
+        args.kinds = args.kinds.split(",")
+        unknown = set(args.kinds) - {k for _, k in MIX}
+        if unknown:
+            parser.error(f"unknown kinds {sorted(unknown)}")
+        with tempfile.TemporaryDirectory(prefix="soak-adapters-") as tmp:
+            result = soak(args, Path(tmp))
+        result["growth_mib_per_min"] = {
+            name: round(growth_mib_per_min(result["samples"], name, args.warmup), 3)
+            for name in PROCESSES}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    print(f"requests {result['counts']}")
-    for name in PROCESSES:
-        rss = [s["rss_mib"][name] for s in result["samples"] if name in s["rss_mib"]]
-        after = [s["rss_mib"][name] for s in result["samples"]
-                 if name in s["rss_mib"] and s["t_s"] >= args.warmup]
-        if rss and after:
-            print(f"{name} RSS MiB: first {rss[0]:.0f}, at warm-up end {after[0]:.0f}, "
-                  f"max {max(rss):.0f}, last {rss[-1]:.0f}; after warm-up "
-                  f"{result['growth_mib_per_min'][name]:+.2f} MiB/min")
+    summarize(result)
+
 
 if __name__ == "__main__":
     main()
