@@ -2,9 +2,9 @@
 
 Triton 2.51 (and, by reading, every release through 2.71) narrows a JSON integer into the
 input's type with a C cast (`"max_tokens": 4294967298` reaches an INT32 input as 2) and
-answers a JSON value of the wrong type with HTTP 500; until 2.69 it parses with recursion, so
-deep nesting crashes it (README "Errors"). Every body goes through slora_backend.bounded_json
-(the project's one bounded parser: size, depth, integer digits); then generate and infer
+answers a JSON value of the wrong type with HTTP 500; deep nesting crashes it (input values
+until 2.58, whole bodies until 2.69; README "Errors"). Every body goes through bounded_json
+(slora_backend's one bounded parser: size, depth, integer digits); then generate and infer
 bodies are checked against the inputs' datatypes: each value must have the JSON type the
 datatype needs and, for integer and float datatypes, lie in its range.
 """
