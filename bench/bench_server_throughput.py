@@ -147,6 +147,7 @@ class StreamClient:
         self.timeout_s = timeout_s
         self.client = grpcclient.InferenceServerClient(url=url)
         self._events: queue.Queue = queue.Queue()
+        self._pending = False  # a request in flight (not yet its final response)
         self.client.start_stream(callback=self._on_response)
 
     def _on_response(self, result, error):
@@ -156,6 +157,7 @@ class StreamClient:
         rec = Record(req.index, req.adapter, ok=False)
         inputs = build_inputs(self._grpc, req, max_tokens or self.max_tokens, self.stream)
         rec.start = time.monotonic()
+        self._pending = True
         self.client.async_stream_infer(
             self.model, inputs, request_id=str(req.index), enable_empty_final_response=True
         )
@@ -167,6 +169,7 @@ class StreamClient:
                 rec.end, rec.error = time.monotonic(), f"timeout after {self.timeout_s}s"
                 return rec
             if error is not None:
+                self._pending = False  # the model's errors are final responses
                 rec.end, rec.error = t, str(error)
                 return rec
             ids = result.as_numpy("output_ids")
@@ -183,11 +186,13 @@ class StreamClient:
                 rec.output_tokens = max(rec.output_tokens, int(n_out.reshape(-1)[0]))
             params = result.get_response().parameters
             if "triton_final_response" in params and params["triton_final_response"].bool_param:
+                self._pending = False
                 rec.end, rec.ok = t, True
                 return rec
 
     def close(self):
-        self.client.stop_stream(cancel_requests=True)
+        # cancel only a request still running (client.close_stream says why)
+        self.client.stop_stream(cancel_requests=self._pending)
         self.client.close()
 
 

@@ -1,6 +1,6 @@
-"""Soak the real server: mixed load with cancels, errors and adapter churn; record the Python
-backend stub's RSS and the pool's pages over time (JSON + PNG). After warm-up both must stay
-flat (issue 17, item 7).
+"""Soak the real server: mixed load with cancels, errors and adapter churn; record the RSS of
+its processes (tritonserver, the Python backend stub, the engine core) and the pool's pages
+over time (JSON + PNG). After warm-up all must stay flat (issue 17, item 7).
 
     python bench/soak_server.py --duration 1800 --out docs/results/soak_cpu
 
@@ -8,7 +8,8 @@ The server is scripts/tritonserver.sh on free ports with its own adapter directo
 copies of the demo `pirate` adapter (hard links: real PEFT files, distinct ids), so the host
 cache and the pool keep loading and evicting (small max_loaded_adapters / host_cache_bytes).
 Each user thread loops over a request mix: base, adapter, cancelled after the first token, and
-refusals (bad parameter, unknown adapter, bad adapter config).
+refusals (bad parameter, unknown adapter, bad adapter config, and hostile: huge prompts, deep
+JSON, 2^20 input ids).
 """
 
 from __future__ import annotations
@@ -34,17 +35,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from client import ClientError, stream_grpc_values  # noqa: E402
-from slora_testing.servers import free_ports, stop_server  # noqa: E402
+from slora_testing.servers import start_tritonserver, stop_server  # noqa: E402
 
 DEMO_ADAPTER = REPO / "adapters" / "pirate"
 STUB_NAME = "triton_python_backend_stub"
+PROCESSES = ("tritonserver", "stub", "engine_core")
 MIB = 1 << 20
-READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
 RESPONSE_TIMEOUT_S = 120.0
 # (weight, kind) of the request mix
 MIX = ((3, "base"), (4, "adapter"), (2, "cancel"), (1, "bad_param"), (1, "unknown_adapter"),
-       (1, "bad_adapter"))
+       (1, "bad_adapter"), (1, "hostile"))
+# hostile requests, all refused, each moving a large input through the stub and the core: a
+# prompt over the byte bound (refused before tokenizing), one under it but too many tokens
+# (tokenized, then refused), deeply nested sampling_parameters, 2^20 input_ids (4 MiB tensor)
+HOSTILE = {"huge_prompt": {"text_input": "pirate " * (1 << 18)},
+           "long_prompt": {"text_input": "ship " * 100_000},
+           "deep_json": {"text_input": "Hi", "sampling_parameters": "[" * 50_000 + "]" * 50_000},
+           "many_ids": {"input_ids": [7] * (1 << 20)}}
 SERVER_ENV = {"SLORA_MAX_LOADED_ADAPTERS": "4", "SLORA_HOST_CACHE_BYTES": str(64 * MIB),
               "SLORA_MAX_NUM_SEQS": "8"}
 PROMPTS = ("Why is the sky blue?", "Tell me about ships.", "Write a haiku about rain.")
@@ -66,6 +74,8 @@ def make_adapter_dir(root: Path, count: int) -> list[str]:
 
 
 def request_values(kind: str, rng: random.Random, adapters: list[str]) -> dict[str, Any]:
+    if kind == "hostile":
+        return {**HOSTILE[rng.choice(sorted(HOSTILE))], "max_tokens": 4}
     values: dict[str, Any] = {"text_input": rng.choice(PROMPTS), "chat": True,
                               "max_tokens": rng.randint(4, 32), "temperature": 0.0}
     if kind in ("adapter", "cancel"):
@@ -79,10 +89,10 @@ def request_values(kind: str, rng: random.Random, adapters: list[str]) -> dict[s
     return values
 
 
-def user(grpc_url: str, adapters: list[str], seed: int, stop: threading.Event,
-         counts: dict[str, int], lock: threading.Lock) -> None:
+def user(grpc_url: str, adapters: list[str], kinds: list[str], seed: int,
+         stop: threading.Event, counts: dict[str, int], lock: threading.Lock) -> None:
+    """Requests one after another, each of a kind drawn from `kinds` (repeats = weights)."""
     rng = random.Random(seed)
-    kinds = [k for w, k in MIX for _ in range(w)]
     while not stop.is_set():
         kind = rng.choice(kinds)
         outcome = "ok"
@@ -97,15 +107,34 @@ def user(grpc_url: str, adapters: list[str], seed: int, stop: threading.Event,
             counts[f"{kind}:{outcome}"] = counts.get(f"{kind}:{outcome}", 0) + 1
 
 
-def stub_rss(server_pid: int) -> int | None:
-    """RSS of the server's Python backend stub (a child of tritonserver)."""
+def rss_mib(server_pid: int) -> dict[str, float]:
+    """RSS (MiB) of tritonserver, its Python backend stub and the stub's engine core process
+    (the engine runs there, slora_backend/serving); a process not found is left out."""
+    rss: dict[str, float] = {}
     try:
-        for proc in psutil.Process(server_pid).children(recursive=True):
-            if proc.name().startswith(STUB_NAME[:15]):
-                return proc.memory_info().rss
+        server = psutil.Process(server_pid)
+        rss["tritonserver"] = server.memory_info().rss / MIB
+        for stub in server.children():
+            if stub.name().startswith(STUB_NAME[:15]):
+                rss["stub"] = stub.memory_info().rss / MIB
+                for child in stub.children():  # multiprocessing's spawn: the core
+                    if any("spawn_main" in arg for arg in child.cmdline()):
+                        rss["engine_core"] = child.memory_info().rss / MIB
     except psutil.Error:
-        return None
-    return None
+        pass
+    return rss
+
+
+def growth_mib_per_min(samples: list[dict[str, Any]], name: str, warmup_s: float) -> float:
+    """Least-squares slope of a process's RSS after warm-up, MiB per minute."""
+    points = [(s["t_s"] / 60, s["rss_mib"][name]) for s in samples
+              if s["t_s"] >= warmup_s and name in s["rss_mib"]]
+    if len(points) < 2:
+        return float("nan")
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (y - mean_y) for t, y in points) / var
 
 
 def pool_pages(metrics_url: str) -> dict[str, float]:
@@ -117,28 +146,6 @@ def pool_pages(metrics_url: str) -> dict[str, float]:
     return pages
 
 
-def start_server(adapter_dir: Path, log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    http, grpc, metrics = free_ports(3)
-    cmd = [str(REPO / "scripts" / "tritonserver.sh"), "--model-repository",
-           str(REPO / "model_repository"), "--http-port", str(http), "--grpc-port", str(grpc),
-           "--metrics-port", str(metrics)]
-    env = {**os.environ, **SERVER_ENV, "SLORA_ADAPTER_DIR": str(adapter_dir)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
-    urls = {"http": f"localhost:{http}", "grpc": f"localhost:{grpc}",
-            "metrics": f"http://localhost:{metrics}/metrics"}
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"http://{urls['http']}/v2/health/ready", timeout=2).ok:
-                return proc, urls
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready; see {log}")
-
-
 def server_pid(proc: subprocess.Popen) -> int:
     """tritonserver's pid (scripts/tritonserver.sh runs it as its child)."""
     children = psutil.Process(proc.pid).children()
@@ -147,11 +154,13 @@ def server_pid(proc: subprocess.Popen) -> int:
 
 def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
     adapters = make_adapter_dir(adapter_dir, args.adapters)
-    proc, urls = start_server(adapter_dir, Path(args.out).with_suffix(".server.log"))
+    proc, urls = start_tritonserver(Path(args.out).with_suffix(".server.log"),
+                                    {**SERVER_ENV, "SLORA_ADAPTER_DIR": str(adapter_dir)})
     stop, lock = threading.Event(), threading.Lock()
     counts: dict[str, int] = {}
-    users = [threading.Thread(target=user, args=(urls["grpc"], adapters, i, stop, counts, lock),
-                              daemon=True) for i in range(args.users)]
+    kinds = [k for w, k in MIX for _ in range(w) if k in args.kinds]
+    users = [threading.Thread(target=user, args=(urls["grpc"], adapters, kinds, i, stop, counts,
+                                                 lock), daemon=True) for i in range(args.users)]
     samples = []
     try:
         pid = server_pid(proc)
@@ -162,9 +171,8 @@ def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
             while (elapsed := time.monotonic() - start) < args.duration:
                 with lock:
                     done = sum(counts.values())
-                samples.append({"t_s": round(elapsed, 1), "stub_rss_mib": (stub_rss(pid) or 0)
-                                / MIB, "pool_pages": pool_pages(urls["metrics"]),
-                                "requests": done})
+                samples.append({"t_s": round(elapsed, 1), "rss_mib": rss_mib(pid),
+                                "pool_pages": pool_pages(urls["metrics"]), "requests": done})
                 time.sleep(args.interval)
                 bar.n = min(int(time.monotonic() - start), int(args.duration))
                 bar.refresh()
@@ -177,6 +185,7 @@ def soak(args: argparse.Namespace, adapter_dir: Path) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
+    """One panel per process's RSS (each on its own scale) and one for the pool's pages."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,18 +193,40 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
     samples = result["samples"]
     t = [s["t_s"] / 60 for s in samples]
-    fig, (ax_rss, ax_pool) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax_rss.plot(t, [s["stub_rss_mib"] for s in samples])
-    ax_rss.set_ylabel("stub RSS (MiB)")
+    fig, axes = plt.subplots(len(PROCESSES) + 1, 1, figsize=(9, 9), sharex=True)
+    for ax, name in zip(axes, PROCESSES, strict=False):
+        ax.plot(t, [s["rss_mib"].get(name, float("nan")) for s in samples])
+        ax.set_ylabel(f"{name}\nRSS (MiB)")
+        slope = result.get("growth_mib_per_min", {}).get(name)
+        if slope is not None:
+            ax.set_title(f"after warm-up {slope:+.2f} MiB/min", fontsize=9, loc="right")
+    ax_pool = axes[-1]
     for kind in ("kv", "lora", "free"):
         ax_pool.plot(t, [s["pool_pages"].get(kind, 0) for s in samples], label=kind)
     ax_pool.set_ylabel("pool pages")
     ax_pool.set_xlabel("minutes")
     ax_pool.legend()
-    fig.suptitle(f"soak: {sum(result['counts'].values())} requests, "
-                 f"{result['args']['users']} users, {result['args']['adapters']} adapters")
+    for ax in axes:
+        ax.axvline(result["args"]["warmup"] / 60, color="grey", linestyle=":")
+    kinds = result["args"].get("kinds", [k for _, k in MIX])
+    mix = "the full mix" if set(kinds) == {k for _, k in MIX} else "only " + ", ".join(kinds)
+    fig.suptitle(f"soak: {sum(result['counts'].values())} requests, {result['args']['users']} "
+                 f"users, {result['args']['adapters']} adapters\nkinds: {mix}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png)
+
+
+def summarize(result: dict[str, Any]) -> None:
+    warmup = result["args"]["warmup"]
+    print(f"requests {result['counts']}")
+    for name in PROCESSES:
+        rss = [s["rss_mib"][name] for s in result["samples"] if name in s["rss_mib"]]
+        after = [s["rss_mib"][name] for s in result["samples"]
+                 if name in s["rss_mib"] and s["t_s"] >= warmup]
+        if rss and after:
+            print(f"{name} RSS MiB: first {rss[0]:.0f}, at warm-up end {after[0]:.0f}, "
+                  f"max {max(rss):.0f}, last {rss[-1]:.0f}; after warm-up "
+                  f"{result['growth_mib_per_min'][name]:+.2f} MiB/min")
 
 
 def main() -> None:
@@ -203,18 +234,32 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=1800.0, help="seconds (default 30 min)")
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=200)
+    parser.add_argument("--kinds", default=",".join(k for _, k in MIX),
+                        help="the request kinds of the mix to use (default: all)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--warmup", type=float, default=120.0,
+                        help="seconds left out of the growth figures")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "soak_cpu"),
                         help="output prefix: .json, .png, .server.log")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw OUT.png from OUT.json (no run)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="soak-adapters-") as tmp:
-        result = soak(args, Path(tmp))
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    if args.plot_only:
+        result = json.loads(out.with_suffix(".json").read_text())
+    else:
+        args.kinds = args.kinds.split(",")
+        unknown = set(args.kinds) - {k for _, k in MIX}
+        if unknown:
+            parser.error(f"unknown kinds {sorted(unknown)}")
+        with tempfile.TemporaryDirectory(prefix="soak-adapters-") as tmp:
+            result = soak(args, Path(tmp))
+        result["growth_mib_per_min"] = {
+            name: round(growth_mib_per_min(result["samples"], name, args.warmup), 3)
+            for name in PROCESSES}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    rss = [s["stub_rss_mib"] for s in result["samples"]]
-    print(f"requests {result['counts']}\nstub RSS MiB: first {rss[0]:.0f}, "
-          f"max {max(rss):.0f}, last {rss[-1]:.0f}")
+    summarize(result)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def chunk_from_result(result: Any) -> Chunk:
     )
 
 
-def _is_final(result: Any) -> bool:
+def is_final(result: Any) -> bool:
+    """The response is its request's last (Triton's `triton_final_response` parameter)."""
     params = result.get_response().parameters
     return "triton_final_response" in params and params["triton_final_response"].bool_param
 
@@ -130,9 +131,12 @@ def _is_final(result: Any) -> bool:
 def stream_grpc_values(
     url: str, values: dict[str, Any], model: str = MODEL_NAME, timeout: float = DEFAULT_TIMEOUT_S
 ) -> Iterator[Chunk]:
-    """Send one request over a gRPC bidirectional stream; yield its responses as they come."""
+    """Send one request over a gRPC bidirectional stream; yield its responses as they come.
+    Leaving early (an error, a timeout, the caller stops iterating) cancels the request; after
+    its final response the stream is closed without cancelling (see close_stream)."""
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
+    finished = False
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         client.async_stream_infer(model, grpc_inputs(values), enable_empty_final_response=True)
@@ -142,15 +146,24 @@ def stream_grpc_values(
             except queue.Empty:
                 raise ClientError(f"no response from the server within {timeout} s") from None
             if error is not None:
+                finished = True  # the model's errors are final responses
                 raise ClientError(error.message() if hasattr(error, "message") else str(error))
-            final = _is_final(result)
+            finished = is_final(result)
             if result.get_response().outputs:
                 yield chunk_from_result(result)
-            if final:
+            if finished:
                 return
     finally:
-        client.stop_stream(cancel_requests=True)
+        close_stream(client, finished)
         client.close()
+
+
+def close_stream(client: grpcclient.InferenceServerClient, finished: bool) -> None:
+    """End a stream: cancel it if its request is still running, else close it gracefully.
+    Cancelling a stream right after its final response trips Triton's gRPC frontend (2.51 and
+    later): the request's state stays CANCELLATION_ISSUED for good, a leak that also holds the
+    model, so a stopping server waits out its exit timeout (docs/DESIGN.md "Shutdown")."""
+    client.stop_stream(cancel_requests=not finished)
 
 
 def stream_grpc(url: str, request: GenerateRequest, **kwargs: Any) -> Iterator[Chunk]:
@@ -231,6 +244,6 @@ def list_adapters(url: str = DEFAULT_GRPC_URL, model: str = MODEL_NAME,
 
 __all__ = [
     "Chunk", "ClientError", "GenerateRequest", "InferenceServerException", "MODEL_NAME",
-    "generate_http", "grpc_inputs", "list_adapters", "stream_grpc", "stream_grpc_values",
-    "stream_http",
+    "close_stream", "generate_http", "grpc_inputs", "is_final", "list_adapters", "stream_grpc",
+    "stream_grpc_values", "stream_http",
 ]

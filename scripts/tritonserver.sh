@@ -64,6 +64,14 @@ if [[ "$NUM_GPUS" -ge 2 && -n "$REPO_ARG" && -f "$REPO_ARG/slora/config.pbtxt" ]
     ARGS+=(--model-config-name "$CONFIG_NAME")
 fi
 
+# Backstop for a stop (docs/DESIGN.md "Shutdown"): on SIGTERM the model ends every request at
+# once and a stop takes ~2.5 s, but Triton's gRPC frontend (2.51 and later) leaks the state of a
+# stream that a client cancels right after its final response, and that state keeps the model
+# loaded until --exit-timeout-secs (30 s by default) runs out. 5 s bounds such a stop well
+# inside `docker stop`'s 10-s grace period; an explicit --exit-timeout-secs wins.
+DEFAULT_EXIT_TIMEOUT_S=5
+has_opt --exit-timeout-secs || ARGS=(--exit-timeout-secs "$DEFAULT_EXIT_TIMEOUT_S" "${ARGS[@]}")
+
 # tritonserver does not pass SIGTERM / SIGINT on to its Python backend stubs, so the model
 # would not know that the server is stopping and its running generations would hold the stop
 # up to --exit-timeout-secs (slora_backend/shutdown_signal.py): run it as a child and pass

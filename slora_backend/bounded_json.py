@@ -8,10 +8,15 @@ and turns every failure into a `JsonProblem` (a ValueError) that the caller name
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 MAX_JSON_DEPTH = 32  # the deepest legitimate document here (chat messages) is 3 levels deep
 MAX_INT_DIGITS = 40  # a seed (< 2**64) has at most 20 digits; a sign and slack on top
+# only a text with a longer run of digits can hold a too-long integer: the per-integer hook (a
+# Python call per number, seconds for a million input ids) runs only then
+_LONG_DIGIT_RUN = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")
+_CONTAINERS = (dict, list)
 
 
 class JsonProblem(ValueError):
@@ -25,23 +30,30 @@ def _parse_int(text: str) -> int:
 
 
 def _check_depth(value: Any) -> None:
-    """Iterative (the parse succeeded below the recursion limit, but deeper than we accept)."""
-    stack = [(value, 1)]
+    """Iterative (the parse succeeded below the recursion limit, but deeper than we accept).
+    The top level is depth 1, a child one deeper than its container. Only containers are
+    visited, and a list of scalars is scanned at C speed (`map(type, ...)`)."""
+    stack = [(value, 1)] if type(value) in _CONTAINERS else []
     while stack:
         item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
+        children = item.values() if type(item) is dict else item
+        if not children:
+            continue
+        if depth >= MAX_JSON_DEPTH:  # its children are deeper than the bound
             raise JsonProblem(f"nested deeper than {MAX_JSON_DEPTH} levels")
-        children = item.values() if isinstance(item, dict) else item
-        if isinstance(item, (dict, list)):
-            stack.extend((child, depth + 1) for child in children)
+        types = set(map(type, children))
+        if dict in types or list in types:
+            stack.extend((child, depth + 1) for child in children
+                         if type(child) in _CONTAINERS)
 
 
 def load_json(text: str, max_chars: int) -> Any:
     """Parse `text`; JsonProblem for text over `max_chars`, bad JSON, deep nesting, huge ints."""
     if len(text) > max_chars:
         raise JsonProblem(f"longer than {max_chars} characters ({len(text)})")
+    parse_int = _parse_int if _LONG_DIGIT_RUN.search(text) else None
     try:
-        value = json.loads(text, parse_int=_parse_int)
+        value = json.loads(text, parse_int=parse_int)
     except RecursionError:
         raise JsonProblem(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     except JsonProblem:

@@ -37,6 +37,11 @@ class EngineError(Exception):
         message = self.message.replace(_invalid_prefix(self.field or ""), _invalid_prefix(new), 1)
         return EngineError(self.code, message, new)
 
+    def detached(self) -> EngineError:
+        """The same error without traceback, cause or context, for keeping: a raised error
+        holds the frames it passed through, whose locals hold the request's inputs."""
+        return EngineError(self.code, self.message, self.field)
+
     def __reduce__(self) -> tuple:
         # keep the error picklable (it crosses thread / process queues)
         return (type(self), (self.code, self.message, self.field))

@@ -1,13 +1,13 @@
 """Notice SIGTERM inside Triton's Python backend stub, at once, to end in-flight requests.
 
-tritonserver 2.51 tells a model nothing when it is asked to stop: on SIGTERM it stops its
-endpoints and waits (up to --exit-timeout-secs, 30 s by default) until every in-flight request
-is released, and only then unloads the model (`finalize`). A decoupled model's requests are
-released when their final response goes out, so running generations hold the stop up to the
-timeout; then tritonserver exits without `finalize` and leaves the stub running. The fix: the
-launcher (scripts/tritonserver.sh) passes SIGTERM on to the stub, and the model calls
-`SignalWatcher(engine_loop.shutdown)` in `initialize`: every request ends ('cancelled') within a
-step, Triton unloads the model and `finalize` runs.
+tritonserver 2.51 tells a model nothing when it is asked to stop: on SIGTERM it refuses new
+requests and unloads the model, and the unload (`finalize`) waits until nothing references the
+model, up to --exit-timeout-secs. The response factory of every running request of a decoupled
+model is such a reference, so running generations held the stop up to the timeout; then
+tritonserver exited without `finalize`. The fix: the launcher (scripts/tritonserver.sh) passes
+SIGTERM on to the stub, and the model calls `SignalWatcher(stop)` in `initialize`: every
+request ends ('cancelled') within a step, Triton unloads the model and `finalize` runs
+(docs/DESIGN.md "Serving path", Shutdown).
 
 The stub ignores SIGTERM (a C handler) and its main thread waits in C++ for messages, so a
 Python handler alone would run late; `signal.set_wakeup_fd` makes the C-level handler write the

@@ -34,12 +34,14 @@ OPENAI_READY_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class TritonServer:
-    """Where a running server listens; `log` is its log file (None for an external server)."""
+    """Where a running server listens; `log` is its log file and `pid` the launcher's process
+    (None for an external server)."""
 
     http_url: str  # host:port, for tritonclient.http / requests (prefix http://)
     grpc_url: str  # host:port, for tritonclient.grpc
     metrics_url: str  # full URL of the Prometheus endpoint
     log: Path | None = None
+    pid: int | None = None
 
     def log_tail(self) -> str:
         if self.log is None or not self.log.exists():
@@ -68,13 +70,13 @@ def start_triton_server(log: Path, env: dict[str, str] | None = None,
     cmd = [
         str(SERVER_SCRIPT), "--model-repository", str(repository),
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--exit-timeout-secs", "10", *(extra_args or []),
+        *(extra_args or []),
     ]
-    server = TritonServer(f"localhost:{http}", f"localhost:{grpc}",
-                          f"http://localhost:{metrics}/metrics", log)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
+    server = TritonServer(f"localhost:{http}", f"localhost:{grpc}",
+                          f"http://localhost:{metrics}/metrics", log, proc.pid)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not _ready(server.http_url):
         if proc.poll() is not None or time.monotonic() > deadline:

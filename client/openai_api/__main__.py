@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
-
-from aiohttp import web
 
 from client.openai_api.server import OpenAIServer, ServerSettings
+from client.web_service import serve_until_signal
 
 DEFAULTS = ServerSettings()
 
@@ -31,18 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(args.triton_url, args.base_model_id, args.default_max_tokens,
                               args.max_in_flight)
-    # handler_cancellation: a client that disconnects cancels its handler (and its request)
-    runner = web.AppRunner(OpenAIServer(settings).app(), handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
-    logging.info("OpenAI API on http://%s:%d/v1 (Triton gRPC %s)", args.host, args.port,
-                 args.triton_url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signal(OpenAIServer(settings).app(), args.host, args.port,
+                             f"OpenAI API on http://{args.host}:{args.port}/v1 "
+                             f"(Triton gRPC {args.triton_url})")
 
 
 def main(argv: list[str] | None = None) -> None:

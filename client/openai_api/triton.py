@@ -1,5 +1,7 @@
 """The OpenAI server's link to the running Triton server: one gRPC stream per request
-(tritonclient.grpc.aio), so that closing it cancels exactly that request on the server."""
+(tritonclient.grpc.aio), so that closing it cancels exactly that request on the server (a
+stream whose request has finished is closed without cancelling: client.close_stream says
+why)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import grpc
 from tritonclient.grpc import aio as grpcaio
 
-from client import MODEL_NAME, Chunk, chunk_from_result, grpc_inputs
+from client import MODEL_NAME, Chunk, chunk_from_result, grpc_inputs, is_final
 from client.openai_api.protocol import ApiError
 
 # "INVALID_ARG: invalid 'top_p': ..." -> code, input name
@@ -23,6 +25,8 @@ _MESSAGE = re.compile(r"^(?P<code>[A-Z_]+): (?:invalid '(?P<field>[^']+)')?")
 _PARAMS = {"adapter_id": "model", "lora_name": "model", "text_input": "messages",
            "input_ids": "prompt", "prompt": "messages", "prompt_token_ids": "prompt"}
 _STATUS = {"INVALID_ARG": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503}
+# a finished request's stream: how long to wait for the server to end it before cancelling
+CLOSE_TIMEOUT_S = 5.0
 
 
 def api_error(message: str, chat: bool = True) -> ApiError:
@@ -69,17 +73,21 @@ class TritonLink:
             await done.wait()  # keep the stream open until the last response
 
         call = self._client.stream_infer(requests())
+        finished = False
         try:
             async for result, error in call:
                 if error is not None:
+                    finished = True  # the model's errors are final responses
                     raise api_error(error.message(), chat)
+                finished = is_final(result)
                 yield chunk_from_result(result)
         except grpc.aio.AioRpcError as exc:
             raise ApiError(503, f"Triton server unreachable at {self.url}: {exc.details()}",
                            None, "unavailable", "server_error") from None
         finally:
-            done.set()
-            call.cancel()
+            done.set()  # the request stream ends: the server ends a finished call
+            if not (finished and await _ended(call)):
+                call.cancel()
 
     async def generate(self, values: dict[str, Any], chat: bool) -> AsyncIterator[Chunk]:
         """stream() up to the response with a finish_reason (every final one has it)."""
@@ -98,3 +106,14 @@ class TritonLink:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+async def _ended(call: Any) -> bool:
+    """Whether the server ended `call` (its requests all finished) within CLOSE_TIMEOUT_S."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            async for _ in call:
+                pass
+    except (TimeoutError, grpc.aio.AioRpcError):
+        return False
+    return True

@@ -50,6 +50,8 @@ class EngineClient:
         self._on_outputs = on_outputs
         self._on_death = on_death
         self._send_lock = threading.Lock()  # execute, the watcher and finalize all send
+        # shutdown runs once: on SIGTERM (the model's SignalWatcher) and again in finalize
+        self._shutdown_lock = threading.Lock()
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count()
         self._stats: Any = None
@@ -112,6 +114,10 @@ class EngineClient:
         if self.dead_reason is not None:
             raise EngineError(ErrorCode.UNAVAILABLE, f"engine core is down: {self.dead_reason}")
         with self._send_lock:
+            # checked under the lock: a message is either ahead of "shutdown" in the pipe (and
+            # ended by the core's abort_all) or refused here, never left without an answer
+            if self._closing:
+                raise EngineError(ErrorCode.UNAVAILABLE, "server shutting down")
             try:
                 self._conn.send(msg)
             except OSError as exc:
@@ -144,12 +150,25 @@ class EngineClient:
     # ---------------------------------------------------------------- shutdown
     def shutdown(self) -> None:
         """Ordered: the core aborts everything (outputs 'cancelled' reach on_outputs), says
-        'closed' and exits; then the reader and the process are joined."""
-        self._closing = True
-        try:
-            self._send(("shutdown",))
-        except EngineError:
-            pass  # already down
+        'closed' and exits; then the reader and the process are joined. Idempotent: a second
+        call (finalize after SIGTERM) waits for the first and returns."""
+        with self._shutdown_lock:
+            if self._closing:
+                return
+            self._send_shutdown()
+            self._join()
+
+    def _send_shutdown(self) -> None:
+        with self._send_lock:
+            self._closing = True  # later sends are refused (_send)
+            if self.dead_reason is not None:
+                return
+            try:
+                self._conn.send(("shutdown",))
+            except OSError:
+                pass  # already down: the reader sees EOF
+
+    def _join(self) -> None:
         self._reader.join(timeout=JOIN_TIMEOUT_S)
         self._proc.join(timeout=JOIN_TIMEOUT_S)
         if self._proc.is_alive():

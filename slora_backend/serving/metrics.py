@@ -1,10 +1,20 @@
 """The model's custom metrics on Triton's metrics port (README "Metrics"), kept out of
 model.py. `pb_utils` (triton_python_backend_utils, which exists only inside the stub) is passed
 in. Each metric call is an IPC round trip to Triton, so gauges and counters are only touched
-when their value changed."""
+when their value changed.
+
+The model's threads (execute, responses, watcher) all update metrics, but a pb_utils Metric is
+not thread-safe: its increment / set / observe release the GIL, then replace the object's
+shared-memory copy and send its handle to Triton (python_backend src/metric.cc, unchanged
+through r26.07). Two threads on one metric let Triton free that memory twice, and tritonserver
+died of SIGSEGV in its shared-memory allocator (`Metric::~Metric`) within seconds of refusals
+counted by two threads at once (tests/server/test_concurrent_refusals.py). So every metric
+call here holds one lock (`_Serialized`).
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -19,11 +29,43 @@ LOAD_SECONDS_TOTAL = "load_latency_total_s"  # EngineStats.adapter_cache: disk -
 LOAD_SECONDS_MAX = "load_latency_max_s"  # slowest of the recent loads
 
 
+class _Serialized:
+    """A pb_utils Metric whose calls hold the one lock of all the model's metrics."""
+
+    def __init__(self, metric: Any, lock: threading.Lock) -> None:
+        self._metric = metric
+        self._lock = lock
+
+    def increment(self, value: float) -> None:
+        with self._lock:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._metric.observe(value)
+
+
+class _Family:
+    """A pb_utils MetricFamily whose metrics come out serialized (`_Serialized`)."""
+
+    def __init__(self, family: Any, lock: threading.Lock) -> None:
+        self._family = family
+        self._lock = lock
+
+    def Metric(self, **kwargs: Any) -> _Serialized:  # noqa: N802 (pb_utils' name)
+        return _Serialized(self._family.Metric(**kwargs), self._lock)
+
+
 class TritonMetrics:
     """Custom metrics on Triton's metrics port (names prefixed `slora_`); README "Metrics"."""
 
     def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
         fam = pb_utils.MetricFamily
+        lock = threading.Lock()
         self._families = [
             fam("slora_requests_total", "Finished requests by outcome", fam.COUNTER),
             fam("slora_time_to_first_token_seconds", "Time to first token", fam.HISTOGRAM),
@@ -41,7 +83,7 @@ class TritonMetrics:
                 fam.GAUGE),
         ]
         (outcomes, ttft, itl, tokens, reqs, pool, resident, cache, preempt, load_total,
-         load_max) = self._families
+         load_max) = (_Family(f, lock) for f in self._families)
         self.outcome = {o: outcomes.Metric(labels={**labels, "outcome": o})
                         for o in ("success", "error", "cancelled")}
         self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)

@@ -1,7 +1,8 @@
-"""docker/compose.yaml (server + Locust) and docker/compose.replicas.yaml (2 replicas behind
-nginx), checked without a Docker engine: they parse, pass `docker compose config` (the Compose
-spec's own validation; needs only the compose binary), and point at files, services, ports and
-health checks that exist and agree with the Dockerfile, the Makefile and docker/lb/nginx.conf."""
+"""docker/compose.yaml (server + HTTP guard + Locust) and docker/compose.replicas.yaml (2
+replicas behind nginx, behind the guard), checked without a Docker engine: they parse, pass
+`docker compose config` (the Compose spec's own validation; needs only the compose binary),
+and point at files, services, ports and health checks that exist and agree with the
+Dockerfile, the Makefile, docker/lb/nginx.conf and client/http_guard."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from docker_files import (
 )
 
 SERVER_PORTS = {"8000", "8001", "8002", "9000"}  # in the container: HTTP, gRPC, metrics, OpenAI
+PUBLISHED_SERVER_PORTS = SERVER_PORTS - {"8000"}  # HTTP reaches the host through the guard
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def _check_server(name: str, svc: dict, top_volumes: dict) -> None:
     test = svc["healthcheck"]["test"]
     assert test[0] == "CMD" and test[-1] == f"{_workdir()}/docker/healthcheck.py"
     assert "/v2/health/ready" in (DOCKER / "healthcheck.py").read_text()
-    assert "8000" in _port_map(svc) or name.startswith("replica")
+    assert "8000" not in _port_map(svc), f"{name}: Triton's own HTTP port is published"
     # volumes: models (named volume, or a host folder) and adapters
     mounts = {}
     for v in svc["volumes"]:
@@ -104,10 +106,38 @@ def test_compose_server(compose):
     ports = _port_map(svc)
     exposed = {p for i in dockerfile_instructions() if i.keyword == "EXPOSE"
                for p in i.args.split()}
-    assert set(ports) == SERVER_PORTS == exposed
+    assert set(ports) == PUBLISHED_SERVER_PORTS and exposed == SERVER_PORTS
     make = make_variables()
-    assert (ports["8000"], ports["8001"], ports["8002"], ports["9000"]) == (
+    guard = _port_map(compose["services"]["http-guard"])
+    assert (guard["8000"], ports["8001"], ports["8002"], ports["9000"]) == (
         make["HTTP_PORT"], make["GRPC_PORT"], make["METRICS_PORT"], make["OPENAI_PORT"])
+
+
+def _check_guard(svc: dict, image: str, upstream: str) -> None:
+    """The guard: the server's image running client.http_guard on 8000 (published as
+    HTTP_PORT) in front of `upstream`, healthy when Triton is ready through it."""
+    assert svc["image"] == image
+    cmd = svc["command"]
+    assert cmd[:3] == ["python", "-m", "client.http_guard"]
+    assert (REPO / "client" / "http_guard" / "__main__.py").is_file()
+    assert cmd[cmd.index("--port") + 1] == "8000" and _port_map(svc) == {"8000": "8000"}
+    assert cmd[cmd.index("--upstream") + 1] == upstream
+    test = svc["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[-1] == f"{_workdir()}/docker/healthcheck.py"
+
+
+def test_compose_http_goes_through_the_guard(compose):
+    services = compose["services"]
+    _check_guard(services["http-guard"], services["server"]["image"], "http://server:8000")
+    published = {name: _port_map(svc) for name, svc in services.items()}
+    assert [n for n, ports in published.items() if "8000" in ports] == ["http-guard"]
+
+
+def test_the_guards_body_bound_matches_nginx():
+    from client.http_guard.proxy import DEFAULT_MAX_BODY_BYTES
+
+    (size,) = re.findall(r"client_max_body_size\s+(\w+);", NGINX_CONF.read_text())
+    assert _size_bytes(size) == DEFAULT_MAX_BODY_BYTES
 
 
 def test_compose_locust_runs_the_suite_against_the_server(compose):
@@ -149,7 +179,6 @@ def test_compose_replicas_behind_the_affinity_balancer(replicas):
         _check_server(name, services[name], replicas.get("volumes") or {})
         (gpu,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         gpus.append(tuple(interpolate_defaults(d) for d in gpu["device_ids"]))
-        assert "8000" not in _port_map(services[name]), "only the balancer serves 8000"
     assert len(set(gpus)) == len(gpus), "replicas share a GPU by default"
 
     lb = services["lb"]
@@ -157,10 +186,11 @@ def test_compose_replicas_behind_the_affinity_balancer(replicas):
     assert (DOCKER / mounts["/etc/nginx/nginx.conf"]).resolve() == NGINX_CONF
     assert {n: c["condition"] for n, c in lb["depends_on"].items()} == {
         n: "service_healthy" for n in names}
-    # the balancer's published ports are the ones nginx listens on
+    # nginx listens on HTTP and gRPC; it publishes gRPC, the guard in front of it HTTP
     listens = {entry.split()[0] for entry in nginx_listens()}
-    assert set(_port_map(lb)) == listens == {"8000", "8001"}
+    assert listens == {"8000", "8001"} and set(_port_map(lb)) == {"8001"}
     assert "http2" in next(e for e in nginx_listens() if e.startswith("8001"))
+    _check_guard(services["http-guard"], services[names[0]]["image"], "http://lb:8000")
     # every upstream lists exactly the replicas, on the server's HTTP / gRPC port
     upstreams = nginx_upstreams()
     assert set(upstreams) == {"slora_http", "slora_grpc"}

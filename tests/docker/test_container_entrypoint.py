@@ -13,6 +13,8 @@ from docker_files import DOCKER, REPO, free_port, make_serve_command
 
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 HEALTHCHECK = DOCKER / "healthcheck.py"
+# scripts/tritonserver.sh puts these first unless the command line has its own
+LAUNCHER_DEFAULTS = ["--exit-timeout-secs", "5"]
 
 
 def _entrypoint(*args: str, **env: str) -> list[str]:
@@ -29,7 +31,7 @@ def test_entrypoint_runs_the_make_serve_command_with_the_port_variables():
     ports = {"HTTP_PORT": "18000", "GRPC_PORT": "18001", "METRICS_PORT": "18002"}
     make_argv = make_serve_command(**ports)
     assert make_argv[:3] == ["scripts/tritonserver.sh", "--model-repository", "model_repository"]
-    assert _entrypoint(**ports) == make_argv[1:]
+    assert _entrypoint(**ports) == LAUNCHER_DEFAULTS + make_argv[1:]
 
 
 def test_entrypoint_defaults_are_the_makefile_defaults():
@@ -48,6 +50,8 @@ def test_entrypoint_defaults_are_the_makefile_defaults():
 
 def test_entrypoint_appends_options_and_runs_other_commands():
     assert _entrypoint("--log-verbose=1")[-1] == "--log-verbose=1"
+    argv = _entrypoint("--exit-timeout-secs", "30")  # an explicit exit timeout wins
+    assert argv.count("--exit-timeout-secs") == 1 and argv[-2:] == ["--exit-timeout-secs", "30"]
     res = subprocess.run([str(ENTRYPOINT), "python3", "-c", "import os; print(os.getcwd())"],
                          capture_output=True, text=True, timeout=60, cwd="/")
     assert res.returncode == 0 and res.stdout.strip() == str(REPO), res.stderr

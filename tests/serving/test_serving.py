@@ -5,6 +5,8 @@ reported; and response coalescing keeps the streaming contract."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+import multiprocessing
 import os
 import queue
 import signal
@@ -13,10 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from slora_backend import EngineConfig, ErrorCode, LLMEngine, RequestOutput, SamplingParams
+from slora_backend import (
+    EngineConfig,
+    EngineError,
+    ErrorCode,
+    LLMEngine,
+    RequestOutput,
+    SamplingParams,
+)
 from slora_backend.logprobs import TokenLogprobs
 from slora_backend.serving.client import EngineClient
 from slora_backend.serving.coalesce import coalesce
+from slora_backend.serving.core import EngineCore
 from slora_testing.synthetic_adapters import make_tiny_model
 
 pytestmark = pytest.mark.slow  # each test spawns an engine core process
@@ -126,6 +136,10 @@ def test_shutdown_cancels_running_requests(config: EngineConfig) -> None:
     core.add_request("long", "Hi", None, SamplingParams(max_tokens=1500, ignore_eos=True), None)
     core.shutdown()
     assert sink.finished.get(timeout=TIMEOUT_S).finish_reason == "cancelled"
+    core.shutdown()  # again (finalize after SIGTERM): a no-op
+    with pytest.raises(EngineError, match="UNAVAILABLE: server shutting down"):
+        core.add_request("late", "Hi", None, SamplingParams(), None)
+    assert not sink.died.is_set()
 
 
 def test_killed_core_is_reported(config: EngineConfig) -> None:
@@ -137,3 +151,25 @@ def test_killed_core_is_reported(config: EngineConfig) -> None:
     with pytest.raises(Exception, match="UNAVAILABLE: engine core is down"):
         core.add_request("late", "Hi", None, SamplingParams(), None)
     core.shutdown()
+
+
+def test_a_refused_add_leaves_no_garbage(config: EngineConfig) -> None:
+    """A refused add ends as an output carrying the error. With its traceback, the error kept
+    the frames it was raised through, and the core loop's frame (whose locals hold the outputs)
+    closed a cycle that only a rare full gc frees: the core grew by the refused request's token
+    ids, 16 MB for 2^20 of them, per request (found by bench/soak_server.py's hostile mix)."""
+    engine = LLMEngine(config)
+    ours, theirs = multiprocessing.Pipe()
+    core = EngineCore(engine, theirs)
+    too_long = [1] * (engine.max_model_len + 1)
+    gc.collect()
+    gc.disable()  # only the collection below may find (and count) cycles
+    try:
+        ours.send(("add", "long", None, too_long, SamplingParams(max_tokens=1), None))
+        (output,) = core._take_messages(1.0)
+        assert output.error.code == ErrorCode.INVALID_ARG and output.finished
+        del output
+        assert gc.collect() == 0, "the refused request left a reference cycle behind"
+    finally:
+        gc.enable()
+        engine.close()

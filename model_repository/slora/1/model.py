@@ -40,6 +40,7 @@ from slora_backend import EngineConfig, EngineError, ErrorCode  # noqa: E402
 from slora_backend.serving.client import EngineClient  # noqa: E402
 from slora_backend.serving.coalesce import coalesce  # noqa: E402
 from slora_backend.serving.metrics import TritonMetrics  # noqa: E402
+from slora_backend.shutdown_signal import SignalWatcher  # noqa: E402
 from slora_backend.tokenizer import Tokenizer  # noqa: E402
 from slora_backend.triton_io import (  # noqa: E402
     COMMAND_LIST_ADAPTERS,
@@ -115,6 +116,12 @@ class TritonPythonModel:
         self._watch_thread = threading.Thread(target=self._watch_loop, name="slora-watch")
         self._response_thread.start()
         self._watch_thread.start()
+        # on SIGTERM Triton unloads the model (finalize) only once nothing references it, and
+        # every running request's response sender does: end them all at once when the signal
+        # comes (scripts/tritonserver.sh passes it on) instead of generating on
+        self._serving_lock = threading.Lock()
+        self._serving = True
+        self._signals = SignalWatcher(self._stop_serving)
 
     # ---------------------------------------------------------------- requests
     def execute(self, requests: list) -> None:
@@ -314,18 +321,30 @@ class TritonPythonModel:
         os.kill(os.getppid(), signal.SIGTERM)
 
     # ---------------------------------------------------------------- shutdown
+    def _stop_serving(self) -> None:
+        """End every request (on SIGTERM, then again as finalize's first step: runs once).
+        The core aborts all and its 'cancelled' outputs go out as final responses; requests
+        still unanswered get UNAVAILABLE, and so does any request that comes later."""
+        with self._serving_lock:
+            if not self._serving:
+                return
+            self._serving = False
+            self.logger.log_info("[slora] stopping: ending every request")
+            self._core.shutdown()
+            self._responses.put(SHUTDOWN)
+            self._response_thread.join()
+            with self._lock:
+                leftover = list(self._active.values())
+                self._active.clear()
+            shutting_down = EngineError(ErrorCode.UNAVAILABLE, "server shutting down")
+            for state in leftover:
+                self._finish(state, self._error_response(shutting_down))
+
     def finalize(self) -> None:
-        """Ordered: stop the engine (aborts all, delivers 'cancelled'), drain, join threads."""
+        """Ordered: stop serving (if SIGTERM has not already), join the watcher."""
         self.logger.log_info("[slora] finalize: shutting down the engine")
-        self._core.shutdown()
+        self._stop_serving()
         self._stop.set()
         self._watch_thread.join()
-        self._responses.put(SHUTDOWN)
-        self._response_thread.join()
-        with self._lock:
-            leftover = list(self._active.values())
-            self._active.clear()
-        shutting_down = EngineError(ErrorCode.UNAVAILABLE, "server shutting down")
-        for state in leftover:
-            self._finish(state, self._error_response(shutting_down))
+        self._signals.close()
         self.logger.log_info("[slora] finalize: done")

@@ -1,0 +1,37 @@
+"""python -m client.http_guard: serve the guard in front of Triton's HTTP port until SIGINT /
+SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from client.http_guard.proxy import DEFAULT_MAX_BODY_BYTES, GuardSettings, HttpGuard
+from client.web_service import serve_until_signal
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m client.http_guard", description=__doc__)
+    p.add_argument("--upstream", required=True,
+                   help="Triton's HTTP endpoint, http://HOST:PORT (e.g. http://server:8000)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies are refused with 413")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    app = HttpGuard(GuardSettings(args.upstream, args.max_body_bytes)).app()
+    await serve_until_signal(app, args.host, args.port,
+                             f"guarding {args.upstream} on http://{args.host}:{args.port}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[http_guard] %(message)s")
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

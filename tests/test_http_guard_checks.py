@@ -1,0 +1,98 @@
+"""client/http_guard/checks.py without a server: what a generate / infer body may hold for each
+Triton datatype, and that refusals name the input and the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from client.http_guard.checks import (
+    GuardError,
+    check_generate,
+    check_infer,
+    check_values,
+    parse_body,
+)
+
+# the slora model's generate inputs (a subset of model_repository/slora/config.pbtxt)
+DATATYPES = {"text_input": "BYTES", "max_tokens": "INT32", "input_ids": "INT32",
+             "seed": "UINT64", "temperature": "FP32", "ignore_eos": "BOOL"}
+MIB = 1 << 20
+
+
+def refused(body: object, match: str) -> None:
+    with pytest.raises(GuardError, match=match) as info:
+        check_generate(body, DATATYPES)
+    assert str(info.value).startswith("INVALID_ARG: ") and info.value.status == 400
+
+
+def test_generate_accepts_what_triton_reads_right() -> None:
+    check_generate({"text_input": "Hi", "max_tokens": 2 ** 31 - 1, "input_ids": [0, 1, 2],
+                    "seed": 2 ** 64 - 1, "temperature": 0.5, "ignore_eos": True,
+                    "stream": False, "extra_parameter": {"not": "an input"}}, DATATYPES)
+    check_generate({"temperature": 1, "input_ids": []}, DATATYPES)  # an int is a number
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ({"max_tokens": 4294967298}, r"'max_tokens': 4294967298 is out of range for INT32 "
+                                 r"\[-2147483648, 2147483647\]"),
+    ({"input_ids": [5, 2 ** 32 + 1]}, r"'input_ids': 4294967297 is out of range for INT32"),
+    ({"input_ids": [-(2 ** 31) - 1]}, r"'input_ids': -2147483649 is out of range"),
+    ({"seed": -1}, r"'seed': -1 is out of range for UINT64"),
+    ({"temperature": 1e39}, r"'temperature': 1e\+39 is out of range for FP32"),
+    ({"max_tokens": "four"}, r"'max_tokens': expected an integer for INT32, got the string"),
+    ({"max_tokens": 4.0}, r"'max_tokens': expected an integer for INT32, got 4"),
+    ({"max_tokens": True}, r"'max_tokens': expected an integer for INT32, got True"),
+    ({"ignore_eos": 1}, r"'ignore_eos': expected a boolean for BOOL, got 1"),
+    ({"text_input": 12}, r"'text_input': expected a string for BYTES, got 12"),
+    ({"input_ids": [[1, 2]]}, r"'input_ids': expected a value or a flat list"),
+    ({"text_input": {"a": 1}}, r"'text_input': expected a value or a flat list"),
+    ([1, 2], r"request body must be a JSON object"),
+])
+def test_generate_refusals(body: object, match: str) -> None:
+    refused(body, match)
+
+
+def test_parse_body_bounds() -> None:
+    assert parse_body(b'{"a": [1, 2]}', MIB) == {"a": [1, 2]}
+    for raw, match in [(b'{"text_input": "Hi", ', "request body: not valid JSON"),
+                       (b"[" * 40_000 + b"]" * 40_000, "request body: nested deeper than 32"),
+                       (b'{"a": "\xff"}', "request body is not UTF-8"),
+                       (b"1" * 50, "request body: an integer of 50 digits"),
+                       (json.dumps({"s": "x" * 100}).encode(), "longer than 64 characters")]:
+        with pytest.raises(GuardError, match=match):
+            parse_body(raw, 64 if b"x" * 100 in raw else MIB)
+
+
+def infer(inputs: object) -> dict:
+    return {"inputs": inputs}
+
+
+def test_infer_checks_data_against_the_requests_datatype() -> None:
+    check_infer(infer([{"name": "max_tokens", "datatype": "INT32", "shape": [1, 2],
+                        "data": [[1, 2]]},
+                       {"name": "text_input", "datatype": "BYTES", "shape": [1],
+                        "parameters": {"binary_data_size": 5}}]))
+    with pytest.raises(GuardError, match=r"'max_tokens': 4294967298 is out of range for INT32"):
+        check_infer(infer([{"name": "max_tokens", "datatype": "INT32", "shape": [1, 2],
+                            "data": [[1, 4294967298]]}]))
+    with pytest.raises(GuardError, match=r"'x': 256 is out of range for UINT8"):
+        check_infer(infer([{"name": "x", "datatype": "UINT8", "shape": [2], "data": [0, 256]}]))
+    for bad, match in [(infer(5), "'inputs': expected a list"),
+                       (infer([7]), r"'inputs\[0\]': expected an object"),
+                       (infer([{"name": 1, "datatype": "INT32", "shape": [1]}]),
+                        r"'inputs\[0\]': 'name' and 'datatype' must be strings"),
+                       (infer([{"name": "a", "datatype": "INT32", "shape": "1"}]),
+                        r"'inputs\[0\].shape': expected a list"),
+                       (infer([{"name": "a", "datatype": "INT32", "shape": [2 ** 63]}]),
+                        r"'a.shape': 9223372036854775808 is out of range for INT64"),
+                       ("x", "request body must be a JSON object")]:
+        with pytest.raises(GuardError, match=match):
+            check_infer(bad)
+
+
+def test_the_one_bad_id_in_a_million_is_found() -> None:
+    ids = list(range(1_000_000)) + [2 ** 31]
+    with pytest.raises(GuardError, match="2147483648 is out of range for INT32"):
+        check_values("input_ids", "INT32", ids)
