@@ -60,7 +60,7 @@ class AdapterManager:
         self.pool = pool
         self.host = host
         self.max_rank = max_rank
-        self.copier = copier if copier is not None else PoolCopier(storage.tensor, spec)
+        self.copier = copier if copier is not None else PoolCopier(storage.tensor, spec, max_slots)
         self.tables = LoraTables.create(max_slots, self.copier.table_rank(max_rank),
                                         storage.tensor.device)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first

@@ -8,9 +8,10 @@ the model's stream, and the copy engine moves the bytes while the step computes.
 (loading -> ready, or refused) run within one call.
 
 A copy, on the side stream: the pinned host buffer -> a staging tensor on the device (one host ->
-device copy), the finite check on the device (`isfinite().all()`, into pinned host memory: the
-CPU never reduces the values), then the rows from the staging into the adapter's pages
-(`write_adapter_factors`: one op per run of rows, all layers). The step in flight may still
+device copy), the finite check on the device (`isfinite().all()`, into the slot's byte of a
+pinned array allocated once: a pinned allocation per copy can block the host until the device
+is idle; the CPU never reduces the values), then the rows from the staging into the adapter's
+pages (`write_adapter_factors`: one op per run of rows, all layers). The step in flight may still
 read pages freed since it was launched (a finished request's last row, a preempted sequence's
 KV), so the side stream first waits for everything launched on the model's stream so far. The
 slot tables are written at the flip, on the model's stream, by the pool tier.
@@ -75,12 +76,16 @@ class PoolCopier:
     """Copies host adapters into pool pages: on a side stream on CUDA (unless `side_stream`
     is off), at once otherwise."""
 
-    def __init__(self, storage: torch.Tensor, spec: ModelSpec, side_stream: bool = True) -> None:
+    def __init__(self, storage: torch.Tensor, spec: ModelSpec, max_slots: int,
+                 side_stream: bool = True) -> None:
         self.storage = storage
         self.spec = spec
         self.device = storage.device
         on_gpu = side_stream and self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if on_gpu else None
+        # one finite flag per slot (a slot has at most one copy in flight), pinned once
+        self._flags = torch.zeros(max_slots if on_gpu else 0, dtype=torch.bool,
+                                  pin_memory=on_gpu)
 
     def table_rank(self, rank: int) -> int:
         """The slot tables' rank for an adapter of `rank` (their width for `max_rank`)."""
@@ -102,7 +107,7 @@ class PoolCopier:
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             staging, factors = on_device(host, self.device)
-            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag = self._flags[slot]
             flag.copy_(torch.isfinite(staging).all(), non_blocking=True)
             pointers = self._write(factors, host, pages, plan, slot)
             finished = torch.cuda.Event()

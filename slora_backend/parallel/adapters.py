@@ -55,7 +55,7 @@ class ShardedCopier(PoolCopier):
     next step plan (the copy is done at once: nothing is in flight on a side stream)."""
 
     def __init__(self, storage: torch.Tensor, spec: ModelSpec, geometry: ShardGeometry) -> None:
-        super().__init__(storage, spec, side_stream=False)
+        super().__init__(storage, spec, max_slots=0, side_stream=False)
         self.geometry = geometry
         self.pending: list[tuple[AdapterLoad, HostAdapter]] = []
 

@@ -44,8 +44,8 @@ class Gate:
 class HeldCopier(PoolCopier):
     """The CPU copier; each copy reports itself in flight until its gate opens."""
 
-    def __init__(self, storage: torch.Tensor, spec: ModelSpec) -> None:
-        super().__init__(storage, spec)
+    def __init__(self, storage: torch.Tensor, spec: ModelSpec, max_slots: int) -> None:
+        super().__init__(storage, spec, max_slots)
         self.gates: dict[str, Gate] = {}
 
     def start(self, host, pages, plan, slot) -> PoolCopy:  # noqa: ANN001 (the parent's types)
@@ -61,7 +61,7 @@ def build(model_dir: Path, adapter_dir: Path, num_pages: int = 64, slots: int = 
                           dtype, "cpu")
     cache = HostCache(AdapterSource(adapter_dir, spec, 64, dtype), HOST_BYTES)
     mgr = AdapterManager(spec, storage, PagePool(num_pages), cache, slots, 64)
-    mgr.copier = HeldCopier(storage.tensor, spec)
+    mgr.copier = HeldCopier(storage.tensor, spec, slots)
     return mgr
 
 
@@ -114,7 +114,7 @@ def test_non_finite_values_are_refused_after_the_copy(tiny_model_dir: Path,
     adapters = poisoned_copy(tiny_adapter_dir, tmp_path, "a_r4_qv", key, value)
     mgr = build(tiny_model_dir, adapters)
     if not held:
-        mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec)
+        mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec, mgr.tables.num_slots)
     try:
         mgr.host.wait("bad", timeout=WAIT_S)  # the host tier reads it: values are not its job
         if held:
@@ -141,7 +141,7 @@ def test_fp16_overflow_is_refused(tiny_model_dir: Path, tiny_adapter_dir: Path,
     key = tensor_key(0, "q_proj", "A")
     adapters = poisoned_copy(tiny_adapter_dir, tmp_path, "a_r4_qv", key, 1e6, "overflow")
     mgr = build(tiny_model_dir, adapters, dtype=torch.float16)
-    mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec)
+    mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec, mgr.tables.num_slots)
     try:
         mgr.host.wait("overflow", timeout=WAIT_S)
         with pytest.raises(EngineError, match=f"'{key}' has non-finite values .* torch.float16"):
@@ -195,7 +195,7 @@ def test_admission_fills_the_batch_while_a_pool_copy_runs(tiny_model_dir: Path,
 
 def test_copied_rows_equal_the_adapter(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
     mgr = build(tiny_model_dir, tiny_adapter_dir, num_pages=256)
-    mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec)
+    mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec, mgr.tables.num_slots)
     try:
         name = "a_r64_ko_down"
         mgr.host.wait(name, timeout=WAIT_S)

@@ -45,6 +45,31 @@ def build(model_dir: Path, adapter_dir: Path) -> AdapterManager:
     return AdapterManager(spec, storage, PagePool(NUM_PAGES), cache, 4, 64)
 
 
+def blocking_ops(buffer: torch.Tensor) -> dict[str, float]:
+    """Host ms of each op a copy's start could block on, each timed while the model stream
+    sleeps ~0.1 s (a failure message: which one waits for the device)."""
+    side = torch.cuda.Stream()
+    ops = {
+        "pinned alloc (new size)": lambda: torch.empty(3 << 20, dtype=torch.uint8,
+                                                       pin_memory=True),
+        "arena range -> device, non_blocking": lambda: buffer.to("cuda", non_blocking=True),
+        "pageable 8 B -> device, non_blocking": lambda: torch.zeros(2).to("cuda",
+                                                                        non_blocking=True),
+        "event record": lambda: torch.cuda.Event().record(),
+    }
+    times = {}
+    for what, op in ops.items():
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        side.wait_stream(torch.cuda.current_stream())
+        t0 = time.perf_counter()
+        with torch.cuda.stream(side):
+            op()
+        times[what] = round((time.perf_counter() - t0) * 1e3, 1)
+    torch.cuda.synchronize()
+    return times
+
+
 def until_ready(mgr: AdapterManager, name: str) -> int:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -55,12 +80,6 @@ def until_ready(mgr: AdapterManager, name: str) -> int:
     raise AssertionError(f"{name} never turned ready")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H100, 2026-12-07: the first acquire returned the slot, not Wait.LOADING, so something "
-    "in the copy's start blocked the host until the model stream's 0.1-s sleep had ended "
-    "(the copy was then complete); the adapter's rows were not checked in that run. Suspects: "
-    "a pinned allocation per copy (the finite flag) or a host buffer that is not pinned (a "
-    "pageable non_blocking copy waits for its stream). Not reproducible without a GPU"))
 def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
                                                    tiny_adapter_dir: Path) -> None:
     mgr = build(tiny_model_dir, tiny_adapter_dir)
@@ -72,7 +91,13 @@ def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
         # pool hands out pages 0, 1, ... first); the copy must land after it, not under it
         torch.cuda._sleep(SLEEP_CYCLES)
         mgr.storage.tensor[:, :pages] = 7.0
-        assert mgr.acquire(name) is Wait.LOADING  # the copy waits behind the busy stream
+        t0 = time.perf_counter()
+        got = mgr.acquire(name)
+        host_s = time.perf_counter() - t0
+        # the copy waits behind the busy stream, and the host does not
+        assert got is Wait.LOADING, (
+            f"acquire blocked the host {host_s * 1e3:.1f} ms; with the model stream busy, "
+            f"ms per op: {blocking_ops(mgr.host.get(name).buffer)}")
         slot = until_ready(mgr, name)
         torch.cuda.synchronize()
         assert_rows_equal(mgr, slot, tiny_adapter_dir, name,
