@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STOP_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 600.0
+GUARD_READY_TIMEOUT_S = 30.0
 POLL_S = 0.5
 
 
@@ -57,12 +59,37 @@ def start_tritonserver(log: Path, env: dict[str, str] | None = None,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
     urls = {"http": f"localhost:{http}", "grpc": f"localhost:{grpc}",
             "metrics": f"http://localhost:{metrics}/metrics"}
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://{urls['http']}/v2/health/ready", timeout=2):
-                return proc, urls
-        except OSError:  # refused, or 400 while the model loads
-            time.sleep(POLL_S)
+    if _wait_ready(proc, urls["http"], READY_TIMEOUT_S):
+        return proc, urls
     stop_server(proc)
     raise RuntimeError(f"tritonserver did not become ready; see {log}")
+
+
+def start_http_guard(upstream: str, log: Path, *args: str,
+                     ) -> tuple[subprocess.Popen, str]:
+    """`python -m client.http_guard` (extra CLI `args`) in front of Triton's HTTP endpoint
+    `upstream` (host:port), on a free port; once it answers /v2/health/ready through to the
+    server: (process, host:port). Stop it with stop_server."""
+    (port,) = free_ports(1)
+    cmd = [sys.executable, "-m", "client.http_guard", "--host", "127.0.0.1", "--port",
+           str(port), "--upstream", f"http://{upstream}", *args]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
+    url = f"127.0.0.1:{port}"
+    if _wait_ready(proc, url, GUARD_READY_TIMEOUT_S):
+        return proc, url
+    stop_server(proc)
+    raise RuntimeError(f"the HTTP guard did not start:\n{log.read_text()}")
+
+
+def _wait_ready(proc: subprocess.Popen, http_url: str, timeout: float) -> bool:
+    """Whether http://http_url/v2/health/ready answered 200 before `timeout` or proc's end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2):
+                return True
+        except OSError:  # refused, or 400 while the model loads
+            time.sleep(POLL_S)
+    return False

@@ -4,11 +4,15 @@ Triton datatype, and that refusals name the input and the problem."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 from client.http_guard.checks import (
     GuardError,
+    check_body,
     check_generate,
     check_infer,
     check_values,
@@ -96,3 +100,44 @@ def test_the_one_bad_id_in_a_million_is_found() -> None:
     ids = list(range(1_000_000)) + [2 ** 31]
     with pytest.raises(GuardError, match="2147483648 is out of range for INT32"):
         check_values("input_ids", "INT32", ids)
+
+
+@pytest.mark.parametrize(("raw", "action", "datatypes", "match"), [
+    (b'{"max_tokens": "four"}', "generate", DATATYPES, "'max_tokens': expected an integer"),
+    (b'{"max_tokens": "four"}', "generate_stream", DATATYPES, "'max_tokens': expected an"),
+    (b'{"inputs": 5}', "infer", None, "'inputs': expected a list"),
+    (b'{"a": ', None, None, "request body: not valid JSON"),
+    (b'{"a": ', "generate", None, "request body: not valid JSON"),
+])
+def test_check_body_parses_then_checks_what_the_action_needs(raw: bytes, action: str | None,
+                                                             datatypes: dict | None,
+                                                             match: str) -> None:
+    with pytest.raises(GuardError, match=match):
+        check_body(raw, MIB, action, datatypes)
+
+
+def test_check_body_without_datatypes_or_action_only_parses() -> None:
+    wrong_type = b'{"max_tokens": "four"}'
+    check_body(wrong_type, MIB, "generate", None)  # no such model: Triton answers that
+    check_body(wrong_type, MIB, None, DATATYPES)  # not a model's infer / generate endpoint
+
+
+def test_guard_error_survives_pickling() -> None:
+    busy = GuardError("the guard is busy", 503, "UNAVAILABLE")
+    copy = pickle.loads(pickle.dumps(busy))
+    assert (str(copy), copy.status, copy.code) == ("UNAVAILABLE: the guard is busy", 503,
+                                                   "UNAVAILABLE")
+
+
+def test_guard_error_comes_back_from_a_worker_process() -> None:
+    """What the proxy does for a big body: check_body in a spawned worker; its refusal comes
+    back as the same GuardError (message, status)."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        future = pool.submit(check_body, b'{"max_tokens": 4294967298}', MIB, "generate",
+                             DATATYPES)
+        with pytest.raises(GuardError) as info:
+            future.result()
+    assert str(info.value) == ("INVALID_ARG: invalid 'max_tokens': 4294967298 is out of range "
+                               "for INT32 [-2147483648, 2147483647]")
+    assert info.value.status == 400

@@ -7,7 +7,13 @@ import argparse
 import asyncio
 import logging
 
-from client.http_guard.proxy import DEFAULT_MAX_BODY_BYTES, GuardSettings, HttpGuard
+from client.http_guard.proxy import (
+    DEFAULT_CHECK_WORKERS,
+    DEFAULT_MAX_BODY_BYTES,
+    POOL_CHECKS_PER_WORKER,
+    GuardSettings,
+    HttpGuard,
+)
 from client.web_service import serve_until_signal
 
 
@@ -19,11 +25,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413")
+    p.add_argument("--check-workers", type=int, default=DEFAULT_CHECK_WORKERS,
+                   help="processes that check large request bodies off the event loop")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
-    app = HttpGuard(GuardSettings(args.upstream, args.max_body_bytes)).app()
+    settings = GuardSettings(args.upstream, args.max_body_bytes,
+                             check_workers=args.check_workers,
+                             max_pool_checks=POOL_CHECKS_PER_WORKER * args.check_workers)
+    app = HttpGuard(settings).app()
     await serve_until_signal(app, args.host, args.port,
                              f"guarding {args.upstream} on http://{args.host}:{args.port}")
 

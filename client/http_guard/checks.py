@@ -6,7 +6,9 @@ answers a JSON value of the wrong type with HTTP 500; deep nesting crashes it (i
 until 2.58, whole bodies until 2.69; README "Errors"). Every body goes through bounded_json
 (slora_backend's one bounded parser: size, depth, integer digits); then generate and infer
 bodies are checked against the inputs' datatypes: each value must have the JSON type the
-datatype needs and, for integer and float datatypes, lie in its range.
+datatype needs and, for integer and float datatypes, lie in its range. `check_body` does all of
+it synchronously and touches nothing but its arguments, so the proxy runs it inline for small
+bodies and in a worker process for big ones (a GuardError is pickled back).
 """
 
 from __future__ import annotations
@@ -29,11 +31,28 @@ JSON_TYPES = {"BOOL": ((bool,), "a boolean"), "BYTES": ((str,), "a string"),
 
 
 class GuardError(ValueError):
-    """A refused request: HTTP `status` and a message in the model's style (code prefix)."""
+    """A refused request: HTTP `status` and a message in Triton's style (`code` prefix)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(f"INVALID_ARG: {message}")
-        self.status = status
+    def __init__(self, message: str, status: int = 400, code: str = "INVALID_ARG") -> None:
+        super().__init__(f"{code}: {message}")
+        self.message, self.status, self.code = message, status, code
+
+    def __reduce__(self) -> tuple[type[GuardError], tuple[str, int, str]]:
+        # the default rebuilds from self.args (the prefixed text alone): the status would be
+        # lost and the prefix doubled on the way back from a check worker
+        return type(self), (self.message, self.status, self.code)
+
+
+def check_body(json_part: bytes, max_bytes: int, action: str | None,
+               datatypes: dict[str, str] | None) -> None:
+    """The whole check of a request body's JSON; GuardError for the first problem.
+    `action`: infer, generate or generate_stream for a model's endpoint, None elsewhere (parse
+    only); `datatypes`: the model's inputs for generate (None: unknown model, parse only)."""
+    parsed = parse_body(json_part, max_bytes)
+    if action == "infer":
+        check_infer(parsed)
+    elif action is not None and datatypes is not None:
+        check_generate(parsed, datatypes)
 
 
 def parse_body(raw: bytes, max_bytes: int) -> Any:

@@ -11,9 +11,9 @@ errors) passes through unchanged. The segfault on deep nesting is shown on a ser
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
-import subprocess
-import sys
+import select
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +23,11 @@ import pytest
 import requests
 
 from client import GenerateRequest, stream_http
-from slora_testing.servers import free_ports
+from slora_testing.servers import start_http_guard, stop_server
 
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 30.0
 TIMEOUT_S = 120.0
 CRASH_TIMEOUT_S = 60.0
 RUNNING_TIMEOUT_S = 10.0  # far less than 1000 tokens take here
@@ -40,6 +39,10 @@ WRAPPED_ID = 2 ** 32 + 1  # read as token 1
 # 1,000,000 deep (2 MB) overflows RapidJSON's recursive parse itself (iterative since 2.69)
 DEEP_INPUT = b'{"text_input": ' + b"[" * 40_000 + b'"x"' + b"]" * 40_000 + b"}"
 DEEP_BODY = b"[" * 1_000_000 + b"]" * 1_000_000
+# a guard checks these id lists for seconds (parse + range), then refuses the last id itself
+ORDERING_IDS = 8_000_000  # 16 MB: ~2.7 s of check on the CPU host, its read takes ms
+POOL_BOUND_IDS = 2_000_000  # 4 MB: ~0.7 s of check; five of them are sent in far less
+SETTLE_S = 0.2  # lets the guard finish reading the big body: its check is under way then
 NORMAL = {"text_input": "Hi", "max_tokens": 3, "temperature": 0.0, "stream": False}
 IDS = {"max_tokens": 1, "stream": False}  # + input_ids
 
@@ -47,23 +50,20 @@ IDS = {"max_tokens": 1, "stream": False}  # + input_ids
 @pytest.fixture(scope="module")
 def guard(triton_server, tmp_path_factory) -> Iterator[str]:
     """`python -m client.http_guard` in front of the session's server: its host:port."""
-    (port,) = free_ports(1)
-    log = tmp_path_factory.mktemp("http_guard") / "guard.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "client.http_guard", "--port", str(port),
-                                 "--host", "127.0.0.1",
-                                 "--upstream", f"http://{triton_server.http_url}"],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _ready(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the guard did not start:\n{log.read_text()}")
-        time.sleep(0.2)
+    proc, url = start_http_guard(triton_server.http_url,
+                                 tmp_path_factory.mktemp("http_guard") / "guard.log")
     yield url
-    proc.terminate()
-    proc.wait(timeout=START_TIMEOUT_S)
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def one_worker_guard(triton_server, tmp_path_factory) -> Iterator[tuple[psutil.Process, str]]:
+    """A guard with one check worker (so 4 big checks admitted at once): process, host:port."""
+    proc, url = start_http_guard(triton_server.http_url,
+                                 tmp_path_factory.mktemp("http_guard") / "guard.log",
+                                 "--check-workers", "1")
+    yield psutil.Process(proc.pid), url
+    stop_server(proc)
 
 
 def _ready(url: str) -> bool:
@@ -182,6 +182,76 @@ def test_the_guard_streams_events_before_the_request_ends(guard, srv) -> None:
         events.close()
     srv.wait_for(lambda: srv.metric("slora_requests", state="running") == 0, TIMEOUT_S,
                  "the abandoned stream to be cancelled")
+
+
+def _refused_ids(count: int) -> bytes:
+    """A generate body of `count` input ids whose last is out of INT32's range: the guard reads
+    and checks all of it, then answers 400 itself (nothing waits upstream after the check)."""
+    return (b'{"max_tokens": 1, "input_ids": [' + b"1," * (count - 1)
+            + str(WRAPPED_ID).encode() + b"]}")
+
+
+def _send(url: str, body: bytes) -> http.client.HTTPConnection:
+    """POST `body` to generate; returns once the body is handed to the kernel, the answer
+    waits on the connection (_answer)."""
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT_S)
+    conn.request("POST", "/v2/models/slora/generate", body=body,
+                 headers={"Content-Type": "application/json"})
+    return conn
+
+
+def _answer(conn: http.client.HTTPConnection) -> tuple[int, str]:
+    """The status and error message of a request sent with _send."""
+    try:
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_a_big_check_does_not_hold_up_other_requests(guard) -> None:
+    """While the guard checks a 16 MB body (seconds of CPU), a health check sent to it is
+    answered while that body's answer, a 400 written right after its check, has not arrived.
+    Checked on the guard's event loop, the body would hold the health check until the check
+    ended, and its 400 would come first."""
+    big = _send(guard, _refused_ids(ORDERING_IDS))
+    time.sleep(SETTLE_S)  # not an assertion: makes sure the check, not the read, is under way
+    health = requests.get(f"http://{guard}/v2/health/ready", timeout=TIMEOUT_S)
+    assert health.status_code == 200
+    arrived, _, _ = select.select([big.sock], [], [], 0)
+    assert not arrived, "the big body's answer came before the health check's"
+    status, error = _answer(big)
+    assert status == 400 and "4294967297 is out of range for INT32" in error, error
+
+
+def test_big_checks_beyond_the_bound_get_503_at_once(one_worker_guard) -> None:
+    """One check worker admits 4 big checks (running or queued); a fifth sent meanwhile is
+    refused with 503 UNAVAILABLE without waiting, and once the line drains big bodies are
+    checked again."""
+    _, url = one_worker_guard
+    body = _refused_ids(POOL_BOUND_IDS)
+    answers = [_answer(conn) for conn in [_send(url, body) for _ in range(5)]]
+    assert sorted(status for status, _ in answers) == [400] * 4 + [503], answers
+    (busy,) = [error for status, error in answers if status == 503]
+    assert busy.startswith("UNAVAILABLE: the guard is checking 4 large request bodies")
+    assert _answer(_send(url, body))[0] == 400
+
+
+def test_a_dead_check_worker_is_replaced(one_worker_guard) -> None:
+    """A check worker killed (as by the OOM killer) breaks the pool: the next big body gets 503
+    naming it, the guard starts a new pool, and the one after is checked as before."""
+    guard_process, url = one_worker_guard
+    (worker,) = [child for child in guard_process.children()
+                 if "spawn_main" in " ".join(child.cmdline())]
+    worker.kill()
+    worker.wait(TIMEOUT_S)
+    body = _refused_ids(POOL_BOUND_IDS)
+    lost = _answer(_send(url, body))
+    assert lost[0] == 503 and "a check worker died" in lost[1], lost
+    checked = _answer(_send(url, body))
+    assert checked[0] == 400 and "out of range for INT32" in checked[1], checked
+    assert _ready(url)
 
 
 @pytest.mark.slow
