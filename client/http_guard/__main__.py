@@ -9,6 +9,7 @@ import logging
 
 from client.http_guard.proxy import (
     DEFAULT_CHECK_WORKERS,
+    DEFAULT_INLINE_CHECK_BYTES,
     DEFAULT_MAX_BODY_BYTES,
     POOL_CHECKS_PER_WORKER,
     GuardSettings,
@@ -27,11 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="larger request bodies are refused with 413")
     p.add_argument("--check-workers", type=int, default=DEFAULT_CHECK_WORKERS,
                    help="processes that check large request bodies off the event loop")
+    p.add_argument("--inline-check-bytes", type=int, default=DEFAULT_INLINE_CHECK_BYTES,
+                   help="bodies up to this size are checked on the event loop, larger ones "
+                        "by the check workers")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
     settings = GuardSettings(args.upstream, args.max_body_bytes,
+                             inline_check_bytes=args.inline_check_bytes,
                              check_workers=args.check_workers,
                              max_pool_checks=POOL_CHECKS_PER_WORKER * args.check_workers)
     app = HttpGuard(settings).app()
