@@ -38,8 +38,8 @@ class GuardError(ValueError):
         self.message, self.status, self.code = message, status, code
 
     def __reduce__(self) -> tuple[type[GuardError], tuple[str, int, str]]:
-        # the default rebuilds from self.args (the prefixed text alone): the status would be
-        # lost and the prefix doubled on the way back from a check worker
+        # the default calls GuardError(*self.args), args being the prefixed text: the copy
+        # that comes back from a check worker would read "INVALID_ARG: INVALID_ARG: ..."
         return type(self), (self.message, self.status, self.code)
 
 

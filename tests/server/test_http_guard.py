@@ -16,7 +16,6 @@ import json
 import select
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
@@ -27,7 +26,6 @@ from slora_testing.servers import start_http_guard, stop_server
 
 pytestmark = pytest.mark.server
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120.0
 CRASH_TIMEOUT_S = 60.0
 RUNNING_TIMEOUT_S = 10.0  # far less than 1000 tokens take here
