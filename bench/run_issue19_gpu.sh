@@ -19,10 +19,12 @@
 # 4. OLD: the same workload on commit c9dfa4d (its own bench script: base, LoRA cold, LoRA
 #    resident), then today's main a1824fc if time is left.
 # Then a summary table (bench/summarize_issue19.py), printed last and in OUT_DIR/summary.md.
+# ONLY_ENGINES=1: parts 3 and 4 only, c9dfa4d alone (a call that must also fit other work).
 # OUT_DIR gets at most 8 files: tests.log, bench.log, lora_kernels.json, engine_new.json,
 # engine_old.json, engine_main.json, summary.md.
 set -u
 REVS=(c9dfa4d a1824fc)
+[ -n "${ONLY_ENGINES:-}" ] && REVS=(c9dfa4d)
 if [ "${1:-}" = --prepare ]; then  # the older trees: engine, kernels, test helpers, the bench
     for rev in "${REVS[@]}"; do
         mkdir -p "${2:?DEST}/$rev"
@@ -66,6 +68,7 @@ step() {  # step LIMIT LOG NAME CMD... : at most LIMIT seconds and never past th
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/bench.log"
 new_env=(env "PYTHONPATH=$repo:$repo/kernels")
 
+if [ -z "${ONLY_ENGINES:-}" ]; then
 step 130 "$out/tests.log" tests_new "${new_env[@]}" "$PY" -m pytest -q -p no:cacheprovider \
     tests/engine/test_pool_copy_cuda.py tests/kernels/test_kernel_layer_ops.py tests/kernels/test_kernel_varlen_attention.py \
     tests/kernels/test_mixed_graphs.py tests/engine/test_cuda_graph_mixed.py \
@@ -79,6 +82,7 @@ grep -E "passed|failed|error" "$out/tests.log" | tail -n 6
 step 70 "$out/bench.log" lora_kernels "${new_env[@]}" "$PY" bench/bench_lora_kernels.py \
     --sweep mbgmm-expand --cases prefill --out "$scratch/lora"
 cp "$scratch/lora/lora_kernels.json" "$out/" 2>/dev/null
+fi
 
 if ! step 170 "$out/bench.log" engine_new "${new_env[@]}" "$PY" bench/bench_engine_gpu.py \
         "${WORKLOAD[@]}" --runs base,lora_resident --out "$scratch/new/engine.json"; then
