@@ -37,12 +37,19 @@ class LoraTables:
     scales: torch.Tensor
     targets: list[frozenset[int]] = field(default_factory=list)
     host_ranks: list[int] = field(default_factory=list)
+    staging: SlotStaging | None = None  # on a GPU: where set_slot's copies read from
 
     def __post_init__(self) -> None:
         if not self.targets:
             self.targets = [frozenset()] * self.num_slots
         if not self.host_ranks:
             self.host_ranks = [0] * self.num_slots
+        if self.staging is None and self.ranks.device.type == "cuda":
+            self.staging = SlotStaging(self.device_tables())
+
+    def device_tables(self) -> tuple[torch.Tensor, ...]:
+        """The tables set_slot writes, one row per slot each."""
+        return self.a_ptr, self.b_ptr, self.ranks, self.scales
 
     def modules_of(self, slots: Iterable[int]) -> frozenset[int]:
         """Module indices targeted by any of `slots` (-1 = no adapter)."""
@@ -99,10 +106,12 @@ class LoraTables:
             ptrs[0, mi, :len(a_rows)] = torch.tensor(a_rows, dtype=torch.int64)
             ptrs[1, mi, :rank] = torch.tensor(b_rows, dtype=torch.int64)
             ranks[mi] = rank
-        for dst, src in ((self.a_ptr[slot], ptrs[0]), (self.b_ptr[slot], ptrs[1]),
-                         (self.ranks[slot], ranks),
-                         (self.scales[slot:slot + 1], torch.tensor([scale], dtype=torch.float32))):
-            _put(dst, src)
+        rows = (ptrs[0], ptrs[1], ranks, torch.tensor(scale, dtype=torch.float32))
+        if self.staging is not None:
+            self.staging.copy(slot, rows)
+        else:
+            for table, row in zip(self.device_tables(), rows):
+                table[slot].copy_(row)
         self.targets[slot] = frozenset(MODULE_INDEX[m] for m in pointers)
         self.host_ranks[slot] = rank
 
@@ -204,12 +213,29 @@ def plan_adapter_rows(
                    lengths=lengths)
 
 
-def _put(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst <- src (host), without waiting: through pinned memory when dst is on a GPU."""
-    if dst.device.type == "cpu":
-        dst.copy_(src)
-    else:
-        dst.copy_(src.pin_memory(), non_blocking=True)
+class SlotStaging:
+    """Pinned host mirrors of the slot tables, allocated once: set_slot writes a slot's rows
+    there and copies them to the device without waiting (a pinned allocation per copy can
+    block the host until the device is idle, and a pageable copy waits for the step in
+    flight). A slot's mirror rows are rewritten only once its previous copies completed (an
+    event; by then, steps later, they have)."""
+
+    def __init__(self, tables: Sequence[torch.Tensor]) -> None:
+        self.tables = tuple(tables)
+        self.mirrors = tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
+                             for t in self.tables)
+        self.events: list[torch.cuda.Event | None] = [None] * int(self.tables[0].shape[0])
+
+    def copy(self, slot: int, rows: Sequence[torch.Tensor]) -> None:
+        """tables[i][slot] <- rows[i], on the current stream, without waiting for it."""
+        event = self.events[slot]
+        if event is not None:
+            event.synchronize()
+        for table, mirror, row in zip(self.tables, self.mirrors, rows):
+            mirror[slot].copy_(row)
+            table[slot].copy_(mirror[slot], non_blocking=True)
+        self.events[slot] = torch.cuda.Event()
+        self.events[slot].record()
 
 
 def write_adapter_rows(
