@@ -15,8 +15,8 @@ arena of the same process (a restarted engine) gets them back at once.
 
 On the CPU the chunks are not pinned, so their pages are faulted in by the first load into
 them: a page fault per 4 KiB, ~50 ms of a 78-MB load (~12 ms into touched memory), while the
-engine loop steps on the same cores. So after each load the host cache faults in, off any
-request's path, the memory right after the load's range, as long as that range (`next_fresh`,
+engine loop steps on the same cores. So after each load the host cache faults in, off the next
+load's path, the memory right after the load's range, as long as that range (`next_fresh`,
 then `prefault`): first fit puts the next load there. The memory touched stays within what
 loads will use, plus one adapter's size.
 

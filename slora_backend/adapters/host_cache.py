@@ -353,7 +353,7 @@ class HostCache:
 
     def _prefault_next(self, where: tuple[int, int], nbytes: int) -> None:
         """CPU: fault in the arena memory the next load likely takes (host_arena.py), after
-        this one is committed: its page faults are then on no request's path."""
+        this one is committed: its page faults are then off the next load's path."""
         with self._cond:
             fresh = self._arena.next_fresh(where, nbytes)
         if fresh is not None:
