@@ -6,7 +6,10 @@ the server's adapter folder (SLORA_ADAPTER_DIR; adapters are found on demand) an
 under a new id per repeat, so each cold request really reads its adapter from disk (page cache
 warm, as in the issue) while the warm request right after it finds the same adapter resident.
 Meanwhile --load-clients gRPC streams keep base-model requests running. Reports median TTFT cold
-and warm and the median paired difference (cold minus warm), as JSON (--out). With --serve it
+and warm and the median paired difference (cold minus warm), as JSON (--out). Each request
+follows the previous one's first token, which comes out at the end of a step: the requests
+arrive early in a step. --jitter-ms J waits a random 0-J ms before each one, so that they
+arrive at any point of a step (J about one step's time). With --serve it
 starts the real server itself (scripts/tritonserver.sh, the model --base-model, SLORA_*
 settings from --server-env) and stops it at the end.
 
@@ -26,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +76,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-max-tokens", type=int, default=64)
     p.add_argument("--modules", default=",".join(MODULE_ORDER), help="the adapter's targets")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--jitter-ms", type=float, default=0.0,
+                   help="wait a random 0..J ms before each measured request (seeded)")
     p.add_argument("--serve", action="store_true",
                    help="start the real server (model --base-model) and stop it at the end")
     p.add_argument("--server-env", default="", help="K=V,... for the server (SLORA_* settings)")
@@ -126,11 +133,17 @@ def measure(args: argparse.Namespace, names: list[str]) -> tuple[list[float], li
     stop = threading.Event()
     load = background_load(args, stop)
     cold, warm = [], []
+    rng = random.Random(0)
+
+    def after_jitter(name: str) -> float:
+        time.sleep(rng.uniform(0.0, args.jitter_ms) / 1e3)
+        return ttft_ms(client, name)
+
     try:
         ttft_ms(client, "")  # the stream and the server warmed up
         for name in tqdm(names, desc="cold/warm", unit="pair"):
-            cold.append(ttft_ms(client, name))
-            warm.append(ttft_ms(client, name))
+            cold.append(after_jitter(name))
+            warm.append(after_jitter(name))
     finally:
         stop.set()
         for t in load:
@@ -166,6 +179,7 @@ def main() -> None:
             stop_server(proc)
     result = {"adapter_file_mb": file_bytes / 1e6, "rank": args.rank, "modules": args.modules,
               "repeats": args.repeats, "load_clients": args.load_clients,
+              "jitter_ms": args.jitter_ms,
               "ttft_cold_ms": statistics.median(cold), "ttft_warm_ms": statistics.median(warm),
               "added_cold_ms": statistics.median([c - w for c, w in zip(cold, warm)]),
               "cold_ms": [round(c, 1) for c in cold], "warm_ms": [round(w, 1) for w in warm],

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slora_backend.adapters.host_arena import HostArena, footprint
+from slora_backend.adapters.host_arena import HostArena, footprint, prefault
 from slora_backend.adapters.prefetch import PrefetchWindow
 from slora_backend.adapters.source import AdapterSource, Fingerprint, HostAdapter
 from slora_backend.adapters.validation import refuse
@@ -343,12 +343,21 @@ class HostCache:
             weakref.finalize(adapter, self._give_back, where, info.nbytes,
                              adapter.fences).atexit = False
             self._commit(adapter, info.nbytes, time.perf_counter() - start)
+            self._prefault_next(where, info.nbytes)
         except EngineError as exc:
             self._fail(adapter_id, exc, fingerprint or self._current(adapter_id)[0])
         except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
             self._fail(adapter_id, EngineError(ErrorCode.INTERNAL,
                                                f"adapter '{adapter_id}': load failed: {exc!r}"),
                        fingerprint or self._current(adapter_id)[0])
+
+    def _prefault_next(self, where: tuple[int, int], nbytes: int) -> None:
+        """CPU: fault in the arena memory the next load likely takes (host_arena.py), after
+        this one is committed: its page faults are then off the next load's path."""
+        with self._cond:
+            fresh = self._arena.next_fresh(where, nbytes)
+        if fresh is not None:
+            prefault(fresh)
 
     def _commit(self, adapter: HostAdapter, reserved: int, seconds: float) -> None:
         """Turn the reservation into a resident entry, atomically (the bound never breaks).

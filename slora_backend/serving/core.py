@@ -11,15 +11,22 @@ core -> stub: ("ready",) or ("failed", EngineError) once at start, then one
               ("step", [RequestOutput, ...], EngineStats | None) per step with news,
               ("reply", call_id, result), and ("closed",) last.
 
-An add the engine refuses comes back as a finished RequestOutput carrying the error, in the
-next "step" message; so does every output of a failed step (fail_all).
+An add the engine refuses comes back at once as a finished RequestOutput carrying the error,
+in a "step" message of its own; every output of a failed step (fail_all) in the step's.
+
+Two threads: a reader applies each message as it arrives, while a step runs (the engine's
+add_request and abort are thread-safe), and the loop steps. So a request's adapter starts
+loading from disk (the prefetch at add_request) during the step in flight, not after it: a cold
+request then usually joins the next step, as a warm one does (docs/DESIGN.md "Serving path").
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -28,7 +35,7 @@ from slora_backend.errors import EngineError, ErrorCode
 
 log = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.05  # an idle core blocks this long on its pipe before re-checking
+IDLE_WAIT_S = 0.05  # an idle loop sleeps this long (or until a message) before re-checking
 EXIT_ENGINE_FAILED = 3  # a tensor-parallel worker died: the stub sees the core exit
 STATS_INTERVAL_S = 0.05  # engine stats travel with a step message at most this often
 CALLS = ("list_adapters", "resident_adapters")  # engine methods the stub may call
@@ -58,65 +65,80 @@ def core_main(config: EngineConfig, conn: Connection) -> None:
 
 
 class EngineCore:
-    """The loop: take every queued message, step, send this step's outputs in one message."""
+    """The reader thread applies messages as they come; the loop steps and sends each step's
+    outputs in one message."""
 
     def __init__(self, engine: Any, conn: Connection) -> None:
         self.engine = engine
         self.conn = conn
         self._stopping = False
         self._stats_at = 0.0
+        self._wake = threading.Event()  # a message arrived: an idle loop looks again
+        self._send_lock = threading.Lock()  # the reader sends refusals, the loop the rest
+        self._calls: deque[tuple] = deque()  # answered by the loop between steps
 
     def run(self) -> None:
         from slora_backend.device import use_device
 
         use_device(self.engine.device)
+        threading.Thread(target=self.read, name="slora-core-messages",
+                         daemon=True).start()
         try:
             while True:
-                busy = self.engine.has_unfinished()
-                outputs = self._take_messages(0.0 if busy else IDLE_WAIT_S)
-                if self.engine.has_unfinished():
-                    outputs += self._step()
-                self._publish(outputs)
+                if not self.engine.has_unfinished() and not self._calls:
+                    self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()  # before looking: a message after this wakes the next wait
+                self._answer_calls()
+                self._publish(self._step() if self.engine.has_unfinished() else [])
                 if self.engine.failure is not None:
                     self._fail()
                     return
                 if self._stopping and not self.engine.has_unfinished():
-                    self.conn.send(("closed",))
+                    self._send(("closed",))
                     return
         except (EOFError, OSError):  # the stub went away mid-send: nobody left to serve
             log.warning("the stub closed the pipe; engine core exits")
 
-    def _take_messages(self, timeout: float) -> list:
-        outputs: list = []
+    def read(self) -> None:
+        """The reader thread: apply each message as it arrives until the pipe closes."""
         try:
-            while self.conn.poll(timeout):
-                timeout = 0.0
-                error = self._handle(self.conn.recv())
-                if error is not None:
-                    outputs.append(error)
+            while True:
+                self.handle(self.conn.recv())
+                self._wake.set()
         except (EOFError, OSError):  # the stub is gone: nobody to serve, wind down
-            self._stopping = True
-            self.engine.abort_all()
-        return outputs
+            pass
+        except Exception:  # a bug (a message it cannot read): the loop must not wait forever
+            log.exception("engine core reader failed; the core winds down")
+        self._stopping = True
+        self.engine.abort_all()
+        self._wake.set()
 
-    def _handle(self, msg: tuple) -> Any:
-        """Apply one message; a refused add becomes its final (error) output."""
+    def handle(self, msg: tuple) -> None:
+        """Apply one message. A refused add's final (error) output is sent at once."""
         kind = msg[0]
         if kind == "add":
             _, request_id, prompt, token_ids, params, adapter_id = msg
             try:
                 self.engine.add_request(request_id, prompt, token_ids, params, adapter_id)
             except EngineError as exc:
-                return _error_output(request_id, exc)
+                self._send(("step", [_error_output(request_id, exc)], None))
+            except Exception as exc:  # a bug: this request fails, the others go on
+                log.exception("add of %s failed", request_id)
+                self._send(("step", [_error_output(request_id, EngineError(
+                    ErrorCode.INTERNAL, f"add failed: {exc!r}"))], None))
         elif kind == "abort":
             for request_id in msg[1]:
                 self.engine.abort(request_id)
         elif kind == "call" and msg[2] in CALLS:
-            self.conn.send(("reply", msg[1], getattr(self.engine, msg[2])()))
+            self._calls.append(msg)  # the engine's state is the loop's: read between steps
         elif kind == "shutdown":
             self._stopping = True
             self.engine.abort_all()
-        return None
+
+    def _answer_calls(self) -> None:
+        while self._calls:
+            _, call_id, method = self._calls.popleft()
+            self._send(("reply", call_id, getattr(self.engine, method)()))
 
     def _step(self) -> list:
         try:
@@ -139,13 +161,17 @@ class EngineCore:
         if now - self._stats_at >= STATS_INTERVAL_S:
             stats, self._stats_at = self.engine.stats(), now
         if outputs or stats is not None:
-            self.conn.send(("step", outputs, stats))
+            self._send(("step", outputs, stats))
+
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self.conn.send(msg)
 
 
 def _error_output(request_id: str, exc: EngineError) -> Any:
     """The refused request's final output. The error is detached from its traceback: the
-    frames it holds include this loop's (`_take_messages`, whose locals hold the outputs), a
-    cycle that kept each refused request's inputs (16 MB for 2^20 ids) until a rare full gc."""
+    frames it holds include the reader's (`handle`, whose locals hold the request), a cycle
+    that kept each refused request's inputs (16 MB for 2^20 ids) until a rare full gc."""
     from slora_backend.engine.engine import RequestOutput
 
     return RequestOutput(request_id, [], "", True, None, 0, 0, error=exc.detached())

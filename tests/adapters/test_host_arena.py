@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import threading
 
-from slora_backend.adapters.host_arena import ALIGN, CHUNK_BYTES, HostArena, footprint
+import torch
+from adapter_helpers import resident_pages
+
+from slora_backend.adapters.host_arena import (
+    ALIGN,
+    CHUNK_BYTES,
+    HostArena,
+    footprint,
+    prefault,
+)
 
 CAPACITY = 1 << 20  # one chunk of 1 MiB (chunks are min(CHUNK_BYTES, what is left))
 PART = 300_000
@@ -48,3 +57,31 @@ def test_a_range_larger_than_the_chunks_regrows_when_all_is_free() -> None:
     where = arena.allocate(big)  # all free: the small chunk is dropped, one big one made
     assert where is not None and arena.view(where, big).numel() == big
     assert arena.allocated_bytes <= capacity
+
+
+def test_prefault_faults_pages_in_and_keeps_their_contents() -> None:
+    memory = torch.empty(64 << 20, dtype=torch.uint8)  # a fresh mapping: no page touched yet
+    half = memory.numel() // 2
+    memory[:half].fill_(7)
+    resident, pages = resident_pages(memory[half:])
+    assert resident < pages // 2
+    prefault(memory)
+    resident, pages = resident_pages(memory[half:])
+    assert resident == pages
+    assert bool((memory[:half] == 7).all())
+
+
+def test_next_fresh_is_the_untouched_memory_after_a_load_once() -> None:
+    arena = _arena()
+    first = arena.allocate(PART)
+    fresh = arena.next_fresh(first, PART)
+    assert fresh is not None and fresh.numel() == footprint(PART)
+    assert fresh.data_ptr() == arena.view(first, PART).data_ptr() + footprint(PART)
+    assert arena.next_fresh(first, PART) is None  # counted as touched: not twice
+    second = arena.allocate(PART)  # first fit: the next load takes that memory
+    assert arena.view(second, PART).data_ptr() == fresh.data_ptr()
+    third = arena.allocate(PART)
+    tail = arena.next_fresh(third, PART)  # clipped to the chunk
+    assert tail is not None and tail.numel() == CAPACITY - 3 * footprint(PART)
+    assert HostArena(CAPACITY, pin=False, lock=threading.Condition()).next_fresh((0, 0), 1) \
+        is None  # no chunk yet

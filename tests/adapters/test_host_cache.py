@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_helpers import MAX_RANK, recipe
+from adapter_helpers import MAX_RANK, recipe, resident_pages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slora_backend.adapters import AdapterSource, HostCache
+from slora_backend.adapters.host_arena import footprint
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.model.spec import MODULE_ORDER, ModelSpec
 from slora_testing.synthetic_adapters import adapter_config, adapter_tensors, write_adapter
@@ -163,6 +164,24 @@ def test_prefetch_returns_at_once_and_loads_in_background(tmp_path: Path) -> Non
     assert adapter.nbytes > 30 * (1 << 20)
     assert prefetch_s < stats["load_latency_max_s"] / 2
     assert stats["loads"] == 1 and stats["misses"] == 1 and stats["load_latency_total_s"] > 0
+
+
+def test_a_load_on_the_cpu_faults_in_the_next_loads_memory(tmp_path: Path) -> None:
+    """The memory right after a load's range (where first fit puts the next load) is faulted
+    in after it, so that the next load's page faults are on no request's path."""
+    rec = recipe(rank=MAX_RANK, modules=MODULE_ORDER, seed=3)
+    write_adapter(tmp_path / "wide", adapter_config(rec), adapter_tensors(rec, WIDE_SPEC))
+    source = AdapterSource(tmp_path, WIDE_SPEC, MAX_RANK, torch.float32)
+    cache = HostCache(source, capacity_bytes=1 << 30, workers=1, pin_memory=False)
+    try:
+        adapter = cache.wait("wide", timeout=WAIT_S)
+    finally:
+        cache.close()  # the loader has finished its work
+    size, buffer = footprint(adapter.nbytes), adapter.buffer
+    after = torch.empty(0, dtype=torch.uint8).set_(
+        buffer.untyped_storage(), buffer.storage_offset() * buffer.element_size() + size, (size,))
+    resident, pages = resident_pages(after)
+    assert resident == pages
 
 
 def test_adapter_larger_than_cache_is_refused(lru_source: AdapterSource) -> None:

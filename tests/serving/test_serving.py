@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from slora_backend.logprobs import TokenLogprobs
 from slora_backend.serving.client import EngineClient
 from slora_backend.serving.coalesce import coalesce
 from slora_backend.serving.core import EngineCore
-from slora_testing.synthetic_adapters import make_tiny_model
+from slora_testing import synthetic_adapters as synth
 
 pytestmark = pytest.mark.slow  # each test spawns an engine core process
 
@@ -36,6 +37,7 @@ TOKENIZER = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 PROMPTS = ["Once upon a time", "The sky is", "One two three"]
 MAX_TOKENS = 12
 TIMEOUT_S = 60.0
+HOLD_S = 10.0  # how long a held step waits for an add that a broken core never applies
 
 
 def out(rid: str, ids: list[int], text: str, finished: bool = False,
@@ -70,7 +72,7 @@ def test_coalesce_keeps_every_tokens_logprobs() -> None:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> EngineConfig:
     root = tmp_path_factory.mktemp("core")
-    model = make_tiny_model(root / "tiny", TOKENIZER)
+    model = synth.make_tiny_model(root / "tiny", TOKENIZER)
     return EngineConfig(model=str(model), adapter_dir=str(root), device="cpu",
                         pool_bytes=64 << 20)
 
@@ -165,11 +167,79 @@ def test_a_refused_add_leaves_no_garbage(config: EngineConfig) -> None:
     gc.collect()
     gc.disable()  # only the collection below may find (and count) cycles
     try:
-        ours.send(("add", "long", None, too_long, SamplingParams(max_tokens=1), None))
-        (output,) = core._take_messages(1.0)
-        assert output.error.code == ErrorCode.INVALID_ARG and output.finished
+        core.handle(("add", "long", None, too_long, SamplingParams(max_tokens=1), None))
+        kind, (output,), _ = ours.recv()  # sent at once, not with the next step
+        assert kind == "step" and output.error.code == ErrorCode.INVALID_ARG and output.finished
         del output
         assert gc.collect() == 0, "the refused request left a reference cycle behind"
     finally:
         gc.enable()
         engine.close()
+
+
+def test_an_add_that_hits_a_bug_fails_alone(config: EngineConfig,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception in add_request (a bug) ends that request with INTERNAL; the
+    core's reader goes on with the next message."""
+    engine = LLMEngine(config)
+    ours, theirs = multiprocessing.Pipe()
+    core = EngineCore(engine, theirs)
+    add = engine.add_request
+    try:
+        monkeypatch.setattr(engine, "add_request", lambda *a: 1 / 0)
+        core.handle(("add", "bug", "Hi", None, SamplingParams(max_tokens=1), None))
+        kind, (output,), _ = ours.recv()
+        assert output.request_id == "bug" and output.finished
+        assert output.error.code == ErrorCode.INTERNAL and "ZeroDivisionError" in str(output.error)
+        monkeypatch.setattr(engine, "add_request", add)
+        core.handle(("add", "next", "Hi", None, SamplingParams(max_tokens=1), None))
+        assert engine.scheduler.live_ids() == ["next"]
+    finally:
+        engine.close()
+
+def test_an_add_is_applied_while_a_step_runs(config: EngineConfig) -> None:
+    """The core's reader applies an add at once, while a step runs, and the add's prefetch
+    starts its adapter's disk -> host load then. Before, the core read its pipe only between
+    steps: a cold request waited for the step in flight, then its load, then one more step
+    (+110-170 ms through the server on the CPU, docs/BENCHMARKS.md)."""
+    adapter = "cold"
+    recipe = synth.AdapterRecipe(8, ("q_proj", "v_proj"), 16.0, False, "list", seed=3)
+    synth.write_adapter(Path(config.adapter_dir) / adapter, synth.adapter_config(recipe),
+                        synth.adapter_tensors(recipe, synth.load_spec(config.model)))
+    engine = LLMEngine(config)
+    ours, theirs = multiprocessing.Pipe()
+    core = EngineCore(engine, theirs)
+    in_step, seen = threading.Event(), []
+    step = engine.step
+
+    def held_step() -> list:
+        """The first step with a running request waits (up to HOLD_S) for the cold add."""
+        if engine.scheduler.running and not in_step.is_set():
+            in_step.set()
+            deadline = time.monotonic() + HOLD_S
+            while "late" not in engine.scheduler.seqs and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen.append(engine.host_cache.loading(adapter)
+                        or adapter in engine.host_cache.resident())
+        return step()
+
+    engine.step = held_step
+    loop = threading.Thread(target=core.run)
+    loop.start()
+    try:
+        ours.send(("add", "first", "Hi", None, SamplingParams(max_tokens=3, ignore_eos=True),
+                   None))
+        assert in_step.wait(TIMEOUT_S)
+        ours.send(("add", "late", "Hi", None, SamplingParams(max_tokens=1), adapter))
+        finished = set()
+        while finished != {"first", "late"}:
+            assert ours.poll(TIMEOUT_S)
+            msg = ours.recv()
+            finished |= {o.request_id for o in msg[1] if msg[0] == "step" and o.finished
+                         and o.error is None}
+        assert seen == [True], "the add and its adapter's load waited for the step to end"
+    finally:
+        ours.send(("shutdown",))
+        loop.join(TIMEOUT_S)
+        engine.close()
+    assert not loop.is_alive()
