@@ -141,3 +141,27 @@ def test_guard_error_comes_back_from_a_worker_process() -> None:
     assert str(info.value) == ("INVALID_ARG: invalid 'max_tokens': 4294967298 is out of range "
                                "for INT32 [-2147483648, 2147483647]")
     assert info.value.status == 400
+
+
+STREAMING = {**DATATYPES, "stream": "BOOL", "sampling_parameters": "BYTES"}
+
+
+@pytest.mark.parametrize(("body", "action", "by_default", "refuse"), [
+    ({"text_input": "Hi"}, "generate", True, True),  # the model's default: streaming
+    ({"text_input": "Hi", "stream": True}, "generate", False, True),
+    ({"text_input": "Hi", "sampling_parameters": '{"stream": "yes"}'}, "generate", False, True),
+    ({"text_input": "Hi", "stream": False}, "generate", True, False),
+    ({"text_input": "Hi", "sampling_parameters": '{"stream": false}'}, "generate", True, False),
+    ({"text_input": "Hi"}, "generate", False, False),
+    ({"text_input": "Hi"}, "generate_stream", True, False),
+    ({"text_input": "Hi", "sampling_parameters": '{"stream": "maybe"}'}, "generate", True,
+     False),  # the model refuses what it cannot read, naming it
+])
+def test_a_streaming_generate_is_refused_before_it_runs(body: dict, action: str,
+                                                        by_default: bool, refuse: bool) -> None:
+    raw = json.dumps(body).encode()
+    if refuse:
+        with pytest.raises(GuardError, match="'stream' is on, but /generate takes exactly one"):
+            check_body(raw, MIB, action, STREAMING, by_default)
+    else:
+        check_body(raw, MIB, action, STREAMING, by_default)

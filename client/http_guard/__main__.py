@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inline-check-bytes", type=int, default=DEFAULT_INLINE_CHECK_BYTES,
                    help="bodies up to this size are checked on the event loop, larger ones "
                         "by the check workers")
+    p.add_argument("--stream-by-default", default="slora",
+                   help="comma-separated models that stream unless a request says "
+                        "\"stream\": false; their /generate requests must say it")
     return p.parse_args(argv)
 
 
@@ -38,7 +41,9 @@ async def serve(args: argparse.Namespace) -> None:
     settings = GuardSettings(args.upstream, args.max_body_bytes,
                              inline_check_bytes=args.inline_check_bytes,
                              check_workers=args.check_workers,
-                             max_pool_checks=POOL_CHECKS_PER_WORKER * args.check_workers)
+                             max_pool_checks=POOL_CHECKS_PER_WORKER * args.check_workers,
+                             stream_by_default=frozenset(
+                                 filter(None, args.stream_by_default.split(","))))
     app = HttpGuard(settings).app()
     await serve_until_signal(app, args.host, args.port,
                              f"guarding {args.upstream} on http://{args.host}:{args.port}")

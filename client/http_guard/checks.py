@@ -6,7 +6,8 @@ answers a JSON value of the wrong type with HTTP 500; deep nesting crashes it (i
 until 2.58, whole bodies until 2.69; README "Errors"). Every body goes through bounded_json
 (slora_backend's one bounded parser: size, depth, integer digits); then generate and infer
 bodies are checked against the inputs' datatypes: each value must have the JSON type the
-datatype needs and, for integer and float datatypes, lie in its range. `check_body` does all of
+datatype needs and, for integer and float datatypes, lie in its range; a /generate body must
+not stream (Triton would fail it only after the model generated it all). `check_body` does all of
 it synchronously and touches nothing but its arguments, so the proxy runs it inline for small
 bodies and in a worker process for big ones (a GuardError is pickled back).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from slora_backend.bounded_json import JsonProblem, load_json
+from slora_backend.errors import EngineError
+from slora_backend.sampling_params import parse_bool
 
 INT_RANGES = {
     "INT8": (-(1 << 7), (1 << 7) - 1), "INT16": (-(1 << 15), (1 << 15) - 1),
@@ -44,15 +47,47 @@ class GuardError(ValueError):
 
 
 def check_body(json_part: bytes, max_bytes: int, action: str | None,
-               datatypes: dict[str, str] | None) -> None:
+               datatypes: dict[str, str] | None, streams_by_default: bool = False) -> None:
     """The whole check of a request body's JSON; GuardError for the first problem.
     `action`: infer, generate or generate_stream for a model's endpoint, None elsewhere (parse
-    only); `datatypes`: the model's inputs for generate (None: unknown model, parse only)."""
+    only); `datatypes`: the model's inputs for generate (None: unknown model, parse only);
+    `streams_by_default`: the model streams unless a request says `"stream": false`."""
     parsed = parse_body(json_part, max_bytes)
     if action == "infer":
         check_infer(parsed)
     elif action is not None and datatypes is not None:
         check_generate(parsed, datatypes)
+        if action == "generate" and "stream" in datatypes:
+            check_one_response(parsed, max_bytes, streams_by_default)
+
+
+def check_one_response(body: dict[str, Any], max_bytes: int, streams_by_default: bool) -> None:
+    """/generate takes exactly one response: Triton fails a streaming request only after the
+    model generated all of it (README "HTTP"), so a body whose `stream` is on (the input,
+    else the `sampling_parameters` JSON key, as the model reads them, else the model's
+    default) is refused before it costs anything. A value the model would refuse is left to
+    the model."""
+    stream: Any = body.get("stream")
+    if stream is None:
+        stream = _sampling_key(body.get("sampling_parameters"), "stream", max_bytes)
+    try:
+        on = streams_by_default if stream is None else parse_bool("stream", stream)
+    except EngineError:
+        return
+    if on:
+        raise GuardError("'stream' is on, but /generate takes exactly one response: send "
+                         '"stream": false, or use /generate_stream')
+
+
+def _sampling_key(text: Any, key: str, max_bytes: int) -> Any:
+    """`key` of a sampling_parameters JSON string (None if absent or not readable)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        data = load_json(text, max_bytes)
+    except JsonProblem:
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def parse_body(raw: bytes, max_bytes: int) -> Any:

@@ -55,10 +55,11 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "host", "content-length"})
 MODEL_ACTION = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                           r"/(?P<action>infer|generate|generate_stream)")
-# check_body's arguments: JSON part, max bytes, action, the model's input datatypes
-CheckArgs = tuple[bytes, int, str | None, dict[str, str] | None]
+# check_body's arguments: JSON part, max bytes, action, the model's input datatypes, whether
+# the model streams by default
+CheckArgs = tuple[bytes, int, str | None, dict[str, str] | None, bool]
 # the smallest check: run once per worker at startup, to start it
-WARM_UP: CheckArgs = (b"{}", 2, None, None)
+WARM_UP: CheckArgs = (b"{}", 2, None, None, False)
 # KServe binary tensor extension: the JSON header's length; the bytes after it are raw tensors
 INFER_HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -74,6 +75,8 @@ class GuardSettings:
     check_workers: int = DEFAULT_CHECK_WORKERS  # processes of the check pool
     # big checks admitted at once (running or queued); one more gets 503
     max_pool_checks: int = POOL_CHECKS_PER_WORKER * DEFAULT_CHECK_WORKERS
+    # models that stream unless told `"stream": false` (ours): their /generate must say so
+    stream_by_default: frozenset[str] = frozenset({"slora"})
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"https?://[^/]+", self.upstream):
@@ -167,7 +170,8 @@ class HttpGuard:
         datatypes = None  # also when there is no such model: Triton answers that itself
         if action in ("generate", "generate_stream"):
             datatypes = await self._input_datatypes(match["model"], match["version"])
-        args = (json_part, self.settings.max_body_bytes, action, datatypes)
+        args = (json_part, self.settings.max_body_bytes, action, datatypes,
+                bool(match) and match["model"] in self.settings.stream_by_default)
         if len(json_part) <= self.settings.inline_check_bytes:
             check_body(*args)
         else:

@@ -120,6 +120,23 @@ def test_the_guard_refuses_with_400_naming_the_problem(guard, triton_server, bod
     assert _ready(triton_server.http_url)
 
 
+def test_the_guard_refuses_a_streaming_generate_before_it_runs(guard, srv) -> None:
+    """Without `"stream": false` the model streams, and Triton fails /generate only after the
+    whole generation (README "HTTP"): the guard answers 400 at once, and the model never sees
+    the request."""
+    before = srv.metric("slora_requests_total")
+    refused = post(guard, {"text_input": "Tell me a story.", "max_tokens": 1000,
+                           "ignore_eos": True})
+    assert refused.status_code == 400, refused.text
+    assert "'stream' is on, but /generate takes exactly one response" in refused.json()["error"]
+    said_in_json = post(guard, {"text_input": "Hi", "max_tokens": 3,
+                                "sampling_parameters": json.dumps({"stream": False})})
+    assert said_in_json.status_code == 200 and said_in_json.json()["text_output"]
+    srv.wait_for(lambda: srv.metric("slora_requests_total") >= before + 1, TIMEOUT_S,
+                 "the served request to be counted")
+    assert srv.metric("slora_requests_total") == before + 1  # only the second one ran
+
+
 def test_the_guard_checks_infer_bodies_and_the_binary_header(guard) -> None:
     tensor = {"name": "max_tokens", "datatype": "INT32", "shape": [1],
               "data": [WRAPPED_MAX_TOKENS]}
