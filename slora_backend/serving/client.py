@@ -46,7 +46,9 @@ class EngineClient:
     """add_request / abort / stats / call / shutdown against the engine core process."""
 
     def __init__(self, config: EngineConfig, on_outputs: Callable[[list], None],
-                 on_death: Callable[[str], None]) -> None:
+                 on_death: Callable[[str], None], server_pid: int | None = None) -> None:
+        """`server_pid`: the tritonserver this process (its Python backend stub) serves; the
+        core ends this process and itself if that server dies abruptly (server_watch.py)."""
         self._on_outputs = on_outputs
         self._on_death = on_death
         self._send_lock = threading.Lock()  # execute, the watcher and finalize all send
@@ -62,7 +64,7 @@ class EngineClient:
         if not hasattr(sys, "argv"):  # an embedded interpreter may have none; spawn reads it
             sys.argv = [""]
         self._conn, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=core_main, args=(config, child),
+        self._proc = ctx.Process(target=core_main, args=(config, child, server_pid),
                                  name="slora-engine-core", daemon=True)
         self._proc.start()
         child.close()  # only the core holds its end: its exit is EOF here

@@ -32,6 +32,7 @@ from typing import Any
 
 from slora_backend.config import EngineConfig
 from slora_backend.errors import EngineError, ErrorCode
+from slora_backend.serving.server_watch import start_server_watch
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,12 @@ STATS_INTERVAL_S = 0.05  # engine stats travel with a step message at most this 
 CALLS = ("list_adapters", "resident_adapters")  # engine methods the stub may call
 
 
-def core_main(config: EngineConfig, conn: Connection) -> None:
-    """Process entry point: build the engine, report ready (or why not), serve the pipe."""
+def core_main(config: EngineConfig, conn: Connection, server_pid: int | None = None) -> None:
+    """Process entry point: build the engine, report ready (or why not), serve the pipe.
+    `server_pid`: the tritonserver whose stub started this core (watched: server_watch.py)."""
     logging.basicConfig(level=logging.INFO, format="[slora core] %(levelname)s %(message)s")
+    if server_pid is not None:
+        start_server_watch(server_pid)
     from slora_backend.engine.engine import LLMEngine  # torch: only in this process
 
     try:

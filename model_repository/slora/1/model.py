@@ -109,7 +109,9 @@ class TritonPythonModel:
         self._ids = itertools.count()
         self._responses: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._core = EngineClient(config, self._responses.put, self._on_core_death)
+        # the stub's parent is tritonserver: if it crashes, the core ends this stub and itself
+        self._core = EngineClient(config, self._responses.put, self._on_core_death,
+                                  server_pid=os.getppid())
         self.logger.log_info(f"[slora] {args['model_instance_name']}: engine core pid "
                              f"{self._core.pid}")
         self._response_thread = threading.Thread(target=self._response_loop, name="slora-resp")
