@@ -27,6 +27,10 @@ LOAD_FORMATS = ("auto", "dummy")
 # costs more than a second thread saves: SmolLM2 with 8 adapters, 32 decoding requests on
 # 2 cores took 836 ms per step with 2 threads, 312 ms with 1 (docs/BENCHMARKS.md)
 DEFAULT_CPU_THREADS = 1
+# admission keeps room for every running request's next page (16 tokens at block 16): on issue
+# 19's workload this takes an H100's preemptions from 90 to 0 for ~1% fewer running requests
+# (bench/sim_preemption.py, docs/BENCHMARKS.md); 8 did as well there, 32+ cost batch size
+DEFAULT_KV_HEADROOM_TOKENS = 16
 MAX_AUTO_LOADERS = 8  # host_cache_workers auto: beyond 8 the loads share memory bandwidth
 ENV_PREFIX = "SLORA_"
 DTYPE_ALIASES = {
@@ -59,6 +63,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_waiting: int = 1024
+    # a waiting request is admitted only while the pool keeps room for every running request
+    # (and it) to grow by this many tokens (fewer where max_tokens ends it sooner); 0 = admit
+    # as soon as its current tokens fit (then the next page of the batch may preempt it)
+    kv_headroom_tokens: int = DEFAULT_KV_HEADROOM_TOKENS
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     host_cache_bytes: int = 2 * GIB
     # disk -> host loader threads; 0 = auto (resolved_host_cache_workers)
@@ -106,6 +114,7 @@ class EngineConfig:
         _check_int("cuda_graph_max_batch", self.cuda_graph_max_batch, 0)
         _check_int("cpu_threads", self.cpu_threads, 0)
         _check_int("host_cache_workers", self.host_cache_workers, 0)
+        _check_int("kv_headroom_tokens", self.kv_headroom_tokens, 0)
         for name, choices in (("kernel_backend", KERNEL_BACKENDS),
                               ("async_scheduling", ASYNC_SCHEDULING_MODES),
                               ("cuda_graph_mixed", CUDA_GRAPH_MIXED_MODES),

@@ -133,8 +133,7 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.attach(self.spec, self.model, self.storage, self.adapters.tables)
         self.kv = KVManager(self.pool, config.block_size)
-        self.scheduler = Scheduler(self.pool, self.kv, self.adapters, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.max_waiting)
+        self.scheduler = Scheduler.from_config(self.pool, self.kv, self.adapters, config)
         self.admission = Admission(self.spec, self.tokenizer, self.adapters, self.max_model_len,
                                    config.block_size, num_pages, config.seed)
         self.outputs = OutputProcessor(self.spec.eos_token_ids, self.max_model_len)

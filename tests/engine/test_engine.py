@@ -125,7 +125,9 @@ def test_preemption_gives_the_same_tokens(tiny_model_dir: Path, tiny_adapter_dir
     results = []
     for pool_bytes in (16 * MIB, None):
         # tiny model: 2 layers * 1024 elems * 4 B = 8 KiB per page; 14 pages force preemption
-        kw = {"pool_bytes": 14 * 8192} if pool_bytes is None else {"pool_bytes": pool_bytes}
+        # once admission keeps no headroom (with it, this batch is admitted without preempting)
+        kw = {"pool_bytes": 14 * 8192, "kv_headroom_tokens": 0} if pool_bytes is None \
+            else {"pool_bytes": pool_bytes}
         eng = make_engine(tiny_model_dir, tiny_adapter_dir, async_scheduling=async_scheduling,
                           **kw)
         for rid, prompt, adapter in reqs:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from slora_backend.config import DEFAULT_KV_HEADROOM_TOKENS
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.scheduler import Scheduler, SchedulerOutput
 from slora_backend.engine.sequence import SeqStatus, Sequence
@@ -19,9 +20,11 @@ _arrival = itertools.count()
 
 
 def make_sched(num_pages: int = 64, max_num_seqs: int = 8, budget: int = 32,
-               max_waiting: int = 100) -> Scheduler:
+               max_waiting: int = 100,
+               headroom: int = DEFAULT_KV_HEADROOM_TOKENS) -> Scheduler:
     pool = PagePool(num_pages)
-    return Scheduler(pool, KVManager(pool, BLOCK), None, max_num_seqs, budget, max_waiting)
+    return Scheduler(pool, KVManager(pool, BLOCK), None, max_num_seqs, budget, max_waiting,
+                     headroom)
 
 
 def make_seq(rid: str, prompt_len: int, max_tokens: int) -> Sequence:
@@ -90,8 +93,9 @@ def test_token_budget_chunked_prefill_and_mixed_steps() -> None:
 
 
 def test_preemption_under_tiny_pool_finishes_everything_and_frees_pages() -> None:
-    # 4 sequences of up to 4 + 12 - 1 = 15 tokens need 4 pages each; 8 pages hold 2 of them
-    sched = make_sched(num_pages=8, budget=64)
+    # 4 sequences of up to 4 + 12 - 1 = 15 tokens need 4 pages each; 8 pages hold 2 of them,
+    # and admission without headroom lets all 4 in (then their growth preempts)
+    sched = make_sched(num_pages=8, budget=64, headroom=0)
     seqs = [make_seq(f"r{i}", 4, 12) for i in range(4)]
     for s in seqs:
         sched.add(s)
@@ -103,7 +107,7 @@ def test_preemption_under_tiny_pool_finishes_everything_and_frees_pages() -> Non
 
 
 def test_preempted_sequence_recomputes_prompt_and_outputs() -> None:
-    sched = make_sched(num_pages=4, budget=64)
+    sched = make_sched(num_pages=4, budget=64, headroom=0)
     a, b = make_seq("a", 4, 9), make_seq("b", 4, 9)
     sched.add(a)
     sched.add(b)
