@@ -46,6 +46,8 @@ part() {  # part NAME CAP_SECONDS CMD...: under min(CAP, time left - 10 s); skip
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# shellcheck disable=SC1091
+source bench/device_tokenizer.sh "$tok"
 echo "CPUs: $(nproc), memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
 part tests 200 python3 -m pytest -q -p no:cacheprovider \
     tests/engine/test_pool_copy_cuda.py tests/engine/test_async_scheduling.py \

@@ -66,6 +66,8 @@ step() {  # step LIMIT LOG NAME CMD... : at most LIMIT seconds and never past th
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/bench.log"
+# shellcheck disable=SC1091
+source bench/device_tokenizer.sh "$tok"
 new_env=(env "PYTHONPATH=$repo:$repo/kernels")
 
 if [ -z "${ONLY_ENGINES:-}" ]; then

@@ -85,12 +85,16 @@ def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
     mgr = build(tiny_model_dir, tiny_adapter_dir)
     name = "a_r32_attn"
     try:
+        # one copy first, as an engine has made by the time it serves: the first use of a CUDA
+        # kernel in a process may load its module, which can wait for the device (lazy loading;
+        # on an H200 this test's first copy blocked the host for the whole 167-ms busy stream)
+        until_ready(mgr, "a_r8_all")
         mgr.host.wait(name, timeout=WAIT_S)
-        pages = mgr.pages_for(name)
-        # "the step in flight": busy, then it writes the pages the adapter will get (a fresh
-        # pool hands out pages 0, 1, ... first); the copy must land after it, not under it
+        free = [p for p in range(NUM_PAGES) if mgr.pool.kind_of(p) is None]
+        # "the step in flight": busy, then it writes every free page, among them those the
+        # adapter will get; the copy must land after it, not under it
         torch.cuda._sleep(SLEEP_CYCLES)
-        mgr.storage.tensor[:, :pages] = 7.0
+        mgr.storage.tensor[:, torch.tensor(free, device="cuda")] = 7.0
         t0 = time.perf_counter()
         got = mgr.acquire(name)
         host_s = time.perf_counter() - t0

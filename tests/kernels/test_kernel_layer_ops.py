@@ -74,17 +74,23 @@ def test_rms_norm_strided_input_and_bad_shapes():
 def assert_rope_close(out: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> None:
     """Under the interpreter: equal to the torch ops up to a rounding step. On a GPU in
     fp16/bf16 the hardware may round the products and sums differently from torch's op-by-op
-    kernels (measured on an H100, 2026-12-07: these cases failed the rounding check while the
+    kernels (an H100 and an H200, 2026-12-07: these cases failed the rounding check while the
     model on CUDA matched HF + PEFT), so there the kernel must be as close to the exact
-    rotation (float64 from the same inputs) as torch's ops are, plus one rounding step."""
+    rotation (float64 from the same inputs) as torch's ops are, plus two rounding steps at the
+    scale of the rotated pair (x1, x2): each output is x1*cos -/+ x2*sin, whose products are
+    rounded at that scale, so where they cancel the error is not relative to the output (a
+    step relative to the output failed by up to 383 such steps on the H200)."""
     if not (ON_CUDA and out.dtype in (torch.float16, torch.bfloat16)):
         assert_rounding_close(out, ref)
         return
     assert out.shape == ref.shape and out.dtype == ref.dtype
     err_kernel = (out.double() - exact).abs()
     err_torch = (ref.double() - exact).abs()
-    step = ULP[out.dtype] * exact.abs().clamp_min(1e-3)
-    assert (err_kernel <= err_torch + step).all(), float(((err_kernel - err_torch) / step).max())
+    half = exact.shape[-1] // 2
+    pair_norm = torch.hypot(exact[..., :half], exact[..., half:])  # a rotation keeps it
+    step = ULP[out.dtype] * torch.cat((pair_norm, pair_norm), dim=-1).clamp_min(1e-3)
+    excess = (err_kernel - err_torch) / step
+    assert (excess <= 2).all(), float(excess.max())
 
 
 def make_rope_case(T, heads, kv_heads, d, dtype, gen, num_pages=40):
