@@ -18,10 +18,10 @@ import torch
 from slora_backend.adapters.validation import (
     MAX_CONFIG_BYTES,
     LoraSettings,
+    adapter_numel,
     check_adapter_id,
     check_config,
     check_header,
-    expected_shapes,
     refuse,
     tensor_key,
 )
@@ -263,7 +263,7 @@ class AdapterSource:
                                 self.max_rank)
         with _regular_file(adapter_id, path / WEIGHTS_FILE) as fd:
             self._header(adapter_id, fd, settings)
-        numel = sum(a * b for a, b in expected_shapes(settings, self.spec).values())
+        numel = adapter_numel(settings, self.spec)
         nbytes = numel * torch.empty((), dtype=self.dtype).element_size()
         return AdapterInfo(adapter_id, settings, nbytes, fingerprint)
 

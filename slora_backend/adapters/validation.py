@@ -299,6 +299,14 @@ def expected_shapes(settings: LoraSettings, spec: ModelSpec) -> dict[str, tuple[
     return shapes
 
 
+def adapter_numel(settings: LoraSettings, spec: ModelSpec) -> int:
+    """Elements of all the adapter's factors: expected_shapes' total without building its
+    keys (add_request inspects every adapter it has not seen: ~1 ms of keys per adapter for
+    Llama-7B on the CPU, 1.6 s of a 1,000-adapter run's start on the GPU host)."""
+    return spec.num_layers * settings.rank * sum(sum(spec.module_dims(m))
+                                                 for m in settings.modules)
+
+
 def check_header(adapter_id: str, settings: LoraSettings, spec: ModelSpec,
                  header: Iterable[tuple[str, str, list[int]]]) -> None:
     """Validate the safetensors header (key, dtype, shape) against the config and the model."""
