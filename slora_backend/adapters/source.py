@@ -22,6 +22,7 @@ from slora_backend.adapters.validation import (
     check_adapter_id,
     check_config,
     check_header,
+    factor_shapes,
     refuse,
     tensor_key,
 )
@@ -318,19 +319,12 @@ class AdapterSource:
         buffer = out.view(self.dtype)
         factors = {m: tuple(_stacked(buffer, starts[tensor_key(0, m, which)],
                                      (self.spec.num_layers, *shape))
-                            for which, shape in zip("AB", _factor_shapes(self.spec, m,
+                            for which, shape in zip("AB", factor_shapes(self.spec, m,
                                                                          settings.rank)))
                    for m in settings.modules}
         return HostAdapter(adapter_id=adapter_id, rank=settings.rank, scale=settings.scale,
                            modules=settings.modules, factors=factors, nbytes=info.nbytes,
                            fingerprint=info.fingerprint, buffer=buffer)
-
-
-def _factor_shapes(spec: ModelSpec, module: str, rank: int) -> tuple[tuple[int, int],
-                                                                     tuple[int, int]]:
-    """(A, B) shapes of one layer's factors: [r, in], [out, r]."""
-    d_in, d_out = spec.module_dims(module)
-    return (rank, d_in), (d_out, rank)
 
 
 def _stacked(buffer: torch.Tensor, start: int, shape: tuple[int, ...]) -> torch.Tensor:
