@@ -21,6 +21,7 @@ TOKENS_BEFORE_KILL = 3
 FIRST_TOKENS_TIMEOUT_S = 120.0
 ERROR_TIMEOUT_S = 30.0  # the error must arrive promptly: a hang fails here
 NOT_READY_TIMEOUT_S = 30.0
+LOG_LINE_TIMEOUT_S = 30.0
 
 
 def ready(http_url: str) -> bool:
@@ -59,4 +60,14 @@ def wait_not_ready(server) -> None:  # noqa: ANN001
     deadline = time.monotonic() + NOT_READY_TIMEOUT_S
     while ready(server.http_url):
         assert time.monotonic() < deadline, "/v2/health/ready still 200 after the death"
+        time.sleep(0.2)
+
+
+def wait_for_log_line(server, line: str) -> None:  # noqa: ANN001
+    """A Python model's log lines reach the server's log through the stub's queue and thread,
+    after the call returns: one logged just before the model's SIGTERM can land after
+    readiness is already gone (seen on the 2-core CI machine)."""
+    deadline = time.monotonic() + LOG_LINE_TIMEOUT_S
+    while line not in server.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{line!r} not logged:\n{server.log_tail()}"
         time.sleep(0.2)

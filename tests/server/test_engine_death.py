@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from death_helpers import kill_under_stream, wait_not_ready
+from death_helpers import kill_under_stream, wait_for_log_line, wait_not_ready
 
 from slora_backend.serving.server_watch import SHM_DIR, SHM_PREFIX, WATCH_INTERVAL_S
 from slora_testing.synthetic_adapters import make_tiny_model
@@ -31,7 +31,7 @@ def test_killed_engine_core_fails_requests_and_readiness(triton_server_factory,
         message = kill_under_stream(server, int(pids[0]))
         assert message.startswith("INTERNAL: engine core process exited"), message
         wait_not_ready(server)
-        assert "stopping tritonserver: the engine core is gone" in server.log.read_text()
+        wait_for_log_line(server, "stopping tritonserver: the engine core is gone")
 
 
 def test_a_crashed_server_leaves_no_stub_core_or_shared_memory(triton_server_factory,

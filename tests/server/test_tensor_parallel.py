@@ -10,7 +10,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from death_helpers import kill_under_stream, wait_not_ready
+from death_helpers import kill_under_stream, wait_for_log_line, wait_not_ready
 
 from client import GenerateRequest
 
@@ -53,6 +53,6 @@ def test_two_ranks_answer_like_one_and_a_dead_worker_stops_the_server(
         message = kill_under_stream(server, int(workers[-1]))
         assert message.startswith("INTERNAL: "), message
         wait_not_ready(server)
-        log = server.log.read_text()
+        wait_for_log_line(server, "stopping tritonserver: the engine core is gone")
+        log = server.log.read_text()  # the reason is logged before the line waited for
         assert f"tensor-parallel worker rank {TP - 1} (pid {workers[-1]}) exited" in log
-        assert "stopping tritonserver: the engine core is gone" in log
