@@ -47,6 +47,7 @@ from slora_backend.model.spec import ModelSpec  # noqa: E402
 from slora_testing.step_timing import (  # noqa: E402
     StepTimer,
     by_kind,
+    idle_by_pool_loads,
     matmul_flops_per_token,
     measure_matmul_flops,
     mixed_bound,
@@ -209,6 +210,7 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
                                            sorted(phases.items())},
             "step_kinds": by_kind(records),
             "mixed_bound": mixed_bound(records, *flops) if flops else {},
+            "idle_by_pool_loads": idle_by_pool_loads(records),
             "running_mean_by_phase": {k: round(v[2] / v[0], 1) for k, v in sorted(phases.items())},
             "pool_loads_by_phase": {k: v[3] for k, v in sorted(phases.items())},
             "jit_compiles": {k: n - compiled.get(k, 0) for k, n in compiled_kernels().items()

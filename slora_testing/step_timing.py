@@ -7,6 +7,11 @@ mixed graph, eager) and its device time between two CUDA events recorded on the 
 the launch. With async scheduling the first event fires when the previous step's work is done,
 so the span is the step's own: its kernels and any gap the host leaves while launching them.
 
+It also records, per step, the pool loads started since the previous launch (adapters copied
+host -> pool while scheduling it) and, on CUDA, the device's idle time before the step: between
+the previous step's end event and this one's start event, the time the GPU waited for the host
+(`idle_by_pool_loads` splits it by steps that did or did not load an adapter).
+
 `mixed_bound` checks issue 19's bound: a mixed step should cost at most the decode-only step of
 its batch (same run, median by batch size class) plus 1.5x the FLOP floor of its prompt tokens
 (their weight matmuls at a measured matmul peak).
@@ -36,6 +41,8 @@ class StepRecord:
     prompt_tokens: int
     host_ms: float  # the launch call on the host
     gpu_ms: float = float("nan")  # between the events (the host time on a CPU engine)
+    pool_loads: int = 0  # adapters whose host -> pool copy started since the previous launch
+    idle_ms: float = float("nan")  # the device idle before the step (CUDA; not the first)
 
 
 class StepTimer:
@@ -44,9 +51,11 @@ class StepTimer:
 
     def __init__(self, engine) -> None:
         self.runner = engine.runner
+        self.adapters = engine.adapters
         self.cuda = engine.device.type == "cuda"
         self._launch = self.runner.launch
         self._pending: list[tuple[StepRecord, object, object]] = []
+        self._loads = self.adapters.num_loads
         self.runner.launch = self._timed
 
     def _timed(self, sched, seqs, previous=None):
@@ -62,8 +71,9 @@ class StepTimer:
         host_ms = 1e3 * (time.perf_counter() - t0)
         if self.cuda:
             end.record()
+        loads, self._loads = self.adapters.num_loads - self._loads, self.adapters.num_loads
         record = StepRecord(MIXED if prompt else DECODE, getattr(self.runner, "last_path", "?"),
-                            decode, prompt, host_ms)
+                            decode, prompt, host_ms, pool_loads=loads)
         self._pending.append((record, start, end))
         return result
 
@@ -74,10 +84,30 @@ class StepTimer:
         if self.cuda:
             torch.cuda.synchronize()
         out = []
+        previous_end = None
         for record, start, end in self._pending:
             record.gpu_ms = start.elapsed_time(end) if self.cuda else record.host_ms
+            if previous_end is not None:
+                record.idle_ms = previous_end.elapsed_time(start)
+            previous_end = end
             out.append(record)
         return out
+
+
+def idle_by_pool_loads(records: list[StepRecord]) -> dict:
+    """The device's idle seconds before steps, split by whether the step's scheduling
+    started a pool load ({} without idle times: a CPU engine)."""
+    timed = [r for r in records if r.idle_ms == r.idle_ms]  # NaN: not measured
+    if not timed:
+        return {}
+    out = {}
+    for name, rs in (("with_pool_loads", [r for r in timed if r.pool_loads]),
+                     ("without_pool_loads", [r for r in timed if not r.pool_loads])):
+        out[name] = {"steps": len(rs), "pool_loads": sum(r.pool_loads for r in rs),
+                     "idle_s": round(sum(r.idle_ms for r in rs) / 1e3, 3),
+                     "idle_ms_per_step": round(statistics.fmean(r.idle_ms for r in rs), 3)
+                     if rs else 0.0}
+    return out
 
 
 def by_kind(records: list[StepRecord]) -> dict[str, dict]:

@@ -31,6 +31,7 @@ REGEX_TARGET_FRACTION = 0.1
 ALL_LINEAR_FRACTION = 0.1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
+REQUIRED_TOKENIZER_FILES = TOKENIZER_FILES[:2]  # older tokenizer folders lack the others
 TINY_LLAMA = {  # GQA, tied embeddings, SmolLM2's vocabulary so its tokenizer can be reused
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -144,10 +145,18 @@ def adapter_name(index: int, recipe: AdapterRecipe) -> str:
 
 def make_tiny_model(out_dir: str | Path, tokenizer_from: str | Path | None = None,
                     seed: int = 0, **overrides: object) -> Path:
-    """A tiny random Llama (HF folder, fp32 safetensors); tokenizer files copied when given."""
+    """A tiny random Llama (HF folder, fp32 safetensors); tokenizer files copied when given.
+    FileNotFoundError at once when `tokenizer_from` lacks one the model cannot load without
+    (otherwise a server fails later with an obscure tokenizer error)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
+    if tokenizer_from is not None:
+        missing = [n for n in REQUIRED_TOKENIZER_FILES if not (Path(tokenizer_from) / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"tokenizer files {missing} not in {tokenizer_from} (`make "
+                                    "setup` puts SmolLM2's there; a device machine needs them "
+                                    "carried: bench/device_tokenizer.sh)")
     torch.manual_seed(seed)
     config = LlamaConfig(**{**TINY_LLAMA, **overrides}, initializer_range=TINY_INIT_STD)
     model = LlamaForCausalLM(config).to(torch.float32)

@@ -13,7 +13,7 @@ from adapter_helpers import MAX_RANK, REPO_ROOT
 
 from slora_backend.adapters import AdapterSource
 from slora_backend.model.spec import ModelSpec
-from slora_testing.synthetic_adapters import load_spec
+from slora_testing.synthetic_adapters import load_spec, make_tiny_model
 
 SCRIPT = REPO_ROOT / "scripts" / "gen_synthetic_adapters.py"
 COUNT = 60
@@ -66,6 +66,14 @@ def test_make_tiny_model(tmp_path: Path) -> None:
     assert spec.num_layers == 2 and spec.num_kv_heads < spec.num_heads  # GQA
     assert (tmp_path / "tiny" / "model.safetensors").is_file()
     assert len(AdapterSource(tmp_path / "a", spec, MAX_RANK, torch.float32).list_adapters()) == 2
+
+
+def test_make_tiny_model_refuses_a_tokenizer_folder_without_its_files(tmp_path: Path) -> None:
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"\['tokenizer_config.json'\]"):
+        make_tiny_model(tmp_path / "tiny", tmp_path / "tok")
+    assert not (tmp_path / "tiny").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("argv", [["--ranks", "4,x", "--out", "o", "--model", "m"],

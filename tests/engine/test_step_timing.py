@@ -15,6 +15,7 @@ from slora_testing.step_timing import (
     StepRecord,
     StepTimer,
     by_kind,
+    idle_by_pool_loads,
     matmul_flops_per_token,
     mixed_bound,
 )
@@ -40,7 +41,38 @@ def test_step_timer_kinds(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
     assert kinds[DECODE]["prompt_tokens"] == 0 and kinds[DECODE]["steps"] > 0
     assert all(r.decode_rows <= 4 and r.gpu_ms > 0 for r in records)
     assert kinds[DECODE]["paths"] == {"eager": kinds[DECODE]["steps"]}
+    assert sum(r.pool_loads for r in records) == 0 and idle_by_pool_loads(records) == {}
     eng.close()
+
+
+def test_step_timer_counts_pool_loads_per_step(tiny_model_dir: Path,
+                                               tiny_adapter_dir: Path) -> None:
+    """Each adapter's host -> pool load is counted once, on a step whose scheduling started
+    it (at most one per sequence of the step)."""
+    eng = make_engine(tiny_model_dir, tiny_adapter_dir, max_num_seqs=2)
+    adapters = sorted(p.name for p in tiny_adapter_dir.iterdir())[:3]
+    timer = StepTimer(eng)
+    for i, adapter in enumerate(adapters):
+        eng.add_request(f"r{i}", prompt_token_ids=[100, 101, 102], adapter_id=adapter,
+                        params=SamplingParams(max_tokens=4, **GREEDY))
+    drain(eng)
+    timer.close()
+    records = timer.records()
+    assert sum(r.pool_loads for r in records) == eng.adapters.num_loads == len(adapters)
+    assert all(r.pool_loads <= 2 for r in records) and records[0].pool_loads >= 1
+    eng.close()
+
+
+def test_idle_split_by_pool_loads() -> None:
+    records = [StepRecord(DECODE, "g", 8, 0, 1.0, gpu_ms=5.0),  # the first: no idle time
+               StepRecord(MIXED, "m", 8, 40, 1.0, gpu_ms=9.0, pool_loads=2, idle_ms=3.0),
+               StepRecord(DECODE, "g", 8, 0, 1.0, gpu_ms=5.0, idle_ms=0.5),
+               StepRecord(DECODE, "g", 8, 0, 1.0, gpu_ms=5.0, idle_ms=1.5)]
+    out = idle_by_pool_loads(records)
+    assert out["with_pool_loads"] == {"steps": 1, "pool_loads": 2, "idle_s": 0.003,
+                                      "idle_ms_per_step": 3.0}
+    assert out["without_pool_loads"] == {"steps": 2, "pool_loads": 0, "idle_s": 0.002,
+                                         "idle_ms_per_step": 1.0}
 
 
 def test_mixed_bound_arithmetic() -> None:
