@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from slora_backend.adapters.pool_copy import PoolCopier, PoolCopy
 from slora_backend.adapters.validation import refuse
+from slora_backend.adapters.values import non_finite_error
 from slora_backend.errors import EngineError
 from slora_backend.memory_pool import PagePool, PoolStorage
 from slora_backend.model.lora import LoraTables, RowPlan
@@ -169,8 +170,7 @@ class AdapterManager:
             return True
         self.copier.scrub(res.pages)
         self._drop(adapter_id, count=False)
-        err = refuse(adapter_id, f"tensor '{copy.culprit()}' has non-finite values (NaN/Inf) "
-                                 f"in {copy.host.buffer.dtype}")
+        err = non_finite_error(adapter_id, copy.host.factors)
         self.host.reject(adapter_id, err, copy.host.fingerprint)
         raise err
 

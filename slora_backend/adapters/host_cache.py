@@ -343,6 +343,8 @@ class HostCache:
             weakref.finalize(adapter, self._give_back, where, info.nbytes,
                              adapter.fences).atexit = False
             self._commit(adapter, info.nbytes, time.perf_counter() - start)
+            if self.source.host_pool:
+                self.source.prepare_for_host_pool(adapter)
             self._prefault_next(where, info.nbytes)
         except EngineError as exc:
             self._fail(adapter_id, exc, fingerprint or self._current(adapter_id)[0])

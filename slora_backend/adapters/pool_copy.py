@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from slora_backend.adapters.source import HostAdapter
-from slora_backend.adapters.validation import tensor_key
+from slora_backend.adapters.values import all_finite
 from slora_backend.model.lora import RowPlan, plan_adapter_rows, write_adapter_factors
 from slora_backend.model.spec import ModelSpec
 
@@ -39,7 +39,7 @@ class PoolCopy:
 
     def __init__(self, host: HostAdapter, pointers: dict[str, tuple[list[int], list[int]]],
                  finished: torch.cuda.Event | None, flag: torch.Tensor | bool) -> None:
-        self.host = host  # kept until the flip: it names a non-finite tensor
+        self.host = host  # kept until the flip: its factors name a non-finite tensor
         self.pointers = pointers
         self._finished = finished  # None: done at start (CPU)
         self._flag = flag
@@ -50,26 +50,6 @@ class PoolCopy:
     def finite(self) -> bool:
         """Every value finite in the model dtype (valid once done)."""
         return bool(self._flag) if isinstance(self._flag, bool) else bool(self._flag.item())
-
-    def culprit(self) -> str:
-        """The key of the first tensor with a NaN/Inf (a slow scan on the host: refusals only)."""
-        for module, (a, b) in self.host.factors.items():
-            for which, stacked in (("A", a), ("B", b)):
-                bad = ~torch.isfinite(stacked).flatten(1).all(dim=1)
-                if bool(bad.any()):
-                    return tensor_key(int(bad.nonzero()[0]), module, which)
-        return "?"
-
-
-def all_finite(buffer: torch.Tensor) -> bool:
-    """Every element finite, on the CPU at memory speed: a finite sum proves it (NaN and Inf
-    propagate); a sum in the buffer's own dtype is torch's fastest CPU reduction (64 MB fp32:
-    18 GB/s, fp16: 8 GB/s; isfinite runs at 0.7). Large finite values may overflow it: then min
-    and max decide."""
-    if bool(torch.isfinite(buffer.sum())):
-        return True
-    low, high = torch.aminmax(buffer)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 class PoolCopier:
@@ -100,9 +80,10 @@ class PoolCopier:
         """Start writing `host` into `pages` (for slot `slot`). ValueError if its factors do
         not fit the plan (nothing written then)."""
         if self._stream is None:
-            if not all_finite(host.buffer):
-                return PoolCopy(host, plan.absolute(pages), None, False)
-            pointers = self._write(host.factors, host, pages, plan, slot)
+            with host.lock:  # a host pool's loader may be laying B out
+                if not (host.finite if host.finite is not None else all_finite(host.buffer)):
+                    return PoolCopy(host, plan.absolute(pages), None, False)
+                pointers = self._write(host.factors, host, pages, plan, slot)
             return PoolCopy(host, pointers, None, True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):

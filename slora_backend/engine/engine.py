@@ -124,7 +124,8 @@ class LLMEngine:
         self.storage = PoolStorage(local.num_layers, num_pages, config.block_size,
                                    local.num_kv_heads, local.head_dim, self.dtype, self.device)
         self.pool = PagePool(num_pages)
-        self.source = AdapterSource(config.adapter_dir, self.spec, config.max_rank, self.dtype)
+        self.source = AdapterSource(config.adapter_dir, self.spec, config.max_rank, self.dtype,
+                                    host_pool=self.device.type != "cuda")
         self.host_cache = HostCache(self.source, config.host_cache_bytes,
                                     config.resolved_host_cache_workers, device=self.device)
         copier = None if self.tp is None else self.tp.copier(self.spec, self.storage)

@@ -109,8 +109,9 @@ class ShardExecutor:
         share = pool.new_empty(share_size(plan, layers))
         parts = None
         if host is not None:
-            parts = pack_shares(on_device(host, pool.device)[1], plan, self.geometry, layers,
-                                pool)
+            with host.lock:  # a host pool's loader may be laying B out
+                parts = pack_shares(on_device(host, pool.device)[1], plan, self.geometry,
+                                    layers, pool)
         self.comm.scatter(share, parts, "adapter")
         pointers = write_adapter_factors(pool, list(load.pages),
                                          share_factors(share, plan, layers), self.spec,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,10 @@ from test_scheduler import BLOCK, make_seq, run_all, step
 
 from slora_backend.adapters import AdapterSource, HostCache
 from slora_backend.adapters.adapter_manager import AdapterManager, Wait
-from slora_backend.adapters.pool_copy import PoolCopier, PoolCopy, all_finite
+from slora_backend.adapters.pool_copy import PoolCopier, PoolCopy
+from slora_backend.adapters.source import HostAdapter
 from slora_backend.adapters.validation import tensor_key
+from slora_backend.adapters.values import all_finite
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.scheduler import Scheduler, SchedulerOutput
 from slora_backend.errors import EngineError, ErrorCode
@@ -55,11 +58,11 @@ class HeldCopier(PoolCopier):
 
 
 def build(model_dir: Path, adapter_dir: Path, num_pages: int = 64, slots: int = 4,
-          dtype: torch.dtype = torch.float32) -> AdapterManager:
+          dtype: torch.dtype = torch.float32, host_pool: bool = False) -> AdapterManager:
     spec = ModelSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
     storage = PoolStorage(spec.num_layers, num_pages, BLOCK, spec.num_kv_heads, spec.head_dim,
                           dtype, "cpu")
-    cache = HostCache(AdapterSource(adapter_dir, spec, 64, dtype), HOST_BYTES)
+    cache = HostCache(AdapterSource(adapter_dir, spec, 64, dtype, host_pool), HOST_BYTES)
     mgr = AdapterManager(spec, storage, PagePool(num_pages), cache, slots, 64)
     mgr.copier = HeldCopier(storage.tensor, spec, slots)
     return mgr
@@ -97,6 +100,44 @@ def test_a_loaded_adapter_nobody_claims_becomes_evictable(tiny_model_dir: Path,
         mgr.copier.gates["a_r4_qv"].open = True
         mgr.poll()
         assert mgr.evict_idle(1) == pages and mgr.resident() == []
+    finally:
+        mgr.host.close()
+
+
+def prepared(mgr: AdapterManager, name: str) -> HostAdapter:
+    """`name` loaded, and the host pool's loader done with it (prepare_for_host_pool runs in
+    the loader thread after the load is visible)."""
+    host = mgr.host.wait(name, timeout=WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while host.finite is None:
+        assert time.monotonic() < deadline, "the loader never checked the values"
+        time.sleep(0.01)
+    with host.lock:
+        return host
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    (tensor_key(1, "q_proj", "A"), math.nan),
+    (tensor_key(0, "v_proj", "B"), -math.inf),
+])
+def test_a_host_pools_loader_finds_non_finite_values(tiny_model_dir: Path,
+                                                     tiny_adapter_dir: Path, tmp_path: Path,
+                                                     key: str, value: float) -> None:
+    """Where the pool is in host memory, the loader thread checks the values (off the loop)
+    and leaves B as read; the pool copy then refuses the adapter with the same INVALID_ARG."""
+    adapters = poisoned_copy(tiny_adapter_dir, tmp_path, "a_r4_qv", key, value)
+    mgr = build(tiny_model_dir, adapters, host_pool=True)
+    mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec, mgr.tables.num_slots)
+    try:
+        host = prepared(mgr, "bad")
+        assert host.finite is False
+        assert all(b.is_contiguous() for _, b in host.factors.values())  # not laid out
+        with pytest.raises(EngineError) as info:
+            mgr.acquire("bad")
+        assert info.value.code is ErrorCode.INVALID_ARG
+        assert f"'{key}' has non-finite values (NaN/Inf) in torch.float32" in info.value.message
+        assert mgr.pool.used_by("lora") == 0 and "bad" not in mgr.host.resident()
+        assert prepared(mgr, "a_r4_qv").finite is True
     finally:
         mgr.host.close()
 
@@ -193,12 +234,18 @@ def test_admission_fills_the_batch_while_a_pool_copy_runs(tiny_model_dir: Path,
         mgr.host.close()
 
 
-def test_copied_rows_equal_the_adapter(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
-    mgr = build(tiny_model_dir, tiny_adapter_dir, num_pages=256)
+@pytest.mark.parametrize("host_pool", [False, True], ids=["as-read", "host-pool-layout"])
+def test_copied_rows_equal_the_adapter(tiny_model_dir: Path, tiny_adapter_dir: Path,
+                                       host_pool: bool) -> None:
+    """Also when a host pool's loader laid B out as the pool's B^T rows (a CPU engine)."""
+    mgr = build(tiny_model_dir, tiny_adapter_dir, num_pages=256, host_pool=host_pool)
     mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec, mgr.tables.num_slots)
     try:
         name = "a_r64_ko_down"
-        mgr.host.wait(name, timeout=WAIT_S)
+        host = prepared(mgr, name) if host_pool else mgr.host.wait(name, timeout=WAIT_S)
+        assert host.finite is (True if host_pool else None)
+        assert all(b.transpose(1, 2).is_contiguous() is host_pool and
+                   b.is_contiguous() is not host_pool for _, b in host.factors.values())
         slot = mgr.acquire(name)
         assert isinstance(slot, int)
         assert_rows_equal(mgr, slot, tiny_adapter_dir, name, ("k_proj", "o_proj", "down_proj"),
