@@ -170,6 +170,7 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
     for the mixed-step bound."""
     sync(engine.config.device)
     compiled = compiled_kernels()
+    allocator = allocator_counters(engine.device)
     timer = StepTimer(engine)
     t0 = time.perf_counter()
     for i, r in enumerate(requests):
@@ -214,7 +215,24 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
             "running_mean_by_phase": {k: round(v[2] / v[0], 1) for k, v in sorted(phases.items())},
             "pool_loads_by_phase": {k: v[3] for k, v in sorted(phases.items())},
             "jit_compiles": {k: n - compiled.get(k, 0) for k, n in compiled_kernels().items()
-                             if n > compiled.get(k, 0)}}
+                             if n > compiled.get(k, 0)},
+            "allocator": {k: n - allocator[k]
+                          for k, n in allocator_counters(engine.device).items()}}
+
+
+# the caching allocator's counters that can stall the host: a cudaMalloc/cudaFree, a retry
+# after an out-of-memory (it frees cached blocks), a synchronization of every stream
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                      "num_sync_all_streams")
+
+
+def allocator_counters(device: torch.device) -> dict[str, int]:
+    """ALLOCATOR_COUNTERS now (empty off CUDA): a rise during a timed run is the allocator
+    reaching the driver (a pool copy's staging of a size not cached yet, say)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS}
 
 
 def compiled_kernels() -> dict[str, int]:

@@ -66,6 +66,25 @@ class PoolCopier:
         # one finite flag per slot (a slot has at most one copy in flight), pinned once
         self._flags = torch.zeros(max_slots if on_gpu else 0, dtype=torch.bool,
                                   pin_memory=on_gpu)
+        if self._stream is not None:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Launch each kernel a copy (and a refusal's scrub) launches, once, at start, on
+        scratch memory. CUDA loads a kernel at its first launch, and loading may synchronize
+        the context (CUDA programming guide, "Lazy Loading", potential hazards): on an H200 a
+        process's first copy blocked the host for the model's whole step in flight (167 ms)."""
+        assert self._stream is not None
+        with torch.cuda.stream(self._stream):
+            staging = torch.ones(2, 4, 8, dtype=self.storage.dtype, device=self.device)
+            flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+            flag.copy_(torch.isfinite(staging).all().view(1), non_blocking=True)
+            rows = torch.empty(2, 8, 4, dtype=self.storage.dtype, device=self.device)
+            rows[:, :4].copy_(staging[:, :, :4].transpose(1, 2))  # B^T rows: strided
+            rows.view(2, 4, 8)[:, 1:3].copy_(staging[:, 1:3])  # A rows: a run of them
+            rows.view(-1).copy_(staging.view(-1))  # contiguous
+            rows.index_fill_(1, torch.zeros(1, dtype=torch.int64, device=self.device), 0)
+        self._stream.synchronize()
 
     def table_rank(self, rank: int) -> int:
         """The slot tables' rank for an adapter of `rank` (their width for `max_rank`)."""

@@ -85,10 +85,9 @@ def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
     mgr = build(tiny_model_dir, tiny_adapter_dir)
     name = "a_r32_attn"
     try:
-        # one copy first, as an engine has made by the time it serves: the first use of a CUDA
-        # kernel in a process may load its module, which can wait for the device (lazy loading;
-        # on an H200 this test's first copy blocked the host for the whole 167-ms busy stream)
-        until_ready(mgr, "a_r8_all")
+        # the process's first copy: a kernel's first launch loads it, which may wait for the
+        # device (on an H200 this copy blocked the host for the whole 167-ms busy stream);
+        # PoolCopier launches each of its kernels once at start, so this one must not block
         mgr.host.wait(name, timeout=WAIT_S)
         free = [p for p in range(NUM_PAGES) if mgr.pool.kind_of(p) is None]
         # "the step in flight": busy, then it writes every free page, among them those the
