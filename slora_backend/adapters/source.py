@@ -59,7 +59,7 @@ class HostAdapter:
     stacked, so the pool tier writes a module's rows of all layers with one op per run of
     rows. All are views of one flat buffer (in the host cache: a range of its pinned arena),
     laid out module by module (MODULE_ORDER), A of all layers then B of all layers; B's memory
-    is B^T [L, r, out] when the pool is in host memory (AdapterSource `host_pool`).
+    is B^T [L, r, out] once a host pool's loader has laid it out (prepare_for_host_pool).
     """
 
     adapter_id: str
@@ -338,7 +338,7 @@ class AdapterSource:
 
     def prepare_for_host_pool(self, adapter: HostAdapter) -> None:
         """What a GPU does on the device during the pool copy, done by a host pool's loader
-        thread once the adapter is loaded (its load is no longer), off the engine loop: the
+        thread once the adapter is loaded (its load takes no longer), off the engine loop: the
         finite check, then each B rewritten in its own memory as the pool's B^T rows, so that
         the loop's copy is plain. A pool copy that comes first checks and transposes on the
         way, as on a GPU; one that comes meanwhile waits for the adapter's lock."""
