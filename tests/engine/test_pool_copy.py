@@ -116,6 +116,27 @@ def prepared(mgr: AdapterManager, name: str) -> HostAdapter:
         return host
 
 
+def test_copies_racing_the_host_pools_loader_land_exact_rows(tiny_model_dir: Path,
+                                                             tiny_adapter_dir: Path) -> None:
+    """Each adapter copied the moment its load is visible, before, during or after the
+    loader's pass (prepare_for_host_pool): the rows equal the file whatever the order."""
+    names = sorted(p.name for p in tiny_adapter_dir.iterdir())
+    for _ in range(3):
+        mgr = build(tiny_model_dir, tiny_adapter_dir, num_pages=512, slots=len(names),
+                    host_pool=True)
+        mgr.copier = PoolCopier(mgr.storage.tensor, mgr.spec, mgr.tables.num_slots)
+        try:
+            for name in names:
+                mgr.host.prefetch(name)
+            for name in names:
+                host = mgr.host.wait(name, timeout=WAIT_S)
+                slot = mgr.acquire(name)
+                assert isinstance(slot, int), slot
+                assert_rows_equal(mgr, slot, tiny_adapter_dir, name, host.modules, host.rank)
+        finally:
+            mgr.host.close()
+
+
 @pytest.mark.parametrize(("key", "value"), [
     (tensor_key(1, "q_proj", "A"), math.nan),
     (tensor_key(0, "v_proj", "B"), -math.inf),
