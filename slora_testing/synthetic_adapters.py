@@ -29,9 +29,9 @@ B_STD = 0.5  # B ~ N(0, B_STD^2 / r)
 RSLORA_FRACTION = 0.2
 REGEX_TARGET_FRACTION = 0.1
 ALL_LINEAR_FRACTION = 0.1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json")
-REQUIRED_TOKENIZER_FILES = TOKENIZER_FILES[:2]  # older tokenizer folders lack the others
+REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# older tokenizer folders lack the others
+TOKENIZER_FILES = (*REQUIRED_TOKENIZER_FILES, "chat_template.jinja", "special_tokens_map.json")
 TINY_LLAMA = {  # GQA, tied embeddings, SmolLM2's vocabulary so its tokenizer can be reused
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,

@@ -112,7 +112,7 @@ def prepared(mgr: AdapterManager, name: str) -> HostAdapter:
     while host.finite is None:
         assert time.monotonic() < deadline, "the loader never checked the values"
         time.sleep(0.01)
-    with host.lock:
+    with host.lock:  # `finite` is set as the pass takes the lock: wait for the pass to end
         return host
 
 
