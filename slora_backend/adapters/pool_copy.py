@@ -7,14 +7,22 @@ the model's stream, and the copy engine moves the bytes while the step computes.
 `start` does the copy at once (there is no other device to wait for), so the same transitions
 (loading -> ready, or refused) run within one call.
 
-A copy, on the side stream: the pinned host buffer -> a staging tensor on the device (one host ->
-device copy), the finite check on the device (`isfinite().all()`, into the slot's byte of a
-pinned array allocated once: a pinned allocation per copy can block the host until the device
-is idle; the CPU never reduces the values), then the rows from the staging into the adapter's
-pages (`write_adapter_factors`: one op per run of rows, all layers). The step in flight may still
-read pages freed since it was launched (a finished request's last row, a preempted sequence's
-KV), so the side stream first waits for everything launched on the model's stream so far. The
-slot tables are written at the flip, on the model's stream, by the pool tier.
+A copy, on the side stream: the pinned host buffer -> the copier's staging buffer on the device
+(one host -> device copy), the finite check on the device (min and max of the staging, which
+NaN and Inf reach, into the slot's byte of a pinned array allocated once: a pinned allocation
+per copy can block the host until the device is idle; the CPU never reduces the values), then
+the rows from the staging into the adapter's pages (`write_adapter_factors`: one op per run of
+rows, all layers). The staging buffer is allocated once (grown to the largest adapter seen) and
+reused by every copy: the side stream runs copies in order, so a copy's host -> device write
+comes after the previous copy's last read. Fresh device tensors per copy (16-134 MB for a 7B
+adapter, and an `isfinite` mask as large) ask the caching allocator for new segments beside a
+pool that holds most of the memory; when it finds none it frees its cache (`cudaFree`, which
+waits for the whole device), a suspect for the GPU idle inside steps at n=1,000 adapters.
+
+The step in flight may still read pages freed since it was launched (a finished request's last
+row, a preempted sequence's KV), so the side stream first waits for everything launched on the
+model's stream so far. The slot tables are written at the flip, on the model's stream, by the
+pool tier.
 
 The copier also plans where an adapter's rows go and the slot tables' rank for it. A
 tensor-parallel engine's copier (parallel/adapters.py ShardedCopier) plans one rank's share,
@@ -29,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from slora_backend.adapters.source import HostAdapter
-from slora_backend.adapters.values import all_finite
+from slora_backend.adapters.values import all_finite, finite_on_device
 from slora_backend.model.lora import RowPlan, plan_adapter_rows, write_adapter_factors
 from slora_backend.model.spec import ModelSpec
 
@@ -66,6 +74,7 @@ class PoolCopier:
         # one finite flag per slot (a slot has at most one copy in flight), pinned once
         self._flags = torch.zeros(max_slots if on_gpu else 0, dtype=torch.bool,
                                   pin_memory=on_gpu)
+        self._staging: torch.Tensor | None = None  # on the side stream, grown by `_staging_for`
         if self._stream is not None:
             self._warm_up()
 
@@ -78,7 +87,7 @@ class PoolCopier:
         with torch.cuda.stream(self._stream):
             staging = torch.ones(2, 4, 8, dtype=self.storage.dtype, device=self.device)
             flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-            flag.copy_(torch.isfinite(staging).all().view(1), non_blocking=True)
+            flag.copy_(finite_on_device(staging).view(1), non_blocking=True)
             rows = torch.empty(2, 8, 4, dtype=self.storage.dtype, device=self.device)
             rows[:, :4].copy_(staging[:, :, :4].transpose(1, 2))  # B^T rows: strided
             rows.view(2, 4, 8)[:, 1:3].copy_(staging[:, 1:3])  # A rows: a run of them
@@ -106,13 +115,22 @@ class PoolCopier:
             return PoolCopy(host, pointers, None, True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            staging, factors = on_device(host, self.device)
+            staging, factors = on_device(host, self.device, self._staging_for(host.buffer))
             flag = self._flags[slot]
-            flag.copy_(torch.isfinite(staging).all(), non_blocking=True)
+            flag.copy_(finite_on_device(staging), non_blocking=True)
             pointers = self._write(factors, host, pages, plan, slot)
             finished = torch.cuda.Event()
             finished.record()
         return PoolCopy(host, pointers, finished, flag)
+
+    def _staging_for(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A device tensor shaped as `buffer`, from the one staging buffer (allocated, or
+        grown, on the current stream: the side stream)."""
+        numel = buffer.numel()
+        if (self._staging is None or self._staging.numel() < numel
+                or self._staging.dtype != buffer.dtype):
+            self._staging = torch.empty(numel, dtype=buffer.dtype, device=self.device)
+        return self._staging[:numel]
 
     def _write(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], host: HostAdapter,
                pages: Sequence[int], plan: RowPlan,
@@ -132,14 +150,18 @@ class PoolCopier:
         self.storage.index_fill_(1, index, 0)
 
 
-def on_device(host: HostAdapter, device: torch.device
+def on_device(host: HostAdapter, device: torch.device, out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """host.buffer copied to `device` on the current stream (one copy, asynchronous from pinned
-    memory; its fence recorded: the host range is reused only once the copy read it), and
-    host.factors as views of the copy at the same offsets. The CPU: host's own."""
+    """host.buffer copied to `device` on the current stream (into `out` if given, else a new
+    tensor; one copy, asynchronous from pinned memory; its fence recorded: the host range is
+    reused only once the copy read it), and host.factors as views of the copy at the same
+    offsets. The CPU: host's own."""
     if device.type == "cpu":
         return host.buffer, host.factors
-    staging = host.buffer.to(device, non_blocking=True)
+    if out is None:
+        staging = host.buffer.to(device, non_blocking=True)
+    else:
+        staging = out.copy_(host.buffer, non_blocking=True)
     fence = torch.cuda.Event()
     fence.record()
     host.fences[:] = [fence]

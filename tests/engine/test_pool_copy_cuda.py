@@ -109,6 +109,30 @@ def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
         mgr.host.close()
 
 
+def test_copies_reuse_one_staging_buffer(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    # a copy allocates nothing as large as the adapter once the staging buffer has grown to it:
+    # per-copy device tensors sent the caching allocator looking for new segments
+    mgr = build(tiny_model_dir, tiny_adapter_dir)
+    names = ["a_r64_ko_down", "a_r32_attn", "a_r8_all", "a_r4_qv"]  # the largest first
+    try:
+        for name in names:
+            mgr.host.wait(name, timeout=WAIT_S)
+        until_ready(mgr, names[0])
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        slots = [until_ready(mgr, name) for name in names[1:]]
+        torch.cuda.synchronize()
+        smallest = min(mgr.host.get(n).buffer.nbytes for n in names[1:])
+        assert torch.cuda.max_memory_allocated() - before < smallest
+        for name, slot in zip(names[1:], slots):
+            factors = mgr.host.get(name).factors
+            rank = next(iter(factors.values()))[0].shape[1]
+            assert_rows_equal(mgr, slot, tiny_adapter_dir, name, tuple(factors), rank)
+    finally:
+        mgr.host.close()
+
+
 def test_non_finite_adapter_refused_on_the_gpu(tiny_model_dir: Path, tiny_adapter_dir: Path,
                                                tmp_path: Path) -> None:
     key = tensor_key(1, "v_proj", "B")
