@@ -343,15 +343,25 @@ class HostCache:
             weakref.finalize(adapter, self._give_back, where, info.nbytes,
                              adapter.fences).atexit = False
             self._commit(adapter, info.nbytes, time.perf_counter() - start)
-            if self.source.host_pool:
-                self.source.prepare_for_host_pool(adapter)
-            self._prefault_next(where, info.nbytes)
         except EngineError as exc:
             self._fail(adapter_id, exc, fingerprint or self._current(adapter_id)[0])
+            return
         except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
-            self._fail(adapter_id, EngineError(ErrorCode.INTERNAL,
-                                               f"adapter '{adapter_id}': load failed: {exc!r}"),
+            self._fail(adapter_id, _internal(adapter_id, "load", exc),
                        fingerprint or self._current(adapter_id)[0])
+            return
+        self._after_commit(adapter, where)
+
+    def _after_commit(self, adapter: HostAdapter, where: tuple[int, int]) -> None:
+        """Off-loop work on a committed adapter (a host pool's layout, the next load's page
+        faults). A failure here refuses the resident entry: it must not stay half rewritten."""
+        try:
+            if self.source.host_pool:
+                self.source.prepare_for_host_pool(adapter)
+            self._prefault_next(where, adapter.nbytes)
+        except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
+            self.reject(adapter.adapter_id, _internal(adapter.adapter_id, "layout", exc),
+                        adapter.fingerprint)
 
     def _prefault_next(self, where: tuple[int, int], nbytes: int) -> None:
         """CPU: fault in the arena memory the next load likely takes (host_arena.py), after
@@ -384,3 +394,7 @@ class HostCache:
             if self._window.release(adapter_id):
                 self._drain()
             self._cond.notify_all()
+
+
+def _internal(adapter_id: str, what: str, exc: Exception) -> EngineError:
+    return EngineError(ErrorCode.INTERNAL, f"adapter '{adapter_id}': {what} failed: {exc!r}")

@@ -311,3 +311,30 @@ def test_prefetch_looks_ahead_in_order_within_the_capacity(spec: ModelSpec, adap
         assert stats["load_errors"] == 0 and stats["bytes"] <= 3 * size
     finally:
         cache.close()
+
+
+def test_a_failed_host_pool_layout_refuses_the_adapter(spec: ModelSpec, adapter_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # a CPU engine's loader rewrites B in place after the commit; if that fails (say its
+    # scratch cannot be allocated) the entry must go, not stay resident half rewritten
+    rec = recipe(rank=4)
+    write_adapter(adapter_dir / "a", adapter_config(rec), adapter_tensors(rec, spec))
+    source = AdapterSource(adapter_dir, spec, MAX_RANK, torch.float32, host_pool=True)
+
+    def no_scratch(b: torch.Tensor) -> torch.Tensor:
+        raise MemoryError(f"no scratch for {tuple(b.shape)}")
+
+    monkeypatch.setattr(source, "_transposed_in_place", no_scratch)
+    cache = HostCache(source, capacity_bytes=1 << 24, workers=1, pin_memory=False)
+    try:
+        cache.prefetch("a")
+        deadline = time.monotonic() + WAIT_S
+        while cache.error("a") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        error = cache.error("a")
+        assert error is not None and error.code is ErrorCode.INTERNAL
+        assert "'a': layout failed" in error.message and "no scratch" in error.message
+        assert cache.get("a") is None and cache.resident() == []
+        assert cache.stats()["bytes"] == 0 and cache.stats()["load_errors"] == 1
+    finally:
+        cache.close()
