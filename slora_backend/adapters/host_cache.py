@@ -350,15 +350,15 @@ class HostCache:
             self._fail(adapter_id, _internal(adapter_id, "load", exc),
                        fingerprint or self._current(adapter_id)[0])
             return
-        self._after_commit(adapter, where)
+        if self.source.host_pool:
+            self._lay_out(adapter)
+        self._prefault_next(where, info.nbytes)
 
-    def _after_commit(self, adapter: HostAdapter, where: tuple[int, int]) -> None:
-        """Off-loop work on a committed adapter (a host pool's layout, the next load's page
-        faults). A failure here refuses the resident entry: it must not stay half rewritten."""
+    def _lay_out(self, adapter: HostAdapter) -> None:
+        """A host pool's layout of a committed adapter, off the loop. A failure refuses the
+        resident entry: it must not stay half rewritten."""
         try:
-            if self.source.host_pool:
-                self.source.prepare_for_host_pool(adapter)
-            self._prefault_next(where, adapter.nbytes)
+            self.source.prepare_for_host_pool(adapter)
         except Exception as exc:  # noqa: BLE001 (a worker must never die silently)
             self.reject(adapter.adapter_id, _internal(adapter.adapter_id, "layout", exc),
                         adapter.fingerprint)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from slora_backend.adapters.source import HostAdapter
-from slora_backend.adapters.values import all_finite, finite_on_device
+from slora_backend.adapters.values import all_finite, finite_flag
 from slora_backend.model.lora import RowPlan, plan_adapter_rows, write_adapter_factors
 from slora_backend.model.spec import ModelSpec
 
@@ -87,7 +87,7 @@ class PoolCopier:
         with torch.cuda.stream(self._stream):
             staging = torch.ones(2, 4, 8, dtype=self.storage.dtype, device=self.device)
             flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-            flag.copy_(finite_on_device(staging).view(1), non_blocking=True)
+            flag.copy_(finite_flag(staging).view(1), non_blocking=True)
             rows = torch.empty(2, 8, 4, dtype=self.storage.dtype, device=self.device)
             rows[:, :4].copy_(staging[:, :, :4].transpose(1, 2))  # B^T rows: strided
             rows.view(2, 4, 8)[:, 1:3].copy_(staging[:, 1:3])  # A rows: a run of them
@@ -117,7 +117,7 @@ class PoolCopier:
         with torch.cuda.stream(self._stream):
             staging, factors = on_device(host, self.device, self._staging_for(host.buffer))
             flag = self._flags[slot]
-            flag.copy_(finite_on_device(staging), non_blocking=True)
+            flag.copy_(finite_flag(staging), non_blocking=True)
             pointers = self._write(factors, host, pages, plan, slot)
             finished = torch.cuda.Event()
             finished.record()

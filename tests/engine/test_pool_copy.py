@@ -23,7 +23,7 @@ from slora_backend.adapters.adapter_manager import AdapterManager, Wait
 from slora_backend.adapters.pool_copy import PoolCopier, PoolCopy
 from slora_backend.adapters.source import HostAdapter
 from slora_backend.adapters.validation import tensor_key
-from slora_backend.adapters.values import all_finite, finite_on_device
+from slora_backend.adapters.values import all_finite, finite_flag
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.scheduler import Scheduler, SchedulerOutput
 from slora_backend.errors import EngineError, ErrorCode
@@ -223,14 +223,14 @@ def test_huge_finite_values_are_accepted() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None])
-def test_finite_on_device_finds_any_non_finite_value(dtype: torch.dtype,
+def test_finite_flag_finds_any_non_finite_value(dtype: torch.dtype,
                                                      bad: float | None) -> None:
     # the GPU copy's check (run here on the CPU): min and max, which NaN and +-Inf reach
     buffer = torch.full((4099,), torch.finfo(dtype).max, dtype=dtype)
     buffer[::3] = torch.finfo(dtype).min  # a sum of these overflows: they are still finite
     if bad is not None:
         buffer[2051] = bad
-    assert bool(finite_on_device(buffer)) is (bad is None)
+    assert bool(finite_flag(buffer)) is (bad is None)
 
 
 def _seq(rid: str, adapter: str | None):  # noqa: ANN202 (a Sequence)

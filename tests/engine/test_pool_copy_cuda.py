@@ -126,9 +126,8 @@ def test_copies_reuse_one_staging_buffer(tiny_model_dir: Path, tiny_adapter_dir:
         smallest = min(mgr.host.get(n).buffer.nbytes for n in names[1:])
         assert torch.cuda.max_memory_allocated() - before < smallest
         for name, slot in zip(names[1:], slots):
-            factors = mgr.host.get(name).factors
-            rank = next(iter(factors.values()))[0].shape[1]
-            assert_rows_equal(mgr, slot, tiny_adapter_dir, name, tuple(factors), rank)
+            host = mgr.host.get(name)
+            assert_rows_equal(mgr, slot, tiny_adapter_dir, name, host.modules, host.rank)
     finally:
         mgr.host.close()
 
