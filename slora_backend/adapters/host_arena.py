@@ -22,7 +22,9 @@ loads will use, plus one adapter's size.
 
 A freed range may still be the source of an asynchronous host -> device copy; it carries the
 CUDA event recorded after that copy (a fence) and is reused only once the event completed.
-Not thread-safe (but `prefault`): the host cache calls it under its lock.
+The arena never waits for a fence: `allocate` answers None and `pending_fence` names the one
+to wait for, which the host cache waits for with its lock released. Not thread-safe (but
+`prefault`): the host cache calls it under its lock.
 """
 
 from __future__ import annotations
@@ -80,13 +82,13 @@ class HostArena:
         return sum(c.tensor.numel() for c in self._chunks.values())
 
     def allocate(self, nbytes: int) -> tuple[int, int] | None:
-        """(chunk index, start) of a free range of nbytes; None when none fits right now."""
+        """(chunk index, start) of a free range of nbytes; None when none fits right now
+        (then, if `pending_fence` names one, after that copy the range may be there)."""
         need = footprint(nbytes)
-        self._reclaim(wait=False)
+        self._reclaim()
         found = self._first_fit(need)
         if found is None and self._fenced:
-            self._reclaim(wait=True)  # copies still reading freed ranges: wait for them
-            found = self._first_fit(need)
+            return None  # copies still read freed ranges: the caller waits for them first
         if found is None and not self.growing:
             found = self._grow(need)
         if found is None and not self.growing:  # chunks too small: drop the empty ones, regrow
@@ -106,6 +108,12 @@ class HostArena:
         stop = min(end + footprint(nbytes), chunk.tensor.numel())
         chunk.touched = max(chunk.touched, end, stop)
         return chunk.tensor[start:stop] if stop > start else None
+
+    def pending_fence(self) -> object | None:
+        """The fence of a freed range that a host -> device copy may still read (the oldest),
+        None if none. Wait for it without holding the caller's lock: on a GPU the copy ends
+        only after the model's step in flight, and the engine loop takes that lock every step."""
+        return self._fenced[0][3] if self._fenced else None
 
     def stop(self) -> None:
         """Stop pinning more chunks (the cache is closing)."""
@@ -168,17 +176,15 @@ class HostArena:
                 self._lock.notify_all()
 
     def _drop_empty_chunks(self) -> None:
-        self._reclaim(wait=True)
         for index in [i for i, c in self._chunks.items()
                       if c.free == [(0, c.tensor.numel())]]:
             del self._chunks[index]
 
-    def _reclaim(self, wait: bool) -> None:
+    def _reclaim(self) -> None:
+        """Release the freed ranges whose copies have completed."""
         keep = []
         for chunk, start, end, event in self._fenced:
-            if wait:
-                event.synchronize()
-            if wait or event.query():
+            if event.query():
                 self._release(chunk, start, end)
             else:
                 keep.append((chunk, start, end, event))

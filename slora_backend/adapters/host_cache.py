@@ -285,21 +285,36 @@ class HostCache:
     def _reserve(self, nbytes: int) -> tuple[int, int]:
         """Make room for nbytes (evict LRU first, else wait for loads in flight), reserve it
         and take an arena range for it."""
+        need = footprint(nbytes)
         with self._cond:
-            while self._bytes + self._reserved + footprint(nbytes) > self.capacity_bytes:
+            while self._bytes + self._reserved + need > self.capacity_bytes:
                 self._evict_or_wait()
-            self._reserved += footprint(nbytes)
-            while (where := self._arena.allocate(nbytes)) is None:
-                try:  # enough bytes, but not pinned yet or not in one range (fragmentation)
+            self._reserved += need
+        try:
+            return self._take_range(nbytes)
+        except BaseException:
+            with self._cond:
+                self._reserved -= need
+            raise
+
+    def _take_range(self, nbytes: int) -> tuple[int, int]:
+        """An arena range for a reserved load. A freed range that a pool copy may still read
+        is waited for outside the lock (arena.pending_fence): the engine loop takes the lock
+        at every step, and the copy ends only after the model's step in flight."""
+        while True:
+            with self._cond:
+                where = self._arena.allocate(nbytes)
+                if where is not None:
+                    self._live_ranges += 1
+                    return where
+                fence = self._arena.pending_fence()
+                if fence is None:  # enough bytes, but not pinned yet or fragmented
                     if self._arena.growing and not self._closed:
                         self._cond.wait()  # the next pinned chunk
                     else:
                         self._evict_or_wait()
-                except BaseException:
-                    self._reserved -= footprint(nbytes)
-                    raise
-            self._live_ranges += 1
-            return where
+                    continue
+            fence.synchronize()
 
     def _evict_or_wait(self) -> None:
         if self._entries:  # LRU first, but adapters still awaited by queued requests last

@@ -85,3 +85,26 @@ def test_next_fresh_is_the_untouched_memory_after_a_load_once() -> None:
     assert tail is not None and tail.numel() == CAPACITY - 3 * footprint(PART)
     assert HostArena(CAPACITY, pin=False, lock=threading.Condition()).next_fresh((0, 0), 1) \
         is None  # no chunk yet
+
+
+class _Fence:
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        raise AssertionError("the arena must never wait for a fence itself")
+
+
+def test_a_fenced_range_is_reused_only_after_its_copy_without_waiting() -> None:
+    arena = _arena()
+    first, _, _ = (arena.allocate(PART) for _ in range(3))
+    fence = _Fence()
+    arena.free(first, PART, fence)
+    assert arena.allocate(PART) is None  # the copy may still read it: no waiting, no range
+    assert arena.pending_fence() is fence  # what the caller waits for, its lock released
+    fence.done = True
+    assert arena.allocate(PART) == first
+    assert arena.pending_fence() is None

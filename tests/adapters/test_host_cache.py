@@ -338,3 +338,56 @@ def test_a_failed_host_pool_layout_refuses_the_adapter(spec: ModelSpec, adapter_
         assert cache.stats()["bytes"] == 0 and cache.stats()["load_errors"] == 1
     finally:
         cache.close()
+
+
+class _Fence:
+    """A CUDA event's interface (query, synchronize) for a pool copy that ends when told."""
+
+    def __init__(self) -> None:
+        self.waited_on = threading.Event()
+        self._done = threading.Event()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self.waited_on.set()
+        self._done.wait()
+
+    def complete(self) -> None:
+        self._done.set()
+
+
+def test_a_load_waits_for_a_copy_fence_without_the_cache_lock(spec: ModelSpec,
+                                                               adapter_dir: Path,
+                                                               source: AdapterSource) -> None:
+    """A load that needs the range of an evicted adapter whose host -> pool copy may still read
+    it waits for the copy's fence, which on a GPU completes only after the model's step in
+    flight. The engine loop asks the cache about every waiting request at every step: that
+    wait must not hold the cache's lock, or the loop stalls and the GPU idles."""
+    for i, name in enumerate(("a", "b")):
+        rec = recipe(rank=8, seed=i)
+        write_adapter(adapter_dir / name, adapter_config(rec), adapter_tensors(rec, spec))
+    size = footprint(source.inspect("a").nbytes)
+    cache = HostCache(source, capacity_bytes=size + size // 2, workers=1, pin_memory=False)
+    fence = _Fence()
+    try:
+        adapter = cache.wait("a", timeout=WAIT_S)
+        adapter.fences[:] = [fence]  # as pool_copy.on_device records its copy's fence
+        del adapter
+        assert cache.evict("a")  # its range comes back once the fence completes
+        cache.prefetch("b")  # only that range can hold it
+        assert fence.waited_on.wait(WAIT_S)
+        answered = threading.Event()
+        asker = threading.Thread(target=lambda: (cache.loading("b"), answered.set()))
+        asker.start()
+        lock_free = answered.wait(2.0)  # the loop's question, while the loader waits
+        fence.complete()
+        asker.join()
+        assert lock_free, "the cache's lock was held while waiting for a copy's fence"
+        assert cache.wait("b", timeout=WAIT_S).adapter_id == "b"
+        stats = cache.stats()
+        assert stats["bytes"] == size and stats["reserved_bytes"] == 0
+    finally:
+        fence.complete()
+        cache.close()
