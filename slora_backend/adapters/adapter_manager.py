@@ -83,24 +83,28 @@ class AdapterManager:
         if adapter_id not in self._resident:
             self.host.prefetch(adapter_id)
 
-    def _host_copy(self, adapter_id: str) -> HostAdapter | None:
+    def _host_copy(self, adapter_id: str, load: bool) -> HostAdapter | None:
         if self.host.loading(adapter_id):  # the common case while requests wait: no stat
             return None
-        host = self.host.get(adapter_id)
+        host = self.host.get(adapter_id, load=load, claim=False)
         if host is None:
             err = self.host.error(adapter_id)
             if err is not None:
                 raise err
-            self.host.prefetch(adapter_id)  # no-op while loading; reloads an evicted copy
+            # no-op while loading or deferred; else loads an evicted copy (behind the head:
+            # within the lookahead's bound, in the order of the queue)
+            self.host.prefetch(adapter_id)
         return host
 
     # ---- the pool ---------------------------------------------------------------------------
-    def acquire(self, adapter_id: str, reserve_pages: int = 0) -> int | Wait:
+    def acquire(self, adapter_id: str, reserve_pages: int = 0, load: bool = True) -> int | Wait:
         """Take a reference and return the adapter's slot once it is ready in the pool.
 
         Wait.LOADING while its host copy or its pool copy is not done (this call starts the
-        pool copy when the host copy is there); Wait.NO_ROOM when no slot is free, or fewer
-        than (its pages + `reserve_pages`) pages can be freed by evicting idle adapters.
+        pool copy when the host copy is there, and with `load` the host load if none runs:
+        the head of the queue; the requests behind it wait for the host cache's prefetch, in
+        arrival order); Wait.NO_ROOM when no slot is free, or fewer than (its pages +
+        `reserve_pages`) pages can be freed by evicting idle adapters.
         Raises the EngineError of an adapter that failed to load or was refused."""
         res = self._resident.get(adapter_id)
         if res is not None and res.copy is not None and not self._complete(adapter_id, res):
@@ -112,7 +116,7 @@ class AdapterManager:
             if not self._free_pages_for(reserve_pages, keep=adapter_id):
                 return Wait.NO_ROOM
             return self._take(adapter_id, res)
-        host = self._host_copy(adapter_id)
+        host = self._host_copy(adapter_id, load)
         if host is None:
             return Wait.LOADING
         return self._load(adapter_id, host, reserve_pages)
@@ -146,6 +150,7 @@ class AdapterManager:
         except (ValueError, KeyError) as err:
             self.pool.free(pages)
             raise refuse(adapter_id, f"does not fit the model: {err}") from err
+        self.host.claim(adapter_id)  # copied from now on: its host copy may go first
         res = _Resident(self._free_slots.pop(), pages, 0, host.fingerprint, copy)
         self._resident[adapter_id] = res
         self._loading[adapter_id] = res

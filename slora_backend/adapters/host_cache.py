@@ -36,6 +36,9 @@ from slora_backend.device import use_device
 from slora_backend.errors import EngineError, ErrorCode
 
 LATENCY_WINDOW = 1024  # recent load latencies kept for the max / mean in stats()
+# how long a load waits for a range that an evicted adapter still holds (its pool copy reads
+# it until the copy's flip, at the engine's next step) before evicting an awaited adapter
+DETACHED_WAIT_S = 0.05
 
 
 @dataclass
@@ -77,6 +80,7 @@ class HostCache:
         self._arena = HostArena(capacity_bytes, self.pin_memory, self._cond,
                                 thread_init=lambda: use_device(device))
         self._live_ranges = 0  # arena ranges taken and not given back (in use or referenced)
+        self._loading_ranges = 0  # of those, the ranges of loads not committed yet
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
@@ -92,6 +96,9 @@ class HostCache:
     def prefetch(self, adapter_id: str) -> None:
         """Start loading the adapter in the background (no-op when resident or loading).
         Clears an earlier failure so that a fixed adapter is retried."""
+        with self._cond:
+            if self._window.is_deferred(adapter_id):
+                return  # waits for room already (asked again at every step while it waits)
         try:
             size = footprint(self.source.inspect(adapter_id).nbytes)
         except EngineError:
@@ -108,16 +115,30 @@ class HostCache:
             if adapter_id not in self._inflight:
                 self._window.cancel(adapter_id)
 
-    def get(self, adapter_id: str) -> HostAdapter | None:
+    def get(self, adapter_id: str, load: bool = True, claim: bool = True
+            ) -> HostAdapter | None:
         """The adapter if resident and still current on disk; else None (a load is started
-        unless one runs or it failed: see `error`)."""
+        unless one runs or it failed: see `error`). `load=False` (a request behind the head of
+        the queue): only a resident adapter, no stat otherwise, no load started (demanding
+        every waiting request's adapter would bypass the lookahead's bound and thrash).
+        `claim=False`: its prefetch stays unclaimed (kept before others) until `claim`: the pool
+        tier claims it once its copy started, not when the pool had no room for it yet."""
         with self._cond:
-            self._window.demand(adapter_id)  # wanted now: no more waiting for room
-        adapter = self._lookup(adapter_id, count_hit=True)
-        with self._cond:  # claimed only once taken: the loads it lets start may evict it
-            if adapter is not None and self._window.release(adapter_id):
-                self._drain()
+            if not load and adapter_id not in self._entries:
+                return None
+            if load:  # before the load starts: it commits as unclaimed
+                self._window.demand(adapter_id)  # wanted now: no more waiting for room
+        adapter = self._lookup(adapter_id, count_hit=True, load=load)
+        if adapter is not None and claim:
+            self.claim(adapter_id)  # only once taken: the loads it lets start may evict it
         return adapter
+
+    def claim(self, adapter_id: str) -> None:
+        """The adapter's request took it (see `get`): evictable first from now on, and its
+        room in the lookahead goes to the next prefetch."""
+        with self._cond:
+            if self._window.release(adapter_id):
+                self._drain()
 
     def loading(self, adapter_id: str) -> bool:
         """A load of the adapter is running or queued. No disk access: admission asks this of
@@ -249,7 +270,8 @@ class HostCache:
         except EngineError as exc:
             return None, exc
 
-    def _lookup(self, adapter_id: str, count_hit: bool) -> HostAdapter | None:
+    def _lookup(self, adapter_id: str, count_hit: bool, load: bool = True
+                ) -> HostAdapter | None:
         # the stat runs outside the lock: it is the only disk access on this path
         fingerprint, problem = self._current(adapter_id)
         with self._cond:
@@ -266,7 +288,7 @@ class HostCache:
                 self._failures[adapter_id] = _Failure(problem, None)
                 self._cond.notify_all()
                 return None
-            if adapter_id not in self._inflight and not self._closed:
+            if load and adapter_id not in self._inflight and not self._closed:
                 self._submit(adapter_id)
             return None
 
@@ -300,26 +322,40 @@ class HostCache:
     def _take_range(self, nbytes: int) -> tuple[int, int]:
         """An arena range for a reserved load. A freed range that a pool copy may still read
         is waited for outside the lock (arena.pending_fence): the engine loop takes the lock
-        at every step, and the copy ends only after the model's step in flight."""
+        at every step, and the copy ends only after the model's step in flight. A range that
+        an evicted adapter still holds (its pool copy has not flipped yet) is waited for a
+        while before an adapter awaited by a queued request is evicted instead."""
+        patient_until = time.monotonic() + DETACHED_WAIT_S
         while True:
             with self._cond:
                 where = self._arena.allocate(nbytes)
                 if where is not None:
                     self._live_ranges += 1
+                    self._loading_ranges += 1
                     return where
                 fence = self._arena.pending_fence()
-                if fence is None:  # enough bytes, but not pinned yet or fragmented
+                if fence is None:  # enough bytes, but not pinned, held, or fragmented
                     if self._arena.growing and not self._closed:
                         self._cond.wait()  # the next pinned chunk
+                    elif self._detached() and time.monotonic() < patient_until:
+                        self._cond.wait(patient_until - time.monotonic())
                     else:
                         self._evict_or_wait()
                     continue
             fence.synchronize()
 
+    def _detached(self) -> int:
+        """Ranges of evicted adapters that something still refers to (a pool copy until its
+        flip): they come back to the arena once nothing does."""
+        return self._live_ranges - len(self._entries) - self._loading_ranges
+
     def _evict_or_wait(self) -> None:
         if self._entries:  # LRU first, but adapters still awaited by queued requests last
             victim = next((a for a in self._entries if not self._window.is_unclaimed(a)),
-                          next(iter(self._entries)))
+                          None)
+            if victim is None:  # all awaited: the oldest waits again, first in line
+                victim = next(iter(self._entries))
+                self._window.requeue(victim)
             self._drop(victim, count=True)
         elif self._closed:
             raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
@@ -352,6 +388,7 @@ class HostCache:
             except BaseException:
                 with self._cond:
                     self._reserved -= footprint(info.nbytes)
+                    self._loading_ranges -= 1
                 self._give_back(where, info.nbytes, [])
                 raise
             # the range comes back once nothing refers to the adapter any more
@@ -391,6 +428,7 @@ class HostCache:
         The sizes match: AdapterSource.load refuses an adapter whose size changed."""
         with self._cond:
             self._reserved -= footprint(reserved)
+            self._loading_ranges -= 1
             self._entries[adapter.adapter_id] = adapter
             self._bytes += footprint(adapter.nbytes)
             self._counters["loads"] += 1
@@ -398,7 +436,7 @@ class HostCache:
             self._latencies.append(seconds)
             self._inflight.discard(adapter.adapter_id)
             self._failures.pop(adapter.adapter_id, None)  # e.g. a NOT_FOUND seen mid-load
-            self._window.loaded(adapter.adapter_id)
+            self._window.loaded(adapter.adapter_id, footprint(adapter.nbytes))
             self._cond.notify_all()
 
     def _fail(self, adapter_id: str, error: EngineError, fingerprint: Fingerprint | None) -> None:

@@ -22,6 +22,7 @@ class PrefetchWindow:
         self._promised: dict[str, int] = {}
         self._unclaimed: dict[str, int] = {}
         self._deferred: OrderedDict[str, int] = OrderedDict()
+        self._demanded: set[str] = set()  # loads a get started: unclaimed once loaded
 
     def _has_room(self, size: int) -> bool:
         # always room for a first one: an adapter that fits alone is never deferred forever
@@ -46,21 +47,36 @@ class PrefetchWindow:
         return adapter_id in self._unclaimed
 
     def demand(self, adapter_id: str) -> None:
-        """A get: the adapter is wanted now, it waits for no room any more."""
+        """A get that may load: the adapter is wanted now (the head of the queue), it waits
+        for no room any more, and a load of it commits as unclaimed until its claim (the head
+        may wait for room in the pool; loads for the requests behind it must not evict it
+        meanwhile)."""
         self._deferred.pop(adapter_id, None)
+        if adapter_id not in self._promised and adapter_id not in self._unclaimed:
+            self._demanded.add(adapter_id)
 
     def cancel(self, adapter_id: str) -> None:
         """A promised prefetch whose load did not start (resident meanwhile, or refused)."""
         self._promised.pop(adapter_id, None)
 
-    def loaded(self, adapter_id: str) -> None:
-        """A load committed: a promised prefetch becomes unclaimed."""
-        size = self._promised.pop(adapter_id, None)
+    def loaded(self, adapter_id: str, size: int) -> None:
+        """A load committed: a promised prefetch or a demanded load becomes unclaimed."""
+        promised = self._promised.pop(adapter_id, None)
+        if promised is not None or adapter_id in self._demanded:
+            self._demanded.discard(adapter_id)
+            self._unclaimed[adapter_id] = size if promised is None else promised
+
+    def requeue(self, adapter_id: str) -> None:
+        """An unclaimed adapter evicted for room (the head's demanded load): its prefetch
+        waits again, first in line; the room it leaves is not new room for another."""
+        size = self._unclaimed.pop(adapter_id, None)
         if size is not None:
-            self._unclaimed[adapter_id] = size
+            self._deferred[adapter_id] = size
+            self._deferred.move_to_end(adapter_id, last=False)
 
     def release(self, adapter_id: str) -> bool:
-        """Claimed by a get, evicted, or its load failed: True if that made room."""
+        """Claimed, evicted, or its load failed: True if that made room."""
+        self._demanded.discard(adapter_id)
         return (self._unclaimed.pop(adapter_id, None) is not None
                 or self._promised.pop(adapter_id, None) is not None)
 

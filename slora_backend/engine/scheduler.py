@@ -193,7 +193,7 @@ class Scheduler:
         headroom = sum(self._pages_short(s) for s in self.running)  # kept free for the running
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            status = self._try_admit(seq, out, headroom)
+            status = self._try_admit(seq, out, headroom, head=not not_ready)
             if status == "no_room":
                 break
             if status == "failed":
@@ -216,17 +216,20 @@ class Scheduler:
         tokens = seq.num_tokens + min(self.kv_headroom_tokens, left)
         return self.kv.pages_needed(seq.request_id, tokens)
 
-    def _try_admit(self, seq: Sequence, out: SchedulerOutput, headroom: int) -> str:
+    def _try_admit(self, seq: Sequence, out: SchedulerOutput, headroom: int,
+                   head: bool) -> str:
         """'admitted' (now RUNNING), 'not_ready', 'no_room' or 'failed' (finished with error).
         It needs free pages for its own KV and headroom plus the running batch's `headroom`:
-        at worst it waits until the running ones finish (Admission checked that it fits alone)."""
+        at worst it waits until the running ones finish (Admission checked that it fits alone).
+        Only the `head` (no request before it waits) starts its adapter's host load; the others
+        take what the host cache's prefetch has loaded, so a long queue cannot thrash it."""
         if seq.finishing:  # preempted while its last token is in flight: it ends when read
             return "not_ready"
         pages = self._pages_short(seq) + headroom
         if seq.adapter_id is not None:
             assert self.adapters is not None, "adapter request without an adapter manager"
             try:
-                slot = self.adapters.acquire(seq.adapter_id, reserve_pages=pages)
+                slot = self.adapters.acquire(seq.adapter_id, reserve_pages=pages, load=head)
             except EngineError as err:  # the adapter failed to load / validate
                 self.finish(seq, None, err)
                 out.failed.append(seq)

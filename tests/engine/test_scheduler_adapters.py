@@ -5,6 +5,10 @@ fill the batch; once loaded, the waiting request is admitted first (it never sta
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +17,7 @@ from test_scheduler import BLOCK, make_seq, run_all, step
 from slora_backend.adapters import AdapterSource, HostCache
 from slora_backend.adapters.adapter_manager import AdapterManager
 from slora_backend.adapters.host_arena import footprint
+from slora_backend.adapters.source import CONFIG_FILE, WEIGHTS_FILE
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.scheduler import Scheduler
 from slora_backend.memory_pool import PagePool, PoolStorage
@@ -79,3 +84,45 @@ def test_ready_requests_fill_the_batch_while_an_adapter_loads(tmp_path: Path) ->
         assert pool.used_by("kv") == 0
     finally:
         cache.close()
+
+
+def test_a_long_queue_does_not_thrash_a_small_host_cache(tmp_path: Path) -> None:
+    """Requests for many more adapters than the host cache holds, queued at once. Admission
+    asks about every waiting request at every step, but only the head of the queue demands a
+    load: the others are loaded by the prefetch, in arrival order, within the cache's bound.
+    When every question started a load, the loads evicted each other's adapters before their
+    requests came (here ~6 loads per adapter)."""
+    _write(tmp_path, "a0", 8)
+    for i in range(1, 40):  # the same files under other ids, as thousands of adapters are
+        (tmp_path / f"a{i}").mkdir()
+        shutil.copy(tmp_path / "a0" / CONFIG_FILE, tmp_path / f"a{i}" / CONFIG_FILE)
+        os.link(tmp_path / "a0" / WEIGHTS_FILE, tmp_path / f"a{i}" / WEIGHTS_FILE)
+    source = AdapterSource(tmp_path, SPEC, MAX_RANK, torch.float32)
+    cache = HostCache(source, 4 * footprint(source.inspect("a0").nbytes), workers=2,
+                      pin_memory=False)
+    # a pool with room for every adapter and request: only the host cache is too small
+    pool = PagePool(16 * POOL_PAGES)
+    storage = PoolStorage(SPEC.num_layers, pool.num_pages, BLOCK, SPEC.num_kv_heads,
+                          SPEC.head_dim, torch.float32, "cpu")
+    manager = AdapterManager(SPEC, storage, pool, cache, max_slots=40, max_rank=MAX_RANK)
+    sched = Scheduler(pool, KVManager(pool, BLOCK), manager, max_num_seqs=16,
+                      max_num_batched_tokens=64, max_waiting=100)
+    rng = random.Random(0)
+    adapters = [f"a{rng.randrange(40)}" for _ in range(60)]
+    try:
+        for i, adapter in enumerate(adapters):  # as LLMEngine.add_request does
+            sched.add(_seq(f"r{i}", adapter))
+            manager.prefetch(adapter)
+        finished = []
+        deadline = time.monotonic() + WAIT_S
+        while sched.has_unfinished() and time.monotonic() < deadline:
+            out, done = step(sched)
+            finished += done
+            if out.is_empty:
+                cache.wait_for_loads(0.005)
+        stats = cache.stats()
+    finally:
+        cache.close()
+    assert len(finished) == len(adapters)
+    assert stats["loads"] <= len(set(adapters)) + 2  # the head's demand may evict one
+    assert stats["bytes"] <= cache.capacity_bytes
