@@ -6,10 +6,11 @@ Making one resident is asynchronous: `acquire` takes pages and a slot and starts
 pool copy (pool_copy.py: a side stream on a GPU); the adapter is *loading* until the copy has
 completed, then the loop flips it to ready (`poll`, or the next `acquire`): the slot tables are
 written and requests may use it. Running requests hold a reference; idle ready adapters
-(refcount 0) stay resident and are evicted LRU when pages or slots are needed; a loading one
-is never evicted (its copy still writes its pages). The engine reaches the lower tiers only
-through here. The copier decides where the rows go: this device's pool, or, at tensor
-parallelism, every rank's share into every rank's pool (parallel/adapters.py ShardedCopier).
+(refcount 0) stay resident and are evicted LRU when pages or slots are needed (those the next
+queued requests await last); a loading one is never evicted (its copy still writes its pages).
+The engine reaches the lower tiers only through here. The copier decides where the rows go:
+this device's pool, or, at tensor parallelism, every rank's share into every rank's pool
+(parallel/adapters.py ShardedCopier).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class AdapterManager:
         self._loading: dict[str, _Resident] = {}  # copies in flight
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._plans: dict[tuple[tuple[str, ...], int], RowPlan] = {}
+        # adapters the next queued requests need (set by the scheduler every step): idle ones
+        # are evicted after the others
+        self.awaited: frozenset[str] = frozenset()
         self.num_loads = 0
         self.num_evictions = 0
 
@@ -206,8 +210,13 @@ class AdapterManager:
         return pages <= self.pool.num_free
 
     def _idle(self) -> Iterator[str]:
-        """Evictable adapters, least recently used first: ready and unreferenced."""
-        return (a for a, r in self._resident.items() if r.refcount == 0 and r.copy is None)
+        """Evictable adapters (ready and unreferenced): least recently used first, those the
+        next queued requests await last (evicted now, they would be loaded again soon)."""
+        def idle() -> Iterator[str]:
+            return (a for a, r in self._resident.items() if r.refcount == 0 and r.copy is None)
+
+        yield from (a for a in idle() if a not in self.awaited)
+        yield from (a for a in idle() if a in self.awaited)
 
     def evict_idle(self, pages_needed: int, keep: str | None = None) -> int:
         """Evict idle adapters, least recently used first, until `pages_needed` pages were

@@ -1,10 +1,9 @@
 """Host-RAM tier: an LRU of HostAdapters bounded in bytes, filled by background loads.
 
-Byte accounting: resident bytes + bytes reserved by loads in flight never exceed the capacity.
-A load first validates the adapter and reserves its size (evicting LRU entries, or waiting for
-other loads to finish), then reads it, so the bound holds even while loads run in parallel.
-The bytes themselves are ranges of one HostArena of that capacity (allocated once, reused): a
-range returns to the arena when its HostAdapter is evicted and no longer referenced.
+A load first validates the adapter, then takes room for it (host_room.py: its bytes reserved
+within the capacity, evicting LRU entries or waiting for other loads, and a range of the
+reused HostArena), then reads it. A range returns to the arena when its HostAdapter is evicted
+and no longer referenced.
 
 Values are not checked here: the pool tier checks them after its copy (on the GPU) and
 `reject`s an adapter with a NaN/Inf, whose error is then kept like a failed load's.
@@ -13,8 +12,9 @@ Prefetch (S-LoRA's): `prefetch` is called for every queued request, in arrival o
 run in that order, and the adapters prefetched but not yet claimed by a `get` (the admission of
 their request), plus the prefetches loading, are kept within the capacity: further prefetches
 wait in order (deferred) until claims make room, so loading ahead never evicts an adapter that
-a request still queued is waiting for (eviction takes claimed adapters first). A `get` of a
-deferred adapter loads it at once: the head of the queue never waits for the lookahead.
+a request still queued is waiting for (eviction takes claimed adapters first). The pool tier's
+admission `get`s only the queue head's adapter with `load` (a deferred one loads at once: the
+head never waits for the lookahead), and claims an adapter once its pool copy started.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from slora_backend.adapters.host_arena import HostArena, footprint, prefault
+from slora_backend.adapters.host_arena import footprint, prefault
+from slora_backend.adapters.host_room import HostRoom
 from slora_backend.adapters.prefetch import PrefetchWindow
 from slora_backend.adapters.source import AdapterSource, Fingerprint, HostAdapter
 from slora_backend.adapters.validation import refuse
@@ -36,9 +37,6 @@ from slora_backend.device import use_device
 from slora_backend.errors import EngineError, ErrorCode
 
 LATENCY_WINDOW = 1024  # recent load latencies kept for the max / mean in stats()
-# how long a load waits for a range that an evicted adapter still holds (its pool copy reads
-# it until the copy's flip, at the engine's next step) before evicting an awaited adapter
-DETACHED_WAIT_S = 0.05
 
 
 @dataclass
@@ -71,16 +69,12 @@ class HostCache:
         self._entries: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU first
         self._inflight: set[str] = set()
         self._failures: dict[str, _Failure] = {}
-        self._bytes = 0
-        self._reserved = 0
         self._counters = {"hits": 0, "misses": 0, "loads": 0, "load_errors": 0, "evictions": 0}
         self._latency_total = 0.0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._cond = threading.Condition()  # an RLock: a range may come back while it is held
-        self._arena = HostArena(capacity_bytes, self.pin_memory, self._cond,
-                                thread_init=lambda: use_device(device))
-        self._live_ranges = 0  # arena ranges taken and not given back (in use or referenced)
-        self._loading_ranges = 0  # of those, the ranges of loads not committed yet
+        self._room = HostRoom(capacity_bytes, self.pin_memory, self._cond, self._evict_one,
+                              thread_init=lambda: use_device(device))
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="slora-host-cache",
                                             initializer=use_device, initargs=(device,))
@@ -220,8 +214,8 @@ class HostCache:
             window = list(self._latencies)
             return {
                 **self._counters,
-                "bytes": self._bytes,
-                "reserved_bytes": self._reserved,
+                "bytes": self._room.bytes,
+                "reserved_bytes": self._room.reserved,
                 "capacity_bytes": self.capacity_bytes,
                 "host_resident": len(self._entries),
                 "host_inflight": len(self._inflight),
@@ -234,14 +228,14 @@ class HostCache:
         """Block until the arena's pinned memory is all allocated (benchmarks start their clock
         after it, as a server serves after its start-up)."""
         with self._cond:
-            while self._arena.growing:
+            while self._room.arena.growing:
                 self._cond.wait()
 
     def close(self) -> None:
         """Stop the workers (queued loads are cancelled, a running one finishes)."""
         with self._cond:
             self._closed = True
-            self._arena.stop()
+            self._room.close()
             self._cond.notify_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._readers.shutdown(wait=True)
@@ -296,7 +290,7 @@ class HostCache:
         entry = self._entries.pop(adapter_id, None)
         if entry is None:
             return False
-        self._bytes -= footprint(entry.nbytes)
+        self._room.drop(entry.nbytes)
         if self._window.release(adapter_id):  # evicted before its request came: room
             self._drain()
         if count:
@@ -304,70 +298,16 @@ class HostCache:
         self._cond.notify_all()
         return True
 
-    def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Make room for nbytes (evict LRU first, else wait for loads in flight), reserve it
-        and take an arena range for it."""
-        need = footprint(nbytes)
-        with self._cond:
-            while self._bytes + self._reserved + need > self.capacity_bytes:
-                self._evict_or_wait()
-            self._reserved += need
-        try:
-            return self._take_range(nbytes)
-        except BaseException:
-            with self._cond:
-                self._reserved -= need
-            raise
-
-    def _take_range(self, nbytes: int) -> tuple[int, int]:
-        """An arena range for a reserved load. A freed range that a pool copy may still read
-        is waited for outside the lock (arena.pending_fence): the engine loop takes the lock
-        at every step, and the copy ends only after the model's step in flight. A range that
-        an evicted adapter still holds (its pool copy has not flipped yet) is waited for a
-        while before an adapter awaited by a queued request is evicted instead."""
-        patient_until = time.monotonic() + DETACHED_WAIT_S
-        while True:
-            with self._cond:
-                where = self._arena.allocate(nbytes)
-                if where is not None:
-                    self._live_ranges += 1
-                    self._loading_ranges += 1
-                    return where
-                fence = self._arena.pending_fence()
-                if fence is None:  # enough bytes, but not pinned, held, or fragmented
-                    if self._arena.growing and not self._closed:
-                        self._cond.wait()  # the next pinned chunk
-                    elif self._detached() and time.monotonic() < patient_until:
-                        self._cond.wait(patient_until - time.monotonic())
-                    else:
-                        self._evict_or_wait()
-                    continue
-            fence.synchronize()
-
-    def _detached(self) -> int:
-        """Ranges of evicted adapters that something still refers to (a pool copy until its
-        flip): they come back to the arena once nothing does."""
-        return self._live_ranges - len(self._entries) - self._loading_ranges
-
-    def _evict_or_wait(self) -> None:
-        if self._entries:  # LRU first, but adapters still awaited by queued requests last
-            victim = next((a for a in self._entries if not self._window.is_unclaimed(a)),
-                          None)
-            if victim is None:  # all awaited: the oldest waits again, first in line
-                victim = next(iter(self._entries))
-                self._window.requeue(victim)
-            self._drop(victim, count=True)
-        elif self._closed:
-            raise EngineError(ErrorCode.UNAVAILABLE, "host adapter cache is closed")
-        else:
-            self._cond.wait()  # a load commits, or an evicted adapter's range comes back
-
-    def _give_back(self, where: tuple[int, int], nbytes: int, fences: list) -> None:
-        """An arena range is free again (its adapter is gone, or its load failed)."""
-        with self._cond:
-            self._arena.free(where, nbytes, fences[-1] if fences else None)
-            self._live_ranges -= 1
-            self._cond.notify_all()
+    def _evict_one(self) -> bool:
+        """Evict for room (HostRoom): LRU first, but adapters that queued requests await last
+        (if all are awaited, the oldest waits again, first in line). False: none resident."""
+        if not self._entries:
+            return False
+        victim = next((a for a in self._entries if not self._window.is_unclaimed(a)), None)
+        if victim is None:
+            victim = next(iter(self._entries))
+            self._window.requeue(victim)
+        return self._drop(victim, count=True)
 
     def _load(self, adapter_id: str) -> None:
         start = time.perf_counter()
@@ -381,18 +321,17 @@ class HostCache:
                 raise refuse(adapter_id, f"needs {info.nbytes} bytes of host memory, more than "
                                          f"the whole host cache ({self.capacity_bytes} bytes, "
                                          "host_cache_bytes)")
-            where = self._reserve(info.nbytes)
+            where = self._room.reserve(info.nbytes)
             try:
-                adapter = self.source.load(adapter_id, self._arena.view(where, info.nbytes),
+                adapter = self.source.load(adapter_id, self._room.arena.view(where, info.nbytes),
                                            info, self._readers)
             except BaseException:
                 with self._cond:
-                    self._reserved -= footprint(info.nbytes)
-                    self._loading_ranges -= 1
-                self._give_back(where, info.nbytes, [])
+                    self._room.abandon(info.nbytes)
+                self._room.give_back(where, info.nbytes, [])
                 raise
             # the range comes back once nothing refers to the adapter any more
-            weakref.finalize(adapter, self._give_back, where, info.nbytes,
+            weakref.finalize(adapter, self._room.give_back, where, info.nbytes,
                              adapter.fences).atexit = False
             self._commit(adapter, info.nbytes, time.perf_counter() - start)
         except EngineError as exc:
@@ -419,7 +358,7 @@ class HostCache:
         """CPU: fault in the arena memory the next load likely takes (host_arena.py), after
         this one is committed: its page faults are then off the next load's path."""
         with self._cond:
-            fresh = self._arena.next_fresh(where, nbytes)
+            fresh = self._room.arena.next_fresh(where, nbytes)
         if fresh is not None:
             prefault(fresh)
 
@@ -427,10 +366,8 @@ class HostCache:
         """Turn the reservation into a resident entry, atomically (the bound never breaks).
         The sizes match: AdapterSource.load refuses an adapter whose size changed."""
         with self._cond:
-            self._reserved -= footprint(reserved)
-            self._loading_ranges -= 1
+            self._room.commit(reserved)
             self._entries[adapter.adapter_id] = adapter
-            self._bytes += footprint(adapter.nbytes)
             self._counters["loads"] += 1
             self._latency_total += seconds
             self._latencies.append(seconds)

@@ -16,6 +16,7 @@ queue and is prefilled again later).
 from __future__ import annotations
 
 import bisect
+import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -143,6 +144,9 @@ class Scheduler:
         with self._lock:
             if self.adapters is not None:
                 self.adapters.poll()  # adapters whose pool copy completed turn ready
+                self.adapters.awaited = frozenset(  # the next admissions' adapters
+                    s.adapter_id for s in itertools.islice(self.waiting, self.max_num_seqs)
+                    if s.adapter_id is not None)
             budget = self._schedule_running(out, self.max_num_batched_tokens)
             self._admit_waiting(out, budget)
         return out

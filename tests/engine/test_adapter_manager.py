@@ -70,6 +70,21 @@ def test_refcount_and_lru_eviction_of_idle_adapters(tiny_model_dir: Path,
     cache.close()
 
 
+def test_idle_adapters_that_queued_requests_await_are_evicted_last(
+        tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=64)
+    names = ["a_r4_qv", "a_r8_all", "a_r16_mlp"]
+    for name in names:
+        assert isinstance(load_now(mgr, cache, name), int)
+        mgr.release(name)  # idle, least recently used first: names' order
+    mgr.awaited = frozenset({"a_r4_qv"})  # the next admission needs it: evicted now, reloaded
+    mgr.evict_idle(1)
+    assert mgr.resident() == ["a_r4_qv", "a_r16_mlp"]  # the LRU of the others went
+    mgr.evict_idle(1000)  # but evicted too when nothing else frees enough
+    assert mgr.resident() == []
+    cache.close()
+
+
 def test_kv_and_adapters_compete_for_the_same_pages(tiny_model_dir: Path,
                                                     tiny_adapter_dir: Path) -> None:
     mgr, cache = build(tiny_model_dir, tiny_adapter_dir, num_pages=40)
