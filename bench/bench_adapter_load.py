@@ -51,6 +51,7 @@ from slora_testing.synthetic_adapters import (  # noqa: E402
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
+    link_adapter,
     load_spec,
     write_adapter,
 )
@@ -203,10 +204,7 @@ def bench_throughput(root: Path, workers: list[int], count: int, pin: bool) -> l
     names = write_rank_adapters(root, LLAMA7B, (THROUGHPUT_RANK,), torch.float16)
     first = root / names[0]
     for i in range(1, count):  # hard links: one file in the page cache, `count` adapter ids
-        (root / f"link{i}").mkdir()
-        for f in first.iterdir():
-            os.link(f, root / f"link{i}" / f.name)
-        names.append(f"link{i}")
+        names.append(link_adapter(first, root / f"link{i}").name)
     source = AdapterSource(root, LLAMA7B, max(RANKS), torch.float16)
     nbytes = source.inspect(names[0]).nbytes
     rows = []

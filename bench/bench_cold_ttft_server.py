@@ -53,6 +53,7 @@ from slora_testing.synthetic_adapters import (  # noqa: E402
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
+    link_adapter,
     load_spec,
     write_adapter,
 )
@@ -97,11 +98,7 @@ def write_ids(args: argparse.Namespace) -> tuple[list[str], int]:
     suffix = os.urandom(4).hex()  # ids never seen by this server before
     names = []
     for i in range(args.repeats):
-        name = f"cold-{suffix}-{i}"
-        (args.adapter_dir / name).mkdir()
-        for f in src.iterdir():
-            os.link(f, args.adapter_dir / name / f.name)
-        names.append(name)
+        names.append(link_adapter(src, args.adapter_dir / f"cold-{suffix}-{i}").name)
     return names, sum(f.stat().st_size for f in src.iterdir())
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -41,7 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from slora_backend.adapters.source import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 from slora_backend.model.llama import LlamaModel  # noqa: E402
 from slora_backend.model.spec import ModelSpec  # noqa: E402
 from slora_testing.step_timing import (  # noqa: E402
@@ -57,6 +55,7 @@ from slora_testing.synthetic_adapters import (  # noqa: E402
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
+    link_adapter,
     write_adapter,
 )
 
@@ -130,7 +129,7 @@ def make_model_dir(root: Path, tokenizer: Path, config: dict) -> Path:
 
 def make_adapters(root: Path, spec: ModelSpec, count: int, ranks: list[int], prefix: str = "",
                   first: dict[int, Path] | None = None) -> list[str]:
-    """One real PEFT folder per rank; the other ids hard-link its weights file. `first`
+    """One real PEFT folder per rank; the other ids hard-link its files. `first`
     (rank -> folder) carries the real folders over calls: ids made with another `prefix` link
     the same files (one file per rank in the page cache, whatever the number of ids)."""
     first = {} if first is None else first
@@ -143,9 +142,7 @@ def make_adapters(root: Path, spec: ModelSpec, count: int, ranks: list[int], pre
             first[rank] = write_adapter(root / name, adapter_config(recipe),
                                         adapter_tensors(recipe, spec, torch.float16))
         else:
-            (root / name).mkdir(parents=True)
-            shutil.copy(first[rank] / CONFIG_FILE, root / name / CONFIG_FILE)
-            os.link(first[rank] / WEIGHTS_FILE, root / name / WEIGHTS_FILE)
+            link_adapter(first[rank], root / name)
         names.append(name)
     return names
 

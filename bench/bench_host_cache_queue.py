@@ -14,9 +14,7 @@ pool load; loads beyond that are adapters evicted from host RAM before their req
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -30,11 +28,11 @@ sys.path.insert(0, str(REPO))
 
 from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from slora_backend.adapters.host_arena import footprint  # noqa: E402
-from slora_backend.adapters.source import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 from slora_testing.synthetic_adapters import (  # noqa: E402
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
+    link_adapter,
     load_spec,
     make_tiny_model,
     write_adapter,
@@ -63,9 +61,7 @@ def make_adapters(root: Path, model_dir: Path, count: int) -> None:
     first = write_adapter(root / "a0", adapter_config(recipe),
                           adapter_tensors(recipe, load_spec(model_dir), torch.float32))
     for i in range(1, count):
-        (root / f"a{i}").mkdir()
-        shutil.copy(first / CONFIG_FILE, root / f"a{i}" / CONFIG_FILE)
-        os.link(first / WEIGHTS_FILE, root / f"a{i}" / WEIGHTS_FILE)
+        link_adapter(first, root / f"a{i}")
 
 
 def one_run(model_dir: Path, adapter_dir: Path, args: argparse.Namespace, fit: int) -> dict:

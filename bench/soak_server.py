@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from client import ClientError, stream_grpc_values  # noqa: E402
 from slora_testing.servers import start_tritonserver, stop_server  # noqa: E402
+from slora_testing.synthetic_adapters import link_adapter  # noqa: E402
 
 DEMO_ADAPTER = REPO / "adapters" / "pirate"
 STUB_NAME = "triton_python_backend_stub"
@@ -62,11 +62,7 @@ def make_adapter_dir(root: Path, count: int) -> list[str]:
     """`count` hard-linked copies of the demo adapter and one with a broken config."""
     names = []
     for i in range(count):
-        folder = root / f"soak-{i:04d}"
-        folder.mkdir()
-        for f in DEMO_ADAPTER.iterdir():
-            os.link(f, folder / f.name)
-        names.append(folder.name)
+        names.append(link_adapter(DEMO_ADAPTER, root / f"soak-{i:04d}").name)
     broken = root / "broken"
     shutil.copytree(DEMO_ADAPTER, broken)
     (broken / "adapter_config.json").write_text("[" * 50_000)

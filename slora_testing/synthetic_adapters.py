@@ -122,6 +122,16 @@ def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Ten
     return folder
 
 
+def link_adapter(src: str | Path, dst: str | Path) -> Path:
+    """Another adapter id for the same files: `dst` gets a hard link to each file of `src`
+    (thousands of ids cost no disk and one copy in the page cache, as a server's would)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        os.link(f, dst / f.name)
+    return dst
+
+
 def random_recipe(rng: np.random.Generator, ranks: Sequence[int], seed: int) -> AdapterRecipe:
     """Mixed ranks, random non-empty module subsets, some rsLoRA, all three target forms."""
     rank = int(rng.choice(ranks))

@@ -5,9 +5,7 @@ fill the batch; once loaded, the waiting request is admitted first (it never sta
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +15,6 @@ from test_scheduler import BLOCK, make_seq, run_all, step
 from slora_backend.adapters import AdapterSource, HostCache
 from slora_backend.adapters.adapter_manager import AdapterManager
 from slora_backend.adapters.host_arena import footprint
-from slora_backend.adapters.source import CONFIG_FILE, WEIGHTS_FILE
 from slora_backend.engine.kv_manager import KVManager
 from slora_backend.engine.scheduler import Scheduler
 from slora_backend.memory_pool import PagePool, PoolStorage
@@ -26,6 +23,7 @@ from slora_testing.synthetic_adapters import (
     AdapterRecipe,
     adapter_config,
     adapter_tensors,
+    link_adapter,
     write_adapter,
 )
 
@@ -94,9 +92,7 @@ def test_a_long_queue_does_not_thrash_a_small_host_cache(tmp_path: Path) -> None
     requests came (here ~6 loads per adapter)."""
     _write(tmp_path, "a0", 8)
     for i in range(1, 40):  # the same files under other ids, as thousands of adapters are
-        (tmp_path / f"a{i}").mkdir()
-        shutil.copy(tmp_path / "a0" / CONFIG_FILE, tmp_path / f"a{i}" / CONFIG_FILE)
-        os.link(tmp_path / "a0" / WEIGHTS_FILE, tmp_path / f"a{i}" / WEIGHTS_FILE)
+        link_adapter(tmp_path / "a0", tmp_path / f"a{i}")
     source = AdapterSource(tmp_path, SPEC, MAX_RANK, torch.float32)
     cache = HostCache(source, 4 * footprint(source.inspect("a0").nbytes), workers=2,
                       pin_memory=False)
