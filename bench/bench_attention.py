@@ -15,7 +15,9 @@ expanded to 32 heads before timing).
 Times: device time, median of 100 runs, each after an L2 flush and a short device sleep that
 hides the host's launch overhead (``slora_testing.kernel_pools.gpu_time_us``, CUDA events).
 Prints a markdown table; saves a PNG and a JSON under --out (default bench/results).
-``--sweep`` first times a few launch configurations and keeps the fastest.
+``--sweep`` first times a few launch configurations and keeps the fastest. ``--graph-decode``
+times only decode as the decode graphs run it (a fixed split-K factor, issue 19's contexts),
+per launch configuration and split-K factor, against the K/V byte floor.
 Without CUDA it runs a small correctness pass under the interpreter.
 """
 
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -206,6 +209,64 @@ def sweep(dtype, device, gen):
     return "\n".join(lines)
 
 
+# the decode graphs' regime (model/cuda_graphs.py): a split-K factor fixed at capture, block
+# tables as wide as max_model_len (Llama-7B: 2048), and issue 19's contexts (prompt and output
+# lengths uniform in [8, 512]: a decoding row holds 16 to 1,024 tokens)
+GRAPH_MAX_TOKENS = 2048
+GRAPH_CONTEXTS = (16, 1024)
+GRAPH_SPLITS = (4, 8, 16, 32)
+GRAPH_ROWS = (32, 128, 256)
+GRAPH_SPACE = [{}, {"block_n": 64}, {"stages": 2}, {"block_n": 64, "stages": 2},
+               {"warps": 8}, {"block_n": 64, "warps": 8, "stages": 2}]
+
+
+def graph_decode_case(S, dtype, device, gen):
+    """MHA 32/32, d 128: q, the pool, contexts, block tables (graph width), K/V bytes read."""
+    h = hkv = 32
+    d = 128
+    ctx = torch.randint(GRAPH_CONTEXTS[0], GRAPH_CONTEXTS[1] + 1, (S,), generator=gen)
+    pages = (ctx + BLOCK - 1) // BLOCK
+    P = int(pages.sum()) + 64
+    kv = torch.randn(P, 2, BLOCK, hkv, d, device=device, dtype=dtype)
+    perm = torch.randperm(P, generator=gen)
+    bt = torch.zeros(S, GRAPH_MAX_TOKENS // BLOCK, dtype=torch.int32)
+    first = torch.cumsum(pages, 0) - pages
+    for s in range(S):
+        bt[s, : pages[s]] = perm[first[s] : first[s] + pages[s]]
+    q = torch.randn(S, h, d, device=device, dtype=dtype)
+    nbytes = int(ctx.sum()) * 2 * hkv * d * kv.element_size()
+    return q, kv, ctx.to(device, torch.int32), bt.to(device), nbytes
+
+
+def graph_decode_sweep(dtype, device, gen, rate):
+    """Decode as a captured graph runs it (num_splits fixed, max_context_len unknown), per
+    launch configuration and split-K factor; 'auto' is the eager choice (max_context_len known).
+    Returns a markdown table: us per call and % of the K/V byte floor at the copy rate."""
+    base = dict(ATTN_MOD.DECODE_CONFIG)
+    lines = ["| rows | config | splits | us | % of floor |", "|---|---|---|---|---|"]
+    try:
+        for S in GRAPH_ROWS:
+            q, kv, ctx, bt, nbytes = graph_decode_case(S, dtype, device, gen)
+            qsl = torch.arange(S + 1, dtype=torch.int32, device=device)
+            ref = ATTN_MOD.paged_attention_ref(q, kv, qsl, ctx, bt)
+            floor_us = 1e6 * nbytes / rate
+            for change in GRAPH_SPACE:
+                ATTN_MOD.DECODE_CONFIG = {**base, **change}
+                for splits in (*GRAPH_SPLITS, "auto"):
+                    kw = ({"max_context_len": int(ctx.max())} if splits == "auto"
+                          else {"num_splits": splits})
+                    fn = partial(paged_attention_decode, q, kv, ctx, bt, **kw)
+                    if not rel(fn(), ref) < 1e-2:
+                        raise SystemExit(f"graph decode {change} {splits}: wrong result")
+                    us = gpu_time_us(fn, reps=30)
+                    lines.append(f"| {S} | {change or 'kept'} | {splits} | {us:.1f} | "
+                                 f"{100 * floor_us / us:.0f} |")
+                    print(lines[-1], flush=True)
+    finally:
+        ATTN_MOD.DECODE_CONFIG = base
+    return "\n".join(lines)
+
+
 def markdown(rows):
     lines = [
         "| kind | heads q/kv | shape | ours (us) | SDPA (us) | SDPA, K/V expanded (us) "
@@ -259,6 +320,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first")
+    ap.add_argument("--graph-decode", action="store_true",
+                    help="only decode as the decode graphs run it: configurations x split-K")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,6 +343,12 @@ def main():
         prefill = [(2, 40)]
         decode = [(3, 50)]
         rate = None
+    if cuda and args.graph_decode:
+        torch.manual_seed(0)
+        table = graph_decode_sweep(dtype, device, gen, rate)
+        (out / "attention_graph_decode.md").write_text(table + "\n")
+        print(table)
+        return
     sweep_table = None
     if cuda and args.sweep:
         try:

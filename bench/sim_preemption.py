@@ -126,6 +126,12 @@ class SimEngine:
 
 def simulate(pool_pages: int, policy: dict, num_requests: int, seed: int) -> dict:
     """One run of the workload; its counts and estimated seconds."""
+    return summarize(*simulate_steps(pool_pages, policy, num_requests, seed))
+
+
+def simulate_steps(pool_pages: int, policy: dict, num_requests: int, seed: int
+                   ) -> tuple[list[StepStats], list[dict], int]:
+    """One run of the workload: every launched step's stats, the requests, the preemptions."""
     config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=4096,
                           max_waiting=4 * num_requests, **policy)
     pool = PagePool(pool_pages)
@@ -145,7 +151,7 @@ def simulate(pool_pages: int, policy: dict, num_requests: int, seed: int) -> dic
             steps.append(stats)
     else:
         raise RuntimeError("the scheduler does not finish the workload")
-    return summarize(steps, requests, sched.num_preemptions)
+    return steps, requests, sched.num_preemptions
 
 
 def summarize(steps: list[StepStats], requests: list[dict], preemptions: int) -> dict:
