@@ -1,13 +1,14 @@
-"""How far a measured run's decode-only steps are from their HBM floor (issue 19).
+"""How far a measured run's decode-only steps are from their floor (issue 19).
 
-A decode step must read every weight once and the K/V of every row's context. The context a
-step's rows hold is not in the engine's JSON, so the run's schedule is replayed on the CPU
-(sim_preemption.py: the real Scheduler, no model; it reproduces the measured run's step counts)
-and each decode-only step gets its floor: (weights + K/V bytes) / the device's copy rate. Per
-batch class of 16 rows, the floor is set against the run's measured decode-only step
-(`mixed_bound.decode_ms_by_batch_class` of bench_engine_gpu.py's JSON), and a least-squares
-line through the classes splits the step into a fixed part (weights, launches) and a part per
-K/V byte: the rate at which the step reads K/V.
+A decode step must read every weight once and the K/V of every row's context, and run the
+weight matmuls' FLOPs: its floor is max(weight bytes / copy rate, rows x FLOPs per token /
+matmul rate) + K/V bytes / copy rate (at 256 rows the matmuls are compute-bound: ~4.4 ms of
+FLOPs against ~3.2 ms of weight reads on an H200). The context a step's rows hold is not in the
+engine's JSON, so the run's schedule is replayed on the CPU (sim_preemption.py: the real
+Scheduler, no model; it reproduces the measured run's step counts) and each decode-only step
+gets its floor, set per batch class of 16 rows against the run's measured decode-only step
+(`mixed_bound.decode_ms_by_batch_class` of bench_engine_gpu.py's JSON; its matmul rate is the
+JSON's `matmul_tflops`).
 
     python bench/decode_floor.py --engine-json docs/results/issue19_engine_new_h200.json \\
         [--run base] [--copy-rate 4.25e12] [--pool-pages 12968]
@@ -24,7 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from sim_preemption import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, simulate_steps  # noqa: E402
+from sim_preemption import (  # noqa: E402
+    FLOPS_PER_PROMPT_TOKEN,
+    KV_BYTES_PER_TOKEN,
+    WEIGHT_BYTES,
+    simulate_steps,
+)
 
 CLASS_ROWS = 16  # bench_engine_gpu.py's batch classes of the decode-only steps
 # the H200's device-copy rate, measured by bench_lora_kernels.py on 2026-12-07
@@ -53,40 +59,29 @@ def main() -> None:
                 measured_json[args.run]["mixed_bound"]["decode_ms_by_batch_class"].items()}
     pages = args.pool_pages or measured_json["pool_pages"]
     steps, _, _ = simulate_steps(pages, {}, int(measured_json["args"]["num_requests"]), 0)
-    kv_tokens: dict[int, list[int]] = defaultdict(list)
+    matmul_rate = 1e12 * measured_json["matmul_tflops"]
+    steps_of: dict[int, list] = defaultdict(list)
     for s in steps:
         if not s.prompt_tokens:
-            kv_tokens[batch_class(s.decode_rows)].append(s.kv_tokens_read)
-    rows = []
-    for cls in sorted(set(kv_tokens) & set(measured)):
-        kv_bytes = KV_BYTES_PER_TOKEN * sum(kv_tokens[cls]) / len(kv_tokens[cls])
-        floor_ms = 1e3 * (WEIGHT_BYTES + kv_bytes) / args.copy_rate
-        rows.append((cls, len(kv_tokens[cls]), kv_bytes, floor_ms, measured[cls]))
-    print("| rows | steps | K/V GB | floor ms | measured ms | floor / measured |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for cls, n, kv_bytes, floor_ms, ms in rows:
-        print(f"| {cls} | {n} | {kv_bytes / 1e9:.1f} | {floor_ms:.2f} | {ms:.2f} | "
-              f"{floor_ms / ms:.0%} |")
-    steps_all = sum(n for _, n, *_ in rows)
-    floor_all = sum(n * f for _, n, _, f, _ in rows)
-    ms_all = sum(n * m for _, n, _, _, m in rows)
-    print(f"all decode-only steps: floor {floor_all / steps_all:.2f} ms, measured "
-          f"{ms_all / steps_all:.2f} ms per step: {floor_all / ms_all:.0%} of the floor's speed")
-    fixed_ms, ms_per_byte = fit_line([(kv, ms) for _, _, kv, _, ms in rows])
-    print(f"fit: {fixed_ms:.2f} ms fixed (weights alone at the copy rate: "
-          f"{1e3 * WEIGHT_BYTES / args.copy_rate:.2f}) + K/V read at "
-          f"{1e-9 / ms_per_byte:.2f} TB/s ({1e3 / ms_per_byte / args.copy_rate:.0%} "
-          f"of the copy rate)")
-
-
-def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares y = a + b x: (a, b)."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    b = (sum((x - mx) * (y - my) for x, y in points)
-         / sum((x - mx) ** 2 for x, _ in points))
-    return my - b * mx, b
+            steps_of[batch_class(s.decode_rows)].append(s)
+    print("| rows | steps | K/V GB | weights ms (bytes, FLOPs) | floor ms | measured ms "
+          "| floor / measured |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    floor_all = ms_all = count = 0.0
+    for cls in sorted(set(steps_of) & set(measured)):
+        group = steps_of[cls]
+        kv_bytes = KV_BYTES_PER_TOKEN * sum(s.kv_tokens_read for s in group) / len(group)
+        rows = sum(s.decode_rows for s in group) / len(group)
+        read_ms = 1e3 * WEIGHT_BYTES / args.copy_rate
+        flops_ms = 1e3 * rows * FLOPS_PER_PROMPT_TOKEN / matmul_rate
+        floor_ms = max(read_ms, flops_ms) + 1e3 * kv_bytes / args.copy_rate
+        print(f"| {cls} | {len(group)} | {kv_bytes / 1e9:.1f} | {read_ms:.2f}, {flops_ms:.2f} | "
+              f"{floor_ms:.2f} | {measured[cls]:.2f} | {floor_ms / measured[cls]:.0%} |")
+        floor_all += len(group) * floor_ms
+        ms_all += len(group) * measured[cls]
+        count += len(group)
+    print(f"all decode-only steps: floor {floor_all / count:.2f} ms, measured "
+          f"{ms_all / count:.2f} ms per step: {floor_all / ms_all:.0%} of the floor's speed")
 
 
 if __name__ == "__main__":
