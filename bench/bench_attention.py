@@ -239,10 +239,9 @@ def graph_decode_case(S, dtype, device, gen):
 
 
 def graph_decode_sweep(dtype, device, gen, rate):
-    """Decode as a captured graph runs it (num_splits fixed, max_context_len unknown), per
-    launch configuration and split-K factor, the contexts cut evenly over the table's width
-    (today's graphs) or each by its own length ('per sequence'); 'auto' is the eager choice
-    (max_context_len known).
+    """Decode as a captured graph runs it (num_splits fixed, max_context_len unknown: the
+    contexts cut evenly over the table's width), per launch configuration and split-K factor;
+    'auto' is the eager choice (max_context_len known).
     Returns a markdown table: us per call and % of the K/V byte floor at the copy rate."""
     base = dict(ATTN_MOD.DECODE_CONFIG)
     lines = ["| rows | config | splits | us | % of floor |", "|---|---|---|---|---|"]
@@ -255,8 +254,6 @@ def graph_decode_sweep(dtype, device, gen, rate):
             for change in GRAPH_SPACE:
                 ATTN_MOD.DECODE_CONFIG = {**base, **change}
                 variants = [(str(n), {"num_splits": n}) for n in GRAPH_SPLITS]
-                variants += [(f"{n} per sequence", {"num_splits": n, "split_per_sequence": True})
-                             for n in GRAPH_SPLITS]
                 for splits, kw in (*variants, ("auto", {"max_context_len": int(ctx.max())})):
                     fn = partial(paged_attention_decode, q, kv, ctx, bt, **kw)
                     if not rel(fn(), ref) < 1e-2:

@@ -213,8 +213,6 @@ def _decode_kernel(
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     ctx = tl.load(ctx_ptr + s)
-    if tokens_per_split == 0:  # split per sequence: each of the SPLITS takes its share
-        tokens_per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     n_begin = sp * tokens_per_split
     if n_begin >= ctx:
         return
@@ -269,13 +267,10 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + s)
-    if tokens_per_split == 0:  # split per sequence (the decode kernel's rule)
-        tokens_per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     n_splits = tl.cdiv(ctx, tokens_per_split)
     offs_sp = tl.arange(0, SPLITS_PAD)
     sp_mask = offs_sp < n_splits
@@ -409,7 +404,6 @@ def paged_attention_decode(
     scale: float | None = None,
     max_context_len: int | None = None,
     num_splits: int | None = None,
-    split_per_sequence: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence ``q`` [S, H, D] over its paged KV.
@@ -417,9 +411,7 @@ def paged_attention_decode(
     ``context_lens`` counts the query's own token (already written to the pool).
 
     ``max_context_len`` (host int) picks the split-K factor; None reads it from
-    ``context_lens`` (a sync) unless ``num_splits`` is given. Splits cut
-    ``max_context_len`` evenly, or, with ``split_per_sequence`` (needs ``num_splits``), each
-    sequence's own context: no split is empty while a sequence has a key tile per split.
+    ``context_lens`` (a sync) unless ``num_splits`` is given.
     """
     page, hkv, d, h, out = _check_common(q, kv_cache, context_lens, block_tables, out)
     S = context_lens.shape[0]
@@ -427,8 +419,6 @@ def paged_attention_decode(
         raise ValueError(
             f"decode takes one query per sequence: q has {q.shape[0]} rows, {S} sequences"
         )
-    if split_per_sequence and (num_splits is None or num_splits < 1):
-        raise ValueError("split_per_sequence needs num_splits >= 1")
     if S == 0:
         return out
     if scale is None:
@@ -451,11 +441,8 @@ def paged_attention_decode(
             num_splits = max(1, min(want, cdiv(max_context_len, min_tokens), 64))
         else:
             num_splits = 1
-    if split_per_sequence:
-        tokens_per_split = 0  # the kernels cut each context in num_splits
-    else:
-        tokens_per_split = cdiv(cdiv(max_context_len, num_splits), block_n) * block_n
-        num_splits = cdiv(max_context_len, tokens_per_split)
+    tokens_per_split = cdiv(cdiv(max_context_len, num_splits), block_n) * block_n
+    num_splits = cdiv(max_context_len, tokens_per_split)
     if num_splits > 1:
         po = torch.empty(S, h, num_splits, block_d, dtype=torch.float32, device=q.device)
         pml = torch.empty(S, h, num_splits, 2, dtype=torch.float32, device=q.device)
@@ -478,7 +465,7 @@ def paged_attention_decode(
             out, po, pml, context_lens, tokens_per_split,
             out.stride(0), out.stride(1), h * num_splits, num_splits,
             HEAD_DIM=d, BLOCK_D=block_d, SPLITS=num_splits,
-            SPLITS_PAD=max(2, next_pow2(num_splits)), BLOCK_N=block_n,
+            SPLITS_PAD=max(2, next_pow2(num_splits)),
             num_warps=4,
         )  # fmt: skip
     return out

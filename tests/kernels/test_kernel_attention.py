@@ -98,26 +98,6 @@ def test_decode(dtype, h, hkv, d, splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("splits", [1, 4, 64])
-def test_decode_split_per_sequence(dtype, splits):
-    """Each context cut in `splits` (the graphs' fixed factor) by its own length, with block
-    tables wider than any context (a graph's): short contexts use fewer splits, none empty."""
-    gen = torch.Generator().manual_seed(3 + splits)
-    h, hkv, d = HEADS[1]
-    kv, bt, ctx_t = make_pool(DECODE, hkv, d, dtype, gen)
-    bt = torch.nn.functional.pad(bt, (0, 3 * bt.shape[1]))  # padded with page 0, as in graphs
-    S = len(DECODE)
-    q = torch.randn(S, h, d, generator=gen).to(DEVICE, dtype)
-    out = torch.full_like(q, float("nan"))
-    paged_attention_decode(q, kv, ctx_t, bt, num_splits=splits, split_per_sequence=True,
-                           out=out)
-    ref = paged_attention_ref(q, kv, torch.arange(S + 1, dtype=torch.int32), ctx_t, bt)
-    assert rel_err(out, ref) < TOL[dtype]
-    with pytest.raises(ValueError, match="num_splits"):
-        paged_attention_decode(q, kv, ctx_t, bt, split_per_sequence=True)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_batch_one(dtype):
     gen = torch.Generator().manual_seed(2)
     h, hkv, d = HEADS[-1]
