@@ -16,7 +16,7 @@ this device's pool, or, at tensor parallelism, every rank's share into every ran
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -69,9 +69,9 @@ class AdapterManager:
         self._loading: dict[str, _Resident] = {}  # copies in flight
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._plans: dict[tuple[tuple[str, ...], int], RowPlan] = {}
-        # adapters the next queued requests need (set by the scheduler every step): idle ones
-        # are evicted after the others
-        self.awaited: frozenset[str] = frozenset()
+        # the adapters the next queued requests need (the scheduler's, asked only when
+        # evicting): idle ones are evicted after the others
+        self.awaited: Callable[[], Collection[str]] = frozenset
         self.num_loads = 0
         self.num_evictions = 0
 
@@ -215,8 +215,9 @@ class AdapterManager:
         def idle() -> Iterator[str]:
             return (a for a, r in self._resident.items() if r.refcount == 0 and r.copy is None)
 
-        yield from (a for a in idle() if a not in self.awaited)
-        yield from (a for a in idle() if a in self.awaited)
+        awaited = self.awaited()
+        yield from (a for a in idle() if a not in awaited)
+        yield from (a for a in idle() if a in awaited)
 
     def evict_idle(self, pages_needed: int, keep: str | None = None) -> int:
         """Evict idle adapters, least recently used first, until `pages_needed` pages were

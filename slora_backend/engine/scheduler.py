@@ -80,6 +80,8 @@ class Scheduler:
         # add() runs on any thread, the rest on the step's: the lock keeps the queues whole
         # (re-entrant: scheduling finishes requests whose adapter failed)
         self._lock = threading.RLock()
+        if adapters is not None:  # the pool tier evicts these last
+            adapters.awaited = self._next_adapters
 
     @classmethod
     def from_config(cls, pool: PagePool, kv: KVManager, adapters: AdapterManager | None,
@@ -144,12 +146,14 @@ class Scheduler:
         with self._lock:
             if self.adapters is not None:
                 self.adapters.poll()  # adapters whose pool copy completed turn ready
-                self.adapters.awaited = frozenset(  # the next admissions' adapters
-                    s.adapter_id for s in itertools.islice(self.waiting, self.max_num_seqs)
-                    if s.adapter_id is not None)
             budget = self._schedule_running(out, self.max_num_batched_tokens)
             self._admit_waiting(out, budget)
         return out
+
+    def _next_adapters(self) -> set[str]:
+        """The adapters of the next max_num_seqs queued requests (the next admissions')."""
+        return {s.adapter_id for s in itertools.islice(self.waiting, self.max_num_seqs)
+                if s.adapter_id is not None}
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0

@@ -77,7 +77,7 @@ def test_idle_adapters_that_queued_requests_await_are_evicted_last(
     for name in names:
         assert isinstance(load_now(mgr, cache, name), int)
         mgr.release(name)  # idle, least recently used first: names' order
-    mgr.awaited = frozenset({"a_r4_qv"})  # the next admission needs it: evicted now, reloaded
+    mgr.awaited = lambda: {"a_r4_qv"}  # the next admission needs it: evicted now, reloaded
     mgr.evict_idle(1)
     assert mgr.resident() == ["a_r4_qv", "a_r16_mlp"]  # the LRU of the others went
     mgr.evict_idle(1000)  # but evicted too when nothing else frees enough
