@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,3 +34,25 @@ def resident_pages(memory: torch.Tensor) -> tuple[int, int]:
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.mincore(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), vec) == 0
     return sum(v & 1 for v in vec), pages
+
+
+class ManualFence:
+    """A CUDA event's interface (query, synchronize) for a host -> device copy that completes
+    when the test says so (`complete`); `waited_on` is set by the first synchronize, which
+    fails after `timeout` seconds rather than hang a test."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.waited_on = threading.Event()
+        self._done = threading.Event()
+        self._timeout = timeout
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self.waited_on.set()
+        if not self._done.wait(self._timeout):
+            raise AssertionError("a fence was waited for that never completed")
+
+    def complete(self) -> None:
+        self._done.set()

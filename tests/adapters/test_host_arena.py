@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import torch
-from adapter_helpers import resident_pages
+from adapter_helpers import ManualFence, resident_pages
 
 from slora_backend.adapters.host_arena import (
     ALIGN,
@@ -87,24 +87,14 @@ def test_next_fresh_is_the_untouched_memory_after_a_load_once() -> None:
         is None  # no chunk yet
 
 
-class _Fence:
-    def __init__(self) -> None:
-        self.done = False
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        raise AssertionError("the arena must never wait for a fence itself")
-
-
 def test_a_fenced_range_is_reused_only_after_its_copy_without_waiting() -> None:
     arena = _arena()
     first, _, _ = (arena.allocate(PART) for _ in range(3))
-    fence = _Fence()
+    fence = ManualFence(timeout=0.0)  # a wait for it fails at once
     arena.free(first, PART, fence)
     assert arena.allocate(PART) is None  # the copy may still read it: no waiting, no range
     assert arena.pending_fence() is fence  # what the caller waits for, its lock released
-    fence.done = True
+    fence.complete()
     assert arena.allocate(PART) == first
     assert arena.pending_fence() is None
+    assert not fence.waited_on.is_set()  # the arena never waited for it

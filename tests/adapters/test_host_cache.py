@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_helpers import MAX_RANK, recipe, resident_pages
+from adapter_helpers import MAX_RANK, ManualFence, recipe, resident_pages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -340,24 +340,6 @@ def test_a_failed_host_pool_layout_refuses_the_adapter(spec: ModelSpec, adapter_
         cache.close()
 
 
-class _Fence:
-    """A CUDA event's interface (query, synchronize) for a pool copy that ends when told."""
-
-    def __init__(self) -> None:
-        self.waited_on = threading.Event()
-        self._done = threading.Event()
-
-    def query(self) -> bool:
-        return self._done.is_set()
-
-    def synchronize(self) -> None:
-        self.waited_on.set()
-        self._done.wait()
-
-    def complete(self) -> None:
-        self._done.set()
-
-
 def test_a_load_waits_for_a_copy_fence_without_the_cache_lock(spec: ModelSpec,
                                                                adapter_dir: Path,
                                                                source: AdapterSource) -> None:
@@ -370,7 +352,7 @@ def test_a_load_waits_for_a_copy_fence_without_the_cache_lock(spec: ModelSpec,
         write_adapter(adapter_dir / name, adapter_config(rec), adapter_tensors(rec, spec))
     size = footprint(source.inspect("a").nbytes)
     cache = HostCache(source, capacity_bytes=size + size // 2, workers=1, pin_memory=False)
-    fence = _Fence()
+    fence = ManualFence()
     try:
         adapter = cache.wait("a", timeout=WAIT_S)
         adapter.fences[:] = [fence]  # as pool_copy.on_device records its copy's fence
