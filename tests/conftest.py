@@ -57,8 +57,11 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _ready(http_url: str) -> bool:
-    return _answers(f"http://{http_url}/v2/health/ready")
+def _ready(server: TritonServer) -> bool:
+    """Ready, metrics included: tritonserver starts its metrics service after the HTTP one,
+    so /v2/health/ready can answer while /metrics still refuses connections (a test that read
+    a counter first thing failed so in CI)."""
+    return _answers(f"http://{server.http_url}/v2/health/ready") and _answers(server.metrics_url)
 
 
 def start_triton_server(log: Path, env: dict[str, str] | None = None,
@@ -78,7 +81,7 @@ def start_triton_server(log: Path, env: dict[str, str] | None = None,
     server = TritonServer(f"localhost:{http}", f"localhost:{grpc}",
                           f"http://localhost:{metrics}/metrics", log, proc.pid)
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while not _ready(server.http_url):
+    while not _ready(server):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_server(proc)
             pytest.fail(f"tritonserver did not become ready (exit {proc.returncode}):\n"
