@@ -116,10 +116,12 @@ class LoraTables:
         self.host_ranks[slot] = rank
 
     def clear_slot(self, slot: int) -> None:
+        """Empty a slot with device ops only. (`scales[slot] = 0.0` would copy a CPU scalar to
+        the GPU synchronously: the loop waited for the step in flight at every eviction.)"""
         self.a_ptr[slot].zero_()
         self.b_ptr[slot].zero_()
         self.ranks[slot].zero_()
-        self.scales[slot] = 0.0
+        self.scales[slot].zero_()
         self.targets[slot] = frozenset()
         self.host_ranks[slot] = 0
 

@@ -92,9 +92,11 @@ def test_copy_waits_for_the_model_stream_and_lands(tiny_model_dir: Path,
         free = torch.tensor([p for p in range(NUM_PAGES) if mgr.pool.kind_of(p) is None],
                             device="cuda")  # before the sleep: a pageable copy waits for it
         # "the step in flight": busy, then it writes every free page, among them those the
-        # adapter will get; the copy must land after it, not under it
+        # adapter will get; the copy must land after it, not under it (index_fill_ takes the
+        # value as a scalar argument; with `tensor[:, free] = 7.0` an H100 found the copy
+        # already done at acquire, 2 ms later: the stream had been waited for)
         torch.cuda._sleep(SLEEP_CYCLES)
-        mgr.storage.tensor[:, free] = 7.0
+        mgr.storage.tensor.index_fill_(1, free, 7.0)
         t0 = time.perf_counter()
         got = mgr.acquire(name)
         host_s = time.perf_counter() - t0
@@ -131,6 +133,34 @@ def test_copies_reuse_one_staging_buffer(tiny_model_dir: Path, tiny_adapter_dir:
         for name, slot in zip(names[1:], slots):
             host = mgr.host.get(name)
             assert_rows_equal(mgr, slot, tiny_adapter_dir, name, host.modules, host.rank)
+    finally:
+        mgr.host.close()
+
+
+def test_loads_flips_and_evictions_never_wait_for_the_device(tiny_model_dir: Path,
+                                                             tiny_adapter_dir: Path) -> None:
+    # the engine loop runs these between two launches: a host wait for the device there idles
+    # the GPU for the rest of the loop's work. clear_slot's `scales[slot] = 0.0` was one (a CPU
+    # scalar copied to the GPU synchronously) at every eviction: ~5 ms of idle per step that
+    # evicted, on an H100 at 1,000 adapters. torch raises on any synchronizing call here.
+    mgr = build(tiny_model_dir, tiny_adapter_dir)  # 4 slots: the fifth adapter evicts one
+    names = ["a_r4_qv", "a_r8_all", "a_r16_mlp", "a_r32_attn", "a_r64_ko_down"]
+    try:
+        for name in names:
+            mgr.host.wait(name, timeout=WAIT_S)
+        slots = {}
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for name in names:
+                slots[name] = until_ready(mgr, name)
+                mgr.release(name)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert mgr.num_evictions == 1 and mgr.resident() == names[1:]
+        torch.cuda.synchronize()
+        for name in names[1:]:
+            host = mgr.host.get(name)
+            assert_rows_equal(mgr, slots[name], tiny_adapter_dir, name, host.modules, host.rank)
     finally:
         mgr.host.close()
 
