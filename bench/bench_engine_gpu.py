@@ -43,12 +43,15 @@ from slora_backend import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from slora_backend.model.llama import LlamaModel  # noqa: E402
 from slora_backend.model.spec import ModelSpec  # noqa: E402
 from slora_testing.step_timing import (  # noqa: E402
+    SYNC_SITES_LISTED,
     StepTimer,
     by_kind,
     idle_by_pool_loads,
+    idle_detail,
     matmul_flops_per_token,
     measure_matmul_flops,
     mixed_bound,
+    sync_sites,
 )
 from slora_testing.synthetic_adapters import (  # noqa: E402
     LLAMA7B_CONFIG,
@@ -160,7 +163,8 @@ PHASE_BATCHES = (("decode 1-31", 31), ("decode 32-127", 127), ("decode 128+", 1 
 
 
 def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
-        logprobs: int | None = None, flops: tuple[float, float] | None = None) -> dict:
+        logprobs: int | None = None, flops: tuple[float, float] | None = None,
+        sync_debug: bool = False) -> dict:
     """All requests queued at once; wall time until the last one finishes. Per step phase
     (step_phase): steps, seconds, the mean number of running requests and the pool loads
     started (adapters copied host -> pool). `flops`: (FLOPs per prompt token, matmul FLOP/s)
@@ -177,7 +181,7 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
                            adapter_id=r["adapter"] if with_adapters else None)
     tokens = finished = steps = 0
     phases: dict[str, list[float]] = {}  # phase -> [steps, seconds, running, pool loads]
-    with tqdm(total=len(requests), desc=tag) as bar:
+    with tqdm(total=len(requests), desc=tag) as bar, sync_sites(sync_debug) as syncs:
         while engine.has_unfinished():
             phase = step_phase(engine)
             running, loads = len(engine.scheduler.running), engine.adapters.num_loads
@@ -209,6 +213,8 @@ def run(engine: LLMEngine, requests: list[dict], with_adapters: bool, tag: str,
             "step_kinds": by_kind(records),
             "mixed_bound": mixed_bound(records, *flops) if flops else {},
             "idle_by_pool_loads": idle_by_pool_loads(records),
+            "idle_detail": idle_detail(records),
+            "sync_sites": dict(syncs.most_common(SYNC_SITES_LISTED)),
             "running_mean_by_phase": {k: round(v[2] / v[0], 1) for k, v in sorted(phases.items())},
             "pool_loads_by_phase": {k: v[3] for k, v in sorted(phases.items())},
             "jit_compiles": {k: n - compiled.get(k, 0) for k, n in compiled_kernels().items()

@@ -83,6 +83,8 @@ def parse_args() -> argparse.Namespace:
                    help="start no run that would end after this many seconds (0 = no limit)")
     p.add_argument("--tiny", action="store_true", help="a small model instead of Llama-7B")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="count the host's waits for the device by source line (sync_sites)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "table3.json")
     args = p.parse_args()
     args.ns = [int(n) for n in args.ns.split(",")]
@@ -146,12 +148,13 @@ def preload(engine: LLMEngine, requests: list[dict]) -> dict:
             "gb_per_s": round(nbytes / seconds / 1e9, 2)}
 
 
-def timed_run(engine: LLMEngine, requests: list[dict], n: int, mode: str) -> dict:
+def timed_run(engine: LLMEngine, requests: list[dict], n: int, mode: str,
+              sync_debug: bool = False) -> dict:
     """One run from empty tiers (host RAM filled first when preloaded)."""
     empty_tiers(engine)
     loaded = preload(engine, requests) if mode == "preloaded" else None
     before = engine.stats().adapter_cache
-    result = run(engine, requests, n > 0, f"n={n} {mode}")
+    result = run(engine, requests, n > 0, f"n={n} {mode}", sync_debug=sync_debug)
     after = engine.stats().adapter_cache
     per_request = {k: round((after[k] - before[k]) / result["requests"], 3)
                    for k in ("loads", "evictions", "pool_loads", "pool_evictions")}
@@ -198,7 +201,7 @@ def run_all(args: argparse.Namespace, engine: LLMEngine, names: dict[int, list[s
             continue
         t0 = time.perf_counter()
         requests = workload(args, names.get(n, []), n, engine.spec.vocab_size)
-        results["runs"].append(timed_run(engine, requests, n, mode))
+        results["runs"].append(timed_run(engine, requests, n, mode, args.sync_debug))
         longest = max(longest, time.perf_counter() - t0)
         results["targets"] = targets(results["runs"])
         save(results, args.out)

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,6 +46,8 @@ class StepRecord:
     host_ms: float  # the launch call on the host
     gpu_ms: float = float("nan")  # between the events (the host time on a CPU engine)
     pool_loads: int = 0  # adapters whose host -> pool copy started since the previous launch
+    flips: int = 0  # adapters turned ready (slot tables written) since the previous launch
+    gap_ms: float = float("nan")  # host time since the previous launch returned
     idle_ms: float = float("nan")  # the device idle before the step (CUDA; not the first)
 
 
@@ -56,7 +62,15 @@ class StepTimer:
         self._launch = self.runner.launch
         self._pending: list[tuple[StepRecord, object, object]] = []
         self._loads = self.adapters.num_loads
+        self._flips = 0
+        self._set_slot = self.adapters.tables.set_slot
+        self.adapters.tables.set_slot = self._counted_set_slot
+        self._returned: float | None = None  # when the previous launch returned
         self.runner.launch = self._timed
+
+    def _counted_set_slot(self, *args, **kwargs):
+        self._flips += 1
+        return self._set_slot(*args, **kwargs)
 
     def _timed(self, sched, seqs, previous=None):
         decode = sum(1 for s in sched.scheduled
@@ -67,18 +81,23 @@ class StepTimer:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
+        gap_ms = float("nan") if self._returned is None else 1e3 * (t0 - self._returned)
         result = self._launch(sched, seqs, previous)
-        host_ms = 1e3 * (time.perf_counter() - t0)
+        self._returned = time.perf_counter()
+        host_ms = 1e3 * (self._returned - t0)
         if self.cuda:
             end.record()
         loads, self._loads = self.adapters.num_loads - self._loads, self.adapters.num_loads
         record = StepRecord(MIXED if prompt else DECODE, getattr(self.runner, "last_path", "?"),
-                            decode, prompt, host_ms, pool_loads=loads)
+                            decode, prompt, host_ms, pool_loads=loads, flips=self._flips,
+                            gap_ms=gap_ms)
+        self._flips = 0
         self._pending.append((record, start, end))
         return result
 
     def close(self) -> None:
         self.runner.launch = self._launch
+        self.adapters.tables.set_slot = self._set_slot
 
     def records(self) -> list[StepRecord]:
         if self.cuda:
@@ -108,6 +127,52 @@ def idle_by_pool_loads(records: list[StepRecord]) -> dict:
                      "idle_ms_per_step": round(statistics.fmean(r.idle_ms for r in rs), 3)
                      if rs else 0.0}
     return out
+
+
+IDLE_WORST = 12  # steps listed by idle_detail
+
+
+def idle_detail(records: list[StepRecord]) -> dict:
+    """Where the device idled: in the first 5% of steps (the whole batch's adapters loading at
+    once) or later, and the steps that idled longest with what their host did before them
+    (gap: host ms since the previous launch returned; the previous step's device ms: a gap
+    longer than it leaves the device waiting for the host, a shorter one waits for the device
+    itself: a copy the step's inputs queue behind)."""
+    timed = [(i, r) for i, r in enumerate(records) if r.idle_ms == r.idle_ms]
+    if not timed:
+        return {}
+    head = max(1, len(records) // 20)
+    worst = sorted(timed, key=lambda ir: -ir[1].idle_ms)[:IDLE_WORST]
+    return {"idle_s_first_5pct": round(sum(r.idle_ms for i, r in timed if i < head) / 1e3, 3),
+            "idle_s_rest": round(sum(r.idle_ms for i, r in timed if i >= head) / 1e3, 3),
+            "flips": sum(r.flips for r in records),
+            "worst": [{"step": i, "idle_ms": round(r.idle_ms, 2), "pool_loads": r.pool_loads,
+                       "flips": r.flips, "gap_ms": round(r.gap_ms, 2),
+                       "previous_gpu_ms": round(records[i - 1].gpu_ms, 2)}
+                      for i, r in sorted(worst)]}
+
+
+SYNC_SITES_LISTED = 12
+
+
+@contextmanager
+def sync_sites(enabled: bool = True) -> Iterator[Counter]:
+    """Count the synchronizing CUDA calls made inside, by the Python line that made them
+    (torch.cuda.set_sync_debug_mode: a host wait for the device, such as `.item()` or a
+    pageable copy); the counter is filled on exit. Off CUDA, or not `enabled`: stays empty."""
+    counts: Counter = Counter()
+    if not (enabled and torch.cuda.is_available()):
+        yield counts
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield counts
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    counts.update(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                  if "synchroniz" in str(w.message))
 
 
 def by_kind(records: list[StepRecord]) -> dict[str, dict]:

@@ -16,6 +16,7 @@ from slora_testing.step_timing import (
     StepTimer,
     by_kind,
     idle_by_pool_loads,
+    idle_detail,
     matmul_flops_per_token,
     mixed_bound,
 )
@@ -51,6 +52,7 @@ def test_step_timer_counts_pool_loads_per_step(tiny_model_dir: Path,
     it (at most one per sequence of the step)."""
     eng = make_engine(tiny_model_dir, tiny_adapter_dir, max_num_seqs=2)
     adapters = sorted(p.name for p in tiny_adapter_dir.iterdir())[:3]
+    set_slot = eng.adapters.tables.set_slot
     timer = StepTimer(eng)
     for i, adapter in enumerate(adapters):
         eng.add_request(f"r{i}", prompt_token_ids=[100, 101, 102], adapter_id=adapter,
@@ -60,6 +62,10 @@ def test_step_timer_counts_pool_loads_per_step(tiny_model_dir: Path,
     records = timer.records()
     assert sum(r.pool_loads for r in records) == eng.adapters.num_loads == len(adapters)
     assert all(r.pool_loads <= 2 for r in records) and records[0].pool_loads >= 1
+    # every adapter turned ready once (on the CPU at its load), the tables' method restored
+    assert sum(r.flips for r in records) == len(adapters)
+    assert eng.adapters.tables.set_slot == set_slot
+    assert records[0].gap_ms != records[0].gap_ms and all(r.gap_ms >= 0 for r in records[1:])
     eng.close()
 
 
@@ -73,6 +79,19 @@ def test_idle_split_by_pool_loads() -> None:
                                       "idle_ms_per_step": 3.0}
     assert out["without_pool_loads"] == {"steps": 2, "pool_loads": 0, "idle_s": 0.002,
                                          "idle_ms_per_step": 1.0}
+
+
+def test_idle_detail_lists_the_longest_idles() -> None:
+    records = [StepRecord(DECODE, "g", 8, 0, 1.0, gpu_ms=5.0)] + [
+        StepRecord(DECODE, "g", 8, 0, 1.0, gpu_ms=5.0 + i, idle_ms=float(i), flips=i % 2,
+                   gap_ms=0.5) for i in range(1, 40)]
+    out = idle_detail(records)
+    assert out["idle_s_first_5pct"] == 0.001 and out["idle_s_rest"] == round(779 / 1e3, 3)
+    assert out["flips"] == 20 and len(out["worst"]) == 12
+    assert [w["step"] for w in out["worst"]] == list(range(28, 40))
+    assert out["worst"][0] == {"step": 28, "idle_ms": 28.0, "pool_loads": 0, "flips": 0,
+                               "gap_ms": 0.5, "previous_gpu_ms": 32.0}
+    assert idle_detail(records[:1]) == {}
 
 
 def test_mixed_bound_arithmetic() -> None:
