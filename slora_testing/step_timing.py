@@ -10,7 +10,9 @@ so the span is the step's own: its kernels and any gap the host leaves while lau
 It also records, per step, the pool loads started since the previous launch (adapters copied
 host -> pool while scheduling it) and, on CUDA, the device's idle time before the step: between
 the previous step's end event and this one's start event, the time the GPU waited for the host
-(`idle_by_pool_loads` splits it by steps that did or did not load an adapter).
+(`idle_by_pool_loads` splits it by steps that did or did not load an adapter; `idle_detail`
+lists the longest idles with the flips and the host gap before them). `sync_sites` counts the
+host's waits for the device by source line (torch's sync debug mode).
 
 `mixed_bound` checks issue 19's bound: a mixed step should cost at most the decode-only step of
 its batch (same run, median by batch size class) plus 1.5x the FLOP floor of its prompt tokens
@@ -158,19 +160,22 @@ SYNC_SITES_LISTED = 12
 @contextmanager
 def sync_sites(enabled: bool = True) -> Iterator[Counter]:
     """Count the synchronizing CUDA calls made inside, by the Python line that made them
-    (torch.cuda.set_sync_debug_mode: a host wait for the device, such as `.item()` or a
-    pageable copy); the counter is filled on exit. Off CUDA, or not `enabled`: stays empty."""
+    (torch.cuda.set_sync_debug_mode warns at a host wait for the device, such as `.item()` or
+    a synchronous copy); the counter is filled on exit. Not `enabled`: stays empty."""
     counts: Counter = Counter()
-    if not (enabled and torch.cuda.is_available()):
+    if not enabled:
         yield counts
         return
-    torch.cuda.set_sync_debug_mode("warn")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield counts
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
     counts.update(f"{Path(w.filename).name}:{w.lineno}" for w in caught
                   if "synchroniz" in str(w.message))
 

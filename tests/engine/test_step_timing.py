@@ -3,6 +3,7 @@ real engine, and the mixed-step bound's arithmetic."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from slora_testing.step_timing import (
     idle_detail,
     matmul_flops_per_token,
     mixed_bound,
+    sync_sites,
 )
 
 
@@ -92,6 +94,20 @@ def test_idle_detail_lists_the_longest_idles() -> None:
     assert out["worst"][0] == {"step": 28, "idle_ms": 28.0, "pool_loads": 0, "flips": 0,
                                "gap_ms": 0.5, "previous_gpu_ms": 32.0}
     assert idle_detail(records[:1]) == {}
+
+
+def test_sync_sites_counts_sync_warnings_by_line() -> None:
+    # torch's sync debug mode warns at each host wait for the device (CUDA only); the count
+    # is by the line that made the call, other warnings are not counted
+    with sync_sites() as counts:
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
+    (site, n), = counts.items()
+    assert site.startswith("test_step_timing.py:") and n == 3
+    with sync_sites(enabled=False) as counts, pytest.warns(UserWarning):
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    assert not counts
 
 
 def test_mixed_bound_arithmetic() -> None:
