@@ -1,15 +1,15 @@
 """Reading an adapter's safetensors file at memory speed: one header parse, one scatter read.
 
 A safetensors file is `u64 header length | JSON header | data`, the data being every tensor's
-bytes back to back (no holes: the format forbids them). The caller picks where each tensor
-goes in the destination (`order`: the host cache stacks each module's factors of all layers, so
-that the pool tier copies a module's rows with one op for all layers). When all tensors already
-have the model dtype, one `preadv` reads the data region straight into those places (one
-iovec per tensor, in file order: no allocation, no copy, no per-tensor Python work beyond the
-iovec). Otherwise the same scatter read fills a per-thread staging buffer, reused from load to
-load, in the same order and the file's dtype, and one torch op converts it (one per tensor only
-for a file that mixes dtypes). File reads and torch ops release the GIL, so loader threads run
-in parallel.
+bytes back to back (no holes: the format forbids them). The caller picks where each tensor goes
+in the destination (`order`: the host cache stacks each module's factors of all layers, so that
+the pool tier copies a module's rows with one op for all layers). When all tensors already have
+the model dtype, one `preadv` reads the data region straight into those places (one iovec per
+tensor, in file order: no allocation, no copy, no per-tensor Python work beyond the iovec: where
+each tensor goes is planned once per header, order and dtype, `ReadPlan`). Otherwise the same
+scatter read fills a per-thread staging buffer, reused from load to load, in the same order and
+the file's dtype, and one torch op converts it (one per tensor only for a file that mixes
+dtypes). File reads and torch ops release the GIL, so loader threads run in parallel.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import stat
 import struct
 import threading
 from concurrent.futures import Executor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,16 +48,57 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class ReadPlan:
+    """Where each tensor of a file goes in the destination, for one destination order and
+    dtype: `start[key]` its element offset (read-only: shared by every load of the plan),
+    `ranges` each entry's byte range in the destination buffer, in file order (the scatter
+    read's iovecs, when the file has one dtype), `src_dtype` that dtype (None: mixed)."""
+
+    start: dict[str, int]
+    ranges: tuple[tuple[int, int], ...]
+    src_dtype: torch.dtype | None
+
+
+@dataclass(frozen=True)
 class WeightsFile:
     """A parsed header: tensors in file order, where the data starts, how long it is."""
 
     entries: tuple[TensorEntry, ...]
     data_start: int
     data_len: int
+    # read plans by (destination order, dtype): the header is memoized per shape, so thousands
+    # of adapters share one plan and a load does no per-tensor bookkeeping
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     def header(self) -> list[tuple[str, str, list[int]]]:
         """(key, dtype, shape) triples, as validation.check_header takes them."""
         return [(e.key, e.dtype, list(e.shape)) for e in self.entries]
+
+    def read_plan(self, order: list[str] | None, dtype: torch.dtype) -> ReadPlan:
+        """The plan for tensors laid out back to back in `order` (tensor keys; None: file
+        order) in `dtype`. ValueError if `order` does not list every tensor once."""
+        key = (None if order is None else tuple(order), dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(order, dtype)
+        return plan
+
+    def _make_plan(self, order: list[str] | None, dtype: torch.dtype) -> ReadPlan:
+        by_key = {e.key: e for e in self.entries}
+        placed = [by_key[k] for k in order] if order is not None else list(self.entries)
+        if len(placed) != len(by_key) or set(by_key) != {e.key for e in placed}:
+            raise ValueError("order must list every tensor of the file once")
+        start: dict[str, int] = {}  # element offset in the destination
+        elems = 0
+        for e in placed:
+            start[e.key] = elems
+            elems += _numel(e)
+        file_dtypes = {FILE_DTYPES[e.dtype] for e in self.entries}
+        src_dtype = file_dtypes.pop() if len(file_dtypes) == 1 else None
+        width = src_dtype.itemsize if src_dtype is not None else 0
+        ranges = tuple((start[e.key] * width, start[e.key] * width + e.end - e.start)
+                       for e in self.entries)
+        return ReadPlan(start, ranges, src_dtype)
 
 
 def _entry(adapter_id: str, key: str, info: object) -> TensorEntry:
@@ -164,7 +205,7 @@ def read_scatter(fd: int, parts: list[memoryview], offset: int,
 def _split(parts: list[memoryview], offset: int,
            helpers: Executor | None) -> list[tuple[list[memoryview], int]]:
     """(iovecs, file offset) groups of about SPLIT_BYTES each (one group without helpers)."""
-    total = sum(len(p) for p in parts)
+    total = sum(map(len, parts))
     if helpers is None or total < 2 * SPLIT_BYTES:
         return [(parts, offset)]
     groups: list[tuple[list[memoryview], int]] = []
@@ -220,29 +261,18 @@ def read_into(fd: int, wf: WeightsFile, out: torch.Tensor, dtype: torch.dtype,
               helpers: Executor | None = None) -> dict[str, int]:
     """Read every tensor of `wf` into `out` (uint8, exactly the tensors' bytes in `dtype`),
     laid out back to back in `order` (tensor keys; default: file order); returns key ->
-    element offset in `out.view(dtype)` (the caller makes the views it needs: a torch view per
-    tensor is Python work that grows with the adapter). The header must have been validated
-    (float dtypes only). `helpers`: threads that share a large read (read_scatter)."""
-    by_key = {e.key: e for e in wf.entries}
-    placed = [by_key[k] for k in order] if order is not None else list(wf.entries)
-    if len(placed) != len(by_key) or set(by_key) != {e.key for e in placed}:
-        raise ValueError("order must list every tensor of the file once")
-    start: dict[str, int] = {}  # element offset in the destination
-    elems = 0
-    for e in placed:
-        start[e.key] = elems
-        elems += _numel(e)
-    file_dtypes = {FILE_DTYPES[e.dtype] for e in wf.entries}
+    element offset in `out.view(dtype)` (read-only, shared by the plan's loads; the caller
+    makes the views it needs: a torch view per tensor is Python work that grows with the
+    adapter). The header must have been validated (float dtypes only). `helpers`: threads that
+    share a large read (read_scatter)."""
+    plan = wf.read_plan(order, dtype)
     flat = out.view(dtype)
-    if len(file_dtypes) == 1:  # straight in, or into staging in the same layout, cast once
-        src_dtype = file_dtypes.pop()
-        dst = out if src_dtype == dtype else staging.get(wf.data_len)
-        width = src_dtype.itemsize
+    if plan.src_dtype is not None:  # straight in, or into staging in the same layout, cast once
+        dst = out if plan.src_dtype == dtype else staging.get(wf.data_len)
         region = memoryview(dst.numpy())
-        read_scatter(fd, [region[start[e.key] * width:start[e.key] * width + e.end - e.start]
-                          for e in wf.entries], wf.data_start, helpers)
+        read_scatter(fd, [region[lo:hi] for lo, hi in plan.ranges], wf.data_start, helpers)
         if dst is not out:
-            flat.copy_(dst.view(src_dtype))
+            flat.copy_(dst.view(plan.src_dtype))
     else:  # mixed dtypes (rare; PEFT writes one): file order into staging, each cast in place
         raw = staging.get(wf.data_len)
         read_scatter(fd, [memoryview(raw.numpy())], wf.data_start, helpers)
@@ -250,5 +280,5 @@ def read_into(fd: int, wf: WeightsFile, out: torch.Tensor, dtype: torch.dtype,
             chunk = raw[e.start:e.end]
             width = FILE_DTYPES[e.dtype].itemsize
             src = (chunk if e.start % width == 0 else chunk.clone()).view(FILE_DTYPES[e.dtype])
-            flat[start[e.key]:start[e.key] + src.numel()].copy_(src)
-    return start
+            flat[plan.start[e.key]:plan.start[e.key] + src.numel()].copy_(src)
+    return plan.start

@@ -87,6 +87,26 @@ def test_read_places_tensors_in_the_given_order(tmp_path: Path, monkeypatch: pyt
         _read(path, dtype, ["c", "a"])
 
 
+def test_loads_of_one_header_share_one_read_plan(tmp_path: Path) -> None:
+    # adapters of one shape share their parsed header; the per-tensor bookkeeping of where
+    # each tensor goes is done once per (order, dtype), not at every load
+    path = tmp_path / "w.safetensors"
+    reference = _write(path, dict.fromkeys(TENSORS, torch.float16))
+    fd = open_regular(str(path))
+    try:
+        wf = parse_header("x", fd)
+        outs = [torch.empty(wf.data_len, dtype=torch.uint8) for _ in range(2)]
+        starts = [read_into(fd, wf, out, torch.float16, StagingBuffers(), ["c", "a", "b"])
+                  for out in outs]
+        assert starts[0] is starts[1] and starts[0] == {"c": 0, "a": 7, "b": 15}
+        assert torch.equal(outs[0], outs[1])
+        assert read_into(fd, wf, outs[0], torch.float16, StagingBuffers()) == \
+            {"a": 0, "b": 8, "c": 23}  # another order: its own plan
+        assert torch.equal(outs[0].view(torch.float16)[8:23].view(3, 5), reference["b"])
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda raw: raw + b"\0", "trailing"),
     (lambda raw: raw[:-1], "truncated"),
