@@ -241,16 +241,26 @@ def _target_pairs(adapter_id: str, targets: Any, num_layers: int) -> frozenset[t
 def _uniform_modules(adapter_id: str, pairs: frozenset[tuple[int, str]], num_layers: int
                      ) -> tuple[str, ...]:
     """The pool keeps one module set per adapter: every layer must have the same modules."""
+    modules, problem = _modules_of(pairs, num_layers)
+    if problem:
+        raise refuse(adapter_id, problem)
+    return modules
+
+
+@lru_cache(maxsize=4096)
+def _modules_of(pairs: frozenset[tuple[int, str]], num_layers: int) -> tuple[tuple[str, ...], str]:
+    """(modules in MODULE_ORDER, "") or ((), why not uniform). Memoized like _resolve_targets,
+    whose results it takes: adapters of one config share them (add_request validates each new
+    adapter on the request path)."""
     modules = {m for _, m in pairs}
     per_layer: dict[int, set[str]] = {layer: set() for layer in range(num_layers)}
     for layer, module in pairs:
         per_layer[layer].add(module)
     for layer, have in per_layer.items():
         if have != modules:
-            raise refuse(adapter_id, f"target_modules select {sorted(have)} in layer {layer} but "
-                                     f"{sorted(modules)} overall: layer-selective LoRA is not "
-                                     "supported")
-    return tuple(m for m in MODULE_ORDER if m in modules)
+            return (), (f"target_modules select {sorted(have)} in layer {layer} but "
+                         f"{sorted(modules)} overall: layer-selective LoRA is not supported")
+    return tuple(m for m in MODULE_ORDER if m in modules), ""
 
 
 def check_config(adapter_id: str, cfg: Any, spec: ModelSpec, max_rank: int) -> LoraSettings:
