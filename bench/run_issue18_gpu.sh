@@ -6,9 +6,12 @@
 # only): ../shared/device/pack-tritonserver.sh's output plus a copy of gpu-setup.sh.
 # PARTS (default "tests,table3") picks what runs, in this order:
 #   tests      the CUDA tests of the changed code: the side-stream pool copy, async scheduling,
-#              the model on CUDA
+#              the model on CUDA, the fused layer kernels
+#   contention a step's small host -> device copy behind an adapter's large one, and the host
+#              wait of a setitem on a busy stream (bench_copy_contention.py)
 #   table3     S-LoRA's Table 3: n = 0/5/100/1000/2000, cold and preloaded, 600 requests,
-#              Llama-7B shape (bench_table3.py; one engine; stops starting runs in time)
+#              Llama-7B shape (bench_table3.py; one engine; stops starting runs in time), with
+#              the host's waits for the device counted by source line (--sync-debug)
 #   loader     disk -> host GB/s with 1..16 loader threads (bench_adapter_load.py)
 #   smallpool  n=2000 cold with the pool at 45% of free memory instead of 80%: the used adapters
 #              no longer all fit next to the KV (pool loads / evictions per request)
@@ -51,10 +54,11 @@ source bench/device_tokenizer.sh "$tok"
 echo "CPUs: $(nproc), memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
 part tests 200 python3 -m pytest -q -p no:cacheprovider \
     tests/engine/test_pool_copy_cuda.py tests/engine/test_async_scheduling.py \
-    tests/model/test_model_cuda.py
+    tests/model/test_model_cuda.py tests/kernels/test_kernel_layer_ops.py
+part contention 40 python3 bench/bench_copy_contention.py --out "$out/contention.json"
 # the bench starts no run it cannot finish by its deadline (the JSON holds every finished run)
 part table3 9999 python3 bench/bench_table3.py --tokenizer "$tok" --out "$out/table3.json" \
-    --deadline-s $(($(left) - 40))
+    --sync-debug --deadline-s $(($(left) - 40))
 part loader 90 python3 bench/bench_adapter_load.py --throughput-only --workers 1,2,4,8,16 \
     --throughput-count 32 --out "$out/adapter_load.json"
 part smallpool 200 python3 bench/bench_table3.py --tokenizer "$tok" --ns 2000 --modes cold \
