@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from slora_testing.step_timing import host_ms_while_busy  # noqa: E402
 
 SMALL_BYTES = 4096  # a step's inputs or a slot-table row: a few KB
 REPEATS = 5
@@ -88,18 +91,10 @@ def host_block_ms() -> dict:
     def zero() -> None:
         scales[3].zero_()
 
-    out = {}
-    ops = (("scales[slot] = 0.0", assign), ("scales[slot].zero_()", zero))
-    for _, op in ops:  # each kernel's first launch (lazy loading) outside the timing
+    ops = {"scales[slot] = 0.0": assign, "scales[slot].zero_()": zero}
+    for op in ops.values():  # each kernel's first launch (lazy loading) outside the timing
         op()
-    for name, op in ops:
-        torch.cuda.synchronize()
-        torch.cuda._sleep(BUSY_CYCLES)
-        t0 = time.perf_counter()
-        op()
-        out[name] = round((time.perf_counter() - t0) * 1e3, 2)
-    torch.cuda.synchronize()
-    return out
+    return host_ms_while_busy(ops, BUSY_CYCLES)
 
 
 def main() -> None:

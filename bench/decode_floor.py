@@ -68,11 +68,11 @@ def main() -> None:
           "| floor / measured |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     floor_all = ms_all = count = 0.0
+    read_ms = 1e3 * WEIGHT_BYTES / args.copy_rate
     for cls in sorted(set(steps_of) & set(measured)):
         group = steps_of[cls]
         kv_bytes = KV_BYTES_PER_TOKEN * sum(s.kv_tokens_read for s in group) / len(group)
         rows = sum(s.decode_rows for s in group) / len(group)
-        read_ms = 1e3 * WEIGHT_BYTES / args.copy_rate
         flops_ms = 1e3 * rows * FLOPS_PER_PROMPT_TOKEN / matmul_rate
         floor_ms = max(read_ms, flops_ms) + 1e3 * kv_bytes / args.copy_rate
         print(f"| {cls} | {len(group)} | {kv_bytes / 1e9:.1f} | {read_ms:.2f}, {flops_ms:.2f} | "

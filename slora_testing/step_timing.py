@@ -25,7 +25,7 @@ import statistics
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +178,25 @@ def sync_sites(enabled: bool = True) -> Iterator[Counter]:
             torch.cuda.set_sync_debug_mode("default")
     counts.update(f"{Path(w.filename).name}:{w.lineno}" for w in caught
                   if "synchroniz" in str(w.message))
+
+
+def host_ms_while_busy(ops: dict[str, Callable[[], object]], busy_cycles: int,
+                       side_stream: bool = False) -> dict[str, float]:
+    """Host ms of each op, each run while the current stream spins `busy_cycles` ("the step
+    in flight"): an op that waits for the device takes about that long. `side_stream`: the op
+    runs on a side stream that waits for the busy one (as a pool copy does)."""
+    side = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    times = {}
+    for name, op in ops.items():
+        torch.cuda.synchronize()
+        torch.cuda._sleep(busy_cycles)
+        side.wait_stream(torch.cuda.current_stream())
+        t0 = time.perf_counter()
+        with torch.cuda.stream(side):
+            op()
+        times[name] = round((time.perf_counter() - t0) * 1e3, 2)
+    torch.cuda.synchronize()
+    return times
 
 
 def by_kind(records: list[StepRecord]) -> dict[str, dict]:

@@ -25,6 +25,7 @@ from slora_backend.adapters.validation import tensor_key
 from slora_backend.errors import EngineError, ErrorCode
 from slora_backend.memory_pool import PagePool, PoolStorage
 from slora_backend.model.spec import ModelSpec
+from slora_testing.step_timing import host_ms_while_busy
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -46,28 +47,16 @@ def build(model_dir: Path, adapter_dir: Path) -> AdapterManager:
 
 
 def blocking_ops(buffer: torch.Tensor) -> dict[str, float]:
-    """Host ms of each op a copy's start could block on, each timed while the model stream
-    sleeps ~0.1 s (a failure message: which one waits for the device)."""
-    side = torch.cuda.Stream()
-    ops = {
+    """Host ms of each op a copy's start could block on, each timed on a side stream while the
+    model stream sleeps ~0.1 s (a failure message: which one waits for the device)."""
+    return host_ms_while_busy({
         "pinned alloc (new size)": lambda: torch.empty(3 << 20, dtype=torch.uint8,
                                                        pin_memory=True),
         "arena range -> device, non_blocking": lambda: buffer.to("cuda", non_blocking=True),
         "pageable 8 B -> device, non_blocking": lambda: torch.zeros(2).to("cuda",
                                                                         non_blocking=True),
         "event record": lambda: torch.cuda.Event().record(),
-    }
-    times = {}
-    for what, op in ops.items():
-        torch.cuda.synchronize()
-        torch.cuda._sleep(SLEEP_CYCLES)
-        side.wait_stream(torch.cuda.current_stream())
-        t0 = time.perf_counter()
-        with torch.cuda.stream(side):
-            op()
-        times[what] = round((time.perf_counter() - t0) * 1e3, 1)
-    torch.cuda.synchronize()
-    return times
+    }, SLEEP_CYCLES, side_stream=True)
 
 
 def until_ready(mgr: AdapterManager, name: str) -> int:
